@@ -1,0 +1,141 @@
+"""Calendar windows for a backfill, and validation of the inputs that define them.
+
+Pure: no I/O, no kopf, no kubernetes, no dbt. The CLI and the operator both plan
+through :func:`plan_windows`, so a chunk means the same thing in both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Final, Literal, get_args
+
+from dateutil.relativedelta import relativedelta
+
+ChunkUnit = Literal["day", "week", "month"]
+CHUNK_UNITS: Final[tuple[str, ...]] = get_args(ChunkUnit)
+
+# A tenant id reaches SQL (quoted) and Kubernetes label values, so it must fit both:
+# label values allow at most 63 characters of [A-Za-z0-9_.-] and must start alphanumeric.
+# The dot is left out because dbt selectors and schema names treat it specially.
+TENANT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_TENANT_RE: Final = re.compile(TENANT_ID_PATTERN)
+_DATE_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+# Ten years of daily chunks: beyond this a single object is the wrong tool.
+MAX_WINDOWS: Final = 3660
+
+
+class PlanError(ValueError):
+    """Input that can never produce a valid plan. The message is one line, fit for users."""
+
+
+@dataclass(frozen=True, order=True)
+class Window:
+    """One chunk of a backfill: an inclusive date range with its position in the plan."""
+
+    index: int
+    start: date
+    end: date
+
+    @property
+    def days(self) -> int:
+        return (self.end - self.start).days + 1
+
+    def label(self) -> str:
+        return f"{self.start.isoformat()}..{self.end.isoformat()}"
+
+
+def parse_date(text: str, field: str = "date") -> date:
+    """Parse a strict ``YYYY-MM-DD`` date; anything else is a :class:`PlanError`."""
+    if not isinstance(text, str) or not _DATE_RE.match(text):
+        raise PlanError(f"{field} must be a date in YYYY-MM-DD format, got {text!r}")
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        raise PlanError(f"{field} is not a real calendar date: {text!r}") from None
+
+
+def validate_range(start: date, end: date) -> None:
+    # The exact text is quoted by the troubleshooting docs; keep it stable.
+    if start > end:
+        raise PlanError("start_date must be <= end_date")
+
+
+def validate_tenant_id(tenant_id: str | None) -> str | None:
+    """Return the tenant id unchanged if it is safe, None if it is None; raise otherwise."""
+    if tenant_id is None:
+        return None
+    if not isinstance(tenant_id, str) or not _TENANT_RE.match(tenant_id):
+        raise PlanError(
+            f"tenant_id must match {TENANT_ID_PATTERN} (letters, digits, '_' and '-', "
+            f"at most 63 characters), got {tenant_id!r}"
+        )
+    return tenant_id
+
+
+def validate_unit(unit: str, size: int) -> ChunkUnit:
+    if unit not in CHUNK_UNITS:
+        raise PlanError(f"chunk unit must be one of {', '.join(CHUNK_UNITS)}, got {unit!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise PlanError(f"chunk size must be a positive whole number, got {size!r}")
+    return unit  # type: ignore[return-value]  # membership checked above
+
+
+def _period_start(day: date, unit: ChunkUnit) -> date:
+    if unit == "week":
+        return day - timedelta(days=day.weekday())  # ISO weeks start on Monday
+    if unit == "month":
+        return day.replace(day=1)
+    return day
+
+
+def _step(unit: ChunkUnit, size: int) -> relativedelta:
+    if unit == "week":
+        return relativedelta(weeks=size)
+    if unit == "month":
+        return relativedelta(months=size)
+    return relativedelta(days=size)
+
+
+def plan_windows(start: date, end: date, unit: str = "day", size: int = 1) -> list[Window]:
+    """Split ``[start, end]`` (inclusive) into calendar-aligned windows.
+
+    Windows follow calendar boundaries (days, ISO weeks starting Monday, calendar
+    months), ``size`` units at a time, counted from the period that holds ``start``.
+    The first and last windows are clipped to the range, so the windows cover it
+    exactly, in order, with no gap and no overlap.
+    """
+    validate_range(start, end)
+    checked_unit = validate_unit(unit, size)
+    step = _step(checked_unit, size)
+    windows: list[Window] = []
+    period = _period_start(start, checked_unit)
+    while period <= end:
+        following = period + step
+        windows.append(Window(len(windows), max(period, start), min(following - timedelta(days=1), end)))
+        if len(windows) > MAX_WINDOWS:
+            raise PlanError(
+                f"the range {start}..{end} makes more than {MAX_WINDOWS} {unit} chunks; "
+                "use a larger chunk unit or size"
+            )
+        period = following
+    return windows
+
+
+def compress_indices(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive runs: ``[0, 1, 2, 5]`` -> ``[(0, 2), (5, 5)]``."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def expand_runs(runs: Sequence[Sequence[int]]) -> set[int]:
+    """Inverse of :func:`compress_indices`."""
+    return {i for first, last in runs for i in range(first, last + 1)}
