@@ -1,0 +1,40 @@
+"""Shared fixtures: one real PostgreSQL server per test session, a fresh database per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbtbackfill.localpg import LocalPostgres
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """A real PostgreSQL server, started in a temporary directory on a free loopback port."""
+    server = LocalPostgres(tmp_path_factory.mktemp("pg"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def create_database(server: LocalPostgres, name: str) -> str:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+        conn.execute(f'create database "{name}" template template0')
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def database_url(pg_server: LocalPostgres) -> str:
+    """A URL to an empty database of its own, so tests stay independent."""
+    return create_database(pg_server, f"t{os.getpid()}_{next(_db_counter)}")
