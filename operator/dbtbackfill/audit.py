@@ -1,0 +1,252 @@
+"""The ``backfill_executions`` audit log: model, migrations on first use, idempotent writes.
+
+Every write is keyed by the execution id, so a retried Job, a restarted operator or a
+replayed audit write updates the same row instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects import postgresql as pg
+
+Status = Literal["running", "completed", "failed", "cancelled"]
+Kind = Literal["run", "backfill", "chunk"]
+STATUSES: Final = ("running", "completed", "failed", "cancelled")
+KINDS: Final = ("run", "backfill", "chunk")
+
+# Our own Alembic version table: the audited database is usually an application
+# database that may run Alembic itself under the default name.
+VERSION_TABLE: Final = "dbt_backfill_alembic_version"
+# Serialises concurrent first-use migrations from parallel chunk Jobs.
+_MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
+# Operator-managed UUIDs are derived from the backfill's uid in this namespace.
+AUDIT_NAMESPACE: Final = uuid.UUID("6f0c7e0a-4c53-4cf2-9a53-6a7b6a1c0d11")
+MAX_ERROR_CHARS: Final = 8000
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class BackfillExecution(Base):
+    """One execution: a CLI run, an operator backfill, or one attempt of one chunk."""
+
+    __tablename__ = "backfill_executions"
+    __table_args__ = (
+        sa.CheckConstraint(f"status in {STATUSES!r}", name="ck_backfill_executions_status"),
+        sa.CheckConstraint(f"kind in {KINDS!r}", name="ck_backfill_executions_kind"),
+        sa.Index("ix_backfill_executions_created_at", "created_at"),
+        sa.Index("ix_backfill_executions_status_created_at", "status", "created_at"),
+        sa.Index("ix_backfill_executions_parent_id", "parent_id"),
+    )
+
+    id: orm.Mapped[uuid.UUID] = orm.mapped_column(pg.UUID(as_uuid=True), primary_key=True)
+    parent_id: orm.Mapped[uuid.UUID | None] = orm.mapped_column(pg.UUID(as_uuid=True))
+    kind: orm.Mapped[str] = orm.mapped_column(sa.Text, server_default="run")
+    tenant_id: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    start_date: orm.Mapped[date] = orm.mapped_column(sa.Date)
+    end_date: orm.Mapped[date] = orm.mapped_column(sa.Date)
+    models: orm.Mapped[list[str]] = orm.mapped_column(pg.ARRAY(sa.Text), server_default="{}")
+    status: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    duration_seconds: orm.Mapped[float | None] = orm.mapped_column(sa.Float)
+    records_processed: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger)
+    error_message: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    backfill_name: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    backfill_namespace: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    backfill_uid: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    chunk_index: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
+    attempt: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
+    created_at: orm.Mapped[datetime] = orm.mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now()
+    )
+    updated_at: orm.Mapped[datetime] = orm.mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now()
+    )
+    finished_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
+
+
+_TABLE: Final = BackfillExecution.__table__
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Point plain ``postgresql://`` URLs at the psycopg 3 driver we ship."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@cache
+def engine_for(url: str, connect_timeout: int = 10) -> sa.Engine:
+    return sa.create_engine(
+        sqlalchemy_url(url),
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": connect_timeout, "application_name": "dbt-backfill"},
+    )
+
+
+def _alembic_config(connection: sa.Connection) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Apply the audit migrations, once, even when many Jobs start together."""
+    from alembic import command
+
+    with engine.connect() as connection:
+        connection.execute(sa.select(sa.func.pg_advisory_lock(_MIGRATION_LOCK_KEY)))
+        try:
+            command.upgrade(_alembic_config(connection), revision)
+            connection.commit()
+        finally:
+            connection.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
+            connection.commit()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        rev: str | None = context.get_current_revision()
+        return rev
+
+
+_upgraded: set[str] = set()
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """Migrate on first use in this process; later calls cost nothing."""
+    key = engine.url.render_as_string(hide_password=False)
+    if key not in _upgraded:
+        upgrade(engine)
+        _upgraded.add(key)
+
+
+@dataclass(frozen=True)
+class ExecutionStart:
+    id: uuid.UUID
+    start_date: date
+    end_date: date
+    tenant_id: str | None = None
+    models: Sequence[str] = ()
+    kind: Kind = "run"
+    parent_id: uuid.UUID | None = None
+    backfill_name: str | None = None
+    backfill_namespace: str | None = None
+    backfill_uid: str | None = None
+    chunk_index: int | None = None
+    attempt: int | None = None
+
+
+def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
+    """Write (or reset to) ``running``. Replaying it for the same id touches one row only."""
+    values: dict[str, Any] = {
+        "id": start.id,
+        "parent_id": start.parent_id,
+        "kind": start.kind,
+        "tenant_id": start.tenant_id,
+        "start_date": start.start_date,
+        "end_date": start.end_date,
+        "models": list(start.models),
+        "status": "running",
+        "backfill_name": start.backfill_name,
+        "backfill_namespace": start.backfill_namespace,
+        "backfill_uid": start.backfill_uid,
+        "chunk_index": start.chunk_index,
+        "attempt": start.attempt,
+    }
+    insert = pg.insert(_TABLE).values(**values)
+    # A re-run of the same execution id (a restarted pod) starts over in the same row;
+    # created_at keeps the first start so history stays ordered by when work began.
+    upsert = insert.on_conflict_do_update(
+        index_elements=[_TABLE.c.id],
+        set_={
+            "status": "running",
+            "error_message": None,
+            "duration_seconds": None,
+            "records_processed": None,
+            "finished_at": None,
+            "updated_at": sa.func.now(),
+        },
+    )
+    with engine.begin() as conn:
+        conn.execute(upsert)
+
+
+def ensure_started(engine: sa.Engine, start: ExecutionStart) -> None:
+    """Insert the row as ``running`` unless it exists; never reopens a finished row."""
+    insert = pg.insert(_TABLE).values(
+        id=start.id,
+        parent_id=start.parent_id,
+        kind=start.kind,
+        tenant_id=start.tenant_id,
+        start_date=start.start_date,
+        end_date=start.end_date,
+        models=list(start.models),
+        status="running",
+        backfill_name=start.backfill_name,
+        backfill_namespace=start.backfill_namespace,
+        backfill_uid=start.backfill_uid,
+    )
+    with engine.begin() as conn:
+        conn.execute(insert.on_conflict_do_nothing(index_elements=[_TABLE.c.id]))
+
+
+def record_finish(
+    engine: sa.Engine,
+    execution_id: uuid.UUID,
+    status: Status,
+    *,
+    duration_seconds: float | None,
+    records_processed: int | None,
+    error_message: str | None = None,
+) -> bool:
+    """Close a row. Returns False when no such row exists."""
+    if status == "running":
+        raise ValueError("a finished execution cannot have status 'running'")
+    update = (
+        sa.update(_TABLE)
+        .where(_TABLE.c.id == execution_id)
+        .values(
+            status=status,
+            duration_seconds=duration_seconds,
+            records_processed=records_processed,
+            error_message=error_message[:MAX_ERROR_CHARS] if error_message else None,
+            updated_at=sa.func.now(),
+            finished_at=sa.func.now(),
+        )
+    )
+    with engine.begin() as conn:
+        return conn.execute(update).rowcount == 1
+
+
+def history(
+    engine: sa.Engine, *, status: str | None = None, limit: int = 20, parent_id: uuid.UUID | None = None
+) -> list[BackfillExecution]:
+    query = sa.select(BackfillExecution).order_by(BackfillExecution.created_at.desc()).limit(limit)
+    if status:
+        query = query.where(BackfillExecution.status == status)
+    if parent_id:
+        query = query.where(BackfillExecution.parent_id == parent_id)
+    with orm.Session(engine, expire_on_commit=False) as session:
+        return list(session.scalars(query))
+
+
+def get(engine: sa.Engine, execution_id: uuid.UUID) -> BackfillExecution | None:
+    with orm.Session(engine, expire_on_commit=False) as session:
+        return session.get(BackfillExecution, execution_id)

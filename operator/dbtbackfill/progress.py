@@ -1,0 +1,132 @@
+"""What a person sees while a backfill runs: the plan, a progress bar or log lines, a summary.
+
+On a terminal it draws a rich progress bar; anywhere else (a Job's log, CI) it prints
+one plain line per window, since bars turn into noise in log collectors.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dbtbackfill.planner import Window
+
+if TYPE_CHECKING:
+    from dbtbackfill.audit import BackfillExecution
+    from dbtbackfill.runner import BackfillOutcome, WindowResult
+
+
+class Reporter:
+    def __init__(
+        self,
+        windows: Sequence[Window],
+        *,
+        models: Sequence[str],
+        tenant: str | None,
+        dry_run: bool = False,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.windows = windows
+        self.models = models
+        self.tenant = tenant
+        self.dry_run = dry_run
+        self.stream = stream or sys.stderr
+        self.console = Console(file=self.stream, highlight=False, soft_wrap=True)
+        self.interactive = self.stream.isatty()
+        self._progress: Progress | None = None
+        self._task: int | None = None
+        self._done = 0
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def plan(self) -> None:
+        first, last = self.windows[0], self.windows[-1]
+        scope = f"tenant {self.tenant}" if self.tenant else "all tenants"
+        self._line(
+            f"plan: {len(self.windows)} window(s) {first.start}..{last.end}, {scope}, "
+            f"{len(self.models)} model(s): {', '.join(self.models)}"
+        )
+        if self.dry_run:
+            for w in self.windows:
+                self._line(f"  window {w.index + 1}: {w.label()} ({w.days} day(s))")
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        if not self.interactive:
+            yield
+            return
+        with Progress(
+            TextColumn("[bold]backfill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        ) as progress:
+            self._progress = progress
+            self._task = progress.add_task("", total=len(self.windows))
+            try:
+                yield
+            finally:
+                self._progress = None
+
+    def window_done(self, result: WindowResult) -> None:
+        self._done += 1
+        status = "ok" if result.success else "FAILED"
+        text = (
+            f"window {self._done}/{len(self.windows)} {result.window.label()} {status} "
+            f"rows={result.rows} {result.seconds:.2f}s"
+        )
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=1, description=result.window.label())
+            if not result.success:
+                self._progress.console.print(text)
+        else:
+            self._line(text)
+        if not result.success:
+            self._line(f"error: {result.error}")
+
+    def dry_run_done(self, result: WindowResult) -> None:
+        if result.success:
+            self._line(f"dry run: {len(result.models)} model(s) compiled for {result.window.label()}; nothing written")
+        else:
+            self._line(f"dry run: compilation failed: {result.error}")
+
+    def summary(self, outcome: BackfillOutcome, execution_id: uuid.UUID) -> None:
+        verdict = "completed" if outcome.success else "FAILED"
+        skipped = outcome.planned - len(outcome.windows)
+        tail = f", {skipped} window(s) not attempted" if skipped else ""
+        self._line(
+            f"backfill {verdict}: {len(outcome.windows)}/{outcome.planned} window(s){tail}, "
+            f"{outcome.rows} row(s), {outcome.seconds:.1f}s (execution {execution_id})"
+        )
+
+
+def print_history(rows: Sequence[BackfillExecution], stream: TextIO | None = None) -> None:
+    console = Console(file=stream or sys.stdout, highlight=False, width=160)
+    table = Table(title="backfill_executions (newest first)")
+    for col in ("id", "kind", "tenant", "start", "end", "status", "seconds", "records", "created_at", "error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.kind,
+            r.tenant_id or "*",
+            str(r.start_date),
+            str(r.end_date),
+            r.status,
+            f"{r.duration_seconds:.2f}" if r.duration_seconds is not None else "",
+            str(r.records_processed) if r.records_processed is not None else "",
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            (r.error_message or "")[:80],
+        )
+    console.print(table)

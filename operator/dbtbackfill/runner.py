@@ -1,0 +1,284 @@
+"""Run dbt over backfill windows in-process, with the manifest parsed once.
+
+Starting dbt costs far more than a window's SQL (about 2.5 s for a fresh ``dbt run``
+against about 0.13 s for an in-process invocation that reuses a parsed manifest), so
+a backfill parses the project once and then runs every window through the same
+``dbtRunner``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy.engine import make_url
+
+from dbtbackfill.planner import Window
+
+DEFAULT_SCHEMA: Final = "analytics"
+
+
+class RunnerError(RuntimeError):
+    """dbt could not be set up for this backfill (bad selection, broken project, ...)."""
+
+
+def default_project_dir() -> Path:
+    """``$DBT_PROJECT_DIR``, else ``analytics/`` at the repository or image root."""
+    env = os.environ.get("DBT_PROJECT_DIR")
+    if env:
+        return Path(env)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "analytics" / "dbt_project.yml").exists():
+            return root / "analytics"
+    return Path.cwd() / "analytics"
+
+
+def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
+    """The ``DBT_PG_*`` variables ``profiles.yml`` reads, derived from one URL.
+
+    Users give a single ``DATABASE_URL``; splitting it here keeps credentials out of
+    every file and out of dbt's command line.
+    """
+    try:
+        url = make_url(database_url)
+    except Exception:
+        raise RunnerError("database URL is not a valid URL (expected postgresql://user:pass@host:port/db)") from None
+    if not url.drivername.startswith("postgres"):
+        raise RunnerError(f"database URL must be a postgresql:// URL, got {url.drivername}://")
+    if not url.host or not url.database:
+        raise RunnerError("database URL must name a host and a database: postgresql://user@host:5432/db")
+    return {
+        "DBT_PG_HOST": url.host,
+        "DBT_PG_PORT": str(url.port or 5432),
+        "DBT_PG_USER": url.username or "postgres",
+        "DBT_PG_PASSWORD": url.password or "",
+        "DBT_PG_DBNAME": url.database,
+        "DBT_PG_SCHEMA": schema or os.environ.get("DBT_PG_SCHEMA") or DEFAULT_SCHEMA,
+    }
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    name: str
+    status: str
+    rows_affected: int | None
+    seconds: float
+    message: str | None
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    window: Window
+    success: bool
+    seconds: float
+    models: tuple[ModelResult, ...] = ()
+    error: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(m.rows_affected or 0 for m in self.models)
+
+
+def window_vars(window: Window, tenant_id: str | None) -> dict[str, Any]:
+    return {
+        "backfill_start_date": window.start.isoformat(),
+        "backfill_end_date": window.end.isoformat(),
+        "tenant_id": tenant_id,
+    }
+
+
+def _model_results(result: Any) -> tuple[ModelResult, ...]:
+    out: list[ModelResult] = []
+    for r in getattr(result, "results", None) or ():
+        response = r.adapter_response or {}
+        rows = response.get("rows_affected")
+        out.append(
+            ModelResult(
+                name=r.node.name,
+                status=str(r.status),
+                rows_affected=int(rows) if isinstance(rows, int) and rows >= 0 else None,
+                seconds=float(r.execution_time or 0.0),
+                message=r.message,
+            )
+        )
+    return tuple(out)
+
+
+def _error_text(res: Any, models: Sequence[ModelResult]) -> str:
+    failed = [m for m in models if m.status in ("error", "fail", "runtime error")]
+    if failed:
+        return "; ".join(f"{m.name}: {m.message}" for m in failed)
+    if res.exception is not None:
+        return str(res.exception).strip()
+    return "dbt reported failure without an error message"
+
+
+@dataclass
+class DbtSession:
+    """One parsed dbt project, ready to run many windows without parsing again."""
+
+    database_url: str
+    project_dir: Path = field(default_factory=default_project_dir)
+    threads: int | None = None
+    target_path: Path | None = None
+    log_path: Path | None = None
+    quiet: bool = True
+    _runner: Any = None
+
+    def __post_init__(self) -> None:
+        self.project_dir = Path(self.project_dir).resolve()
+        if not (self.project_dir / "dbt_project.yml").exists():
+            raise RunnerError(f"no dbt project at {self.project_dir} (set DBT_PROJECT_DIR)")
+        env_target = os.environ.get("DBT_TARGET_PATH")
+        env_logs = os.environ.get("DBT_LOG_PATH")
+        self.target_path = Path(self.target_path or env_target or self.project_dir / "target")
+        self.log_path = Path(self.log_path or env_logs or self.project_dir / "logs")
+        os.environ.update(dbt_env(self.database_url))
+        # No usage pings: our machines, and many users', have no route to dbt's tracker.
+        os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        self._seed_partial_parse()
+
+    def _seed_partial_parse(self) -> None:
+        """Reuse the image's build-time parse when the target dir is a fresh emptyDir."""
+        assert self.target_path is not None
+        shipped = self.project_dir / "target" / "partial_parse.msgpack"
+        wanted = self.target_path / "partial_parse.msgpack"
+        if shipped.exists() and not wanted.exists() and shipped.resolve() != wanted.resolve():
+            self.target_path.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(shipped, wanted)
+
+    def _common_args(self) -> list[str]:
+        args = [
+            "--project-dir", str(self.project_dir),
+            "--profiles-dir", os.environ.get("DBT_PROFILES_DIR", str(self.project_dir)),
+            "--target-path", str(self.target_path),
+            "--log-path", str(self.log_path),
+        ]  # fmt: skip
+        return args
+
+    def _global_args(self) -> list[str]:
+        return ["--quiet", "--no-use-colors"] if self.quiet else ["--no-use-colors"]
+
+    def _invoke(self, command: str, *args: str) -> Any:
+        from dbt.cli.main import dbtRunner
+
+        if self._runner is None:
+            raise RunnerError("call parse() first")
+        return self._runner.invoke([*self._global_args(), command, *self._common_args(), *args])
+
+    def parse(self) -> None:
+        from dbt.cli.main import dbtRunner
+
+        res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
+        if not res.success or res.result is None:
+            raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
+        self._runner = dbtRunner(manifest=res.result)
+
+    def select_models(self, selectors: Sequence[str]) -> list[str]:
+        """The models a selection matches; an empty match is an error, not a no-op."""
+        args = ["--resource-type", "model", "--output", "name"]
+        if selectors:
+            args += ["--select", *selectors]
+        res = self._invoke("ls", *args)
+        if not res.success:
+            raise RunnerError(f"invalid model selection {' '.join(selectors)!r}: {res.exception}")
+        names = sorted(str(n) for n in (res.result or []))
+        if not names:
+            raise RunnerError(f"selection matched no models: {' '.join(selectors) or '(all)'}")
+        return names
+
+    def _window_args(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> list[str]:
+        args = ["--vars", json.dumps(window_vars(window, tenant_id))]
+        if selectors:
+            args += ["--select", *selectors]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        return args
+
+    def compile(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
+        """Render every selected model for one window, touching no data."""
+        return self._execute("compile", window, tenant_id, selectors)
+
+    def run_window(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
+        return self._execute("run", window, tenant_id, selectors)
+
+    def _execute(
+        self, command: str, window: Window, tenant_id: str | None, selectors: Sequence[str]
+    ) -> WindowResult:
+        started = time.monotonic()
+        extra = ["--no-write-json"] if command == "run" else []
+        res = self._invoke(command, *self._window_args(window, tenant_id, selectors), *extra)
+        models = _model_results(res.result)
+        seconds = time.monotonic() - started
+        if res.success:
+            return WindowResult(window, True, seconds, models)
+        return WindowResult(window, False, seconds, models, _error_text(res, models))
+
+
+@dataclass(frozen=True)
+class BackfillOutcome:
+    windows: tuple[WindowResult, ...]
+    planned: int
+    seconds: float
+
+    @property
+    def success(self) -> bool:
+        return len(self.windows) == self.planned and all(w.success for w in self.windows)
+
+    @property
+    def rows(self) -> int:
+        return sum(w.rows for w in self.windows)
+
+    @property
+    def error(self) -> str | None:
+        for w in self.windows:
+            if not w.success:
+                return f"window {w.window.label()}: {w.error}"
+        return None
+
+
+def run_windows(
+    session: DbtSession,
+    windows: Sequence[Window],
+    *,
+    tenant_id: str | None,
+    selectors: Sequence[str],
+    on_window: Callable[[WindowResult], None] = lambda _: None,
+) -> BackfillOutcome:
+    """Run windows in calendar order; stop at the first failure.
+
+    Later windows are not attempted once one fails: a backfill is retried as a whole
+    or per chunk, and running past a failure would leave gaps that look like success.
+    """
+    started = time.monotonic()
+    done: list[WindowResult] = []
+    for window in windows:
+        result = session.run_window(window, tenant_id, selectors)
+        done.append(result)
+        on_window(result)
+        if not result.success:
+            break
+    return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
+
+
+@contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Temporarily set environment variables (dbt reads its profile from them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,1 @@
+"""Documented entry points that run from the repository (or image) root."""
