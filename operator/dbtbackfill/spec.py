@@ -201,9 +201,7 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
     retry = _sub_mapping(spec, "retry", _RETRY_FIELDS)
     retry_limit = _int(retry, "limit", "spec.retry.limit", default=2, low=0, high=20)
     backoff = _int(retry, "backoffSeconds", "spec.retry.backoffSeconds", default=30, low=1, high=3600)
-    max_backoff = _int(
-        retry, "maxBackoffSeconds", "spec.retry.maxBackoffSeconds", default=900, low=1, high=86400
-    )
+    max_backoff = _int(retry, "maxBackoffSeconds", "spec.retry.maxBackoffSeconds", default=900, low=1, high=86400)
     if max_backoff < backoff:
         raise SpecError(
             f"spec.retry.maxBackoffSeconds: maxBackoffSeconds ({max_backoff}) must be at least "
@@ -451,9 +449,7 @@ def _toleration(item: object, where: str) -> dict[str, Any]:
             raise SpecError(f"{where}.{name}: must be a string of at most {max_length} characters")
     operator = toleration.get("operator")
     if operator is not None and operator not in _TOLERATION_OPERATORS:
-        raise SpecError(
-            f"{where}.operator: must be one of {', '.join(_TOLERATION_OPERATORS)}, got {operator!r}"
-        )
+        raise SpecError(f"{where}.operator: must be one of {', '.join(_TOLERATION_OPERATORS)}, got {operator!r}")
     effect = toleration.get("effect")
     if effect is not None and effect not in _TAINT_EFFECTS:
         raise SpecError(f"{where}.effect: must be one of {', '.join(_TAINT_EFFECTS)}, got {effect!r}")

@@ -189,9 +189,7 @@ def to_cel(schema: dict[str, Any], value: Any) -> Any:
         if isinstance(extra, dict):
             return celtypes.MapType({celtypes.StringType(k): to_cel(extra, v) for k, v in value.items()})
         props = schema.get("properties", {})
-        return celtypes.MapType(
-            {celtypes.StringType(k): to_cel(props[k], v) for k, v in value.items() if k in props}
-        )
+        return celtypes.MapType({celtypes.StringType(k): to_cel(props[k], v) for k, v in value.items() if k in props})
     if kind == "array":
         return celtypes.ListType([to_cel(schema["items"], v) for v in value])
     if kind == "string" and schema.get("format") == "date":
@@ -268,9 +266,7 @@ def cel_failures(
         if isinstance(extra, dict):
             for name, value in new.items():
                 old_value = old.get(name) if isinstance(old, dict) else None
-                failures += cel_failures(
-                    extra, value, old_value, f"{path}.{name}", force_messages=force_messages
-                )
+                failures += cel_failures(extra, value, old_value, f"{path}.{name}", force_messages=force_messages)
     elif isinstance(new, list) and isinstance(schema.get("items"), dict):
         # Transition rules inside lists need a correlatable (map) list; ours have none there.
         for value in new:
@@ -407,6 +403,7 @@ def test_status_fields() -> None:
         "recentFailures",
         "chunkState",
         "auditExecutionId",
+        "audit",
         "retryFailedObserved",
         "queuedBehind",
         "conditions",
@@ -425,6 +422,8 @@ def test_status_fields() -> None:
         "succeeded",
         "failed",
         "attempts",
+        "retryBase",
+        "retryAt",
         "records",
         "durations",
     }
@@ -460,10 +459,13 @@ def test_a_realistic_status_is_valid() -> None:
             "succeeded": [[0, 10]],
             "failed": [[11, 11]],
             "attempts": {"11": 3, "12": 1},
+            "retryBase": {"11": 1},
+            "retryAt": {"12": "2024-02-01T11:05:00Z"},
             "records": {"0": 1000},
             "durations": {"count": 12, "totalSeconds": 3600.5},
         },
         "auditExecutionId": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        "audit": {"executionId": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "started": True, "closed": "failed"},
         "retryFailedObserved": "2024-02-01",
         "queuedBehind": "other-backfill",
         "conditions": [
@@ -489,6 +491,8 @@ def test_a_realistic_status_is_valid() -> None:
         {"recentFailures": [{"chunk": i} for i in range(11)]},
         {"chunkState": {"succeeded": [[1, 2, 3]]}},
         {"chunkState": {"attempts": {"1": "two"}}},
+        {"chunkState": {"records": 12}},
+        {"chunkState": {"retryAt": {"1": "soon"}}},
         {"startTime": "yesterday"},
         {"auditExecutionId": "not-a-uuid"},
         {
@@ -663,9 +667,7 @@ def test_range_rule_matches_the_planner_limit() -> None:
     from dbtbackfill.planner import MAX_WINDOWS
     from dbtbackfill.spec import MAX_RANGE_DAYS
 
-    rule = next(
-        r["rule"] for r in SCHEMA["properties"]["spec"]["x-kubernetes-validations"] if "duration" in r["rule"]
-    )
+    rule = next(r["rule"] for r in SCHEMA["properties"]["spec"]["x-kubernetes-validations"] if "duration" in r["rule"])
     hours = int(re.search(r"duration\('(\d+)h'\)", rule).group(1))  # type: ignore[union-attr]
     assert hours == (MAX_RANGE_DAYS - 1) * 24
     assert MAX_RANGE_DAYS == MAX_WINDOWS
@@ -761,9 +763,7 @@ _DATES = st.dates(dt.date(2000, 1, 1), dt.date(2030, 12, 31))
 _SPEC_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "tenantId": st.sampled_from(["acme", "a" * 63, "a" * 64, "", "ac me", "-acme", "x_y-Z9", "acme.eu", 7]),
     "models": st.one_of(
-        st.lists(
-            st.sampled_from(["staging+", "tag:nightly", "@fact", "a b", "x'", "", "m" * 201]), max_size=3
-        ),
+        st.lists(st.sampled_from(["staging+", "tag:nightly", "@fact", "a b", "x'", "", "m" * 201]), max_size=3),
         st.just("staging+"),
     ),
     "chunk": st.fixed_dictionaries(
