@@ -65,16 +65,12 @@ class BackfillExecution(Base):
     backfill_uid: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     chunk_index: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
     attempt: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
-    created_at: orm.Mapped[datetime] = orm.mapped_column(
-        sa.DateTime(timezone=True), server_default=sa.func.now()
-    )
-    updated_at: orm.Mapped[datetime] = orm.mapped_column(
-        sa.DateTime(timezone=True), server_default=sa.func.now()
-    )
+    created_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    updated_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
 
 
-_TABLE: Final = BackfillExecution.__table__
+_TABLE: Final = sa.Table("backfill_executions", Base.metadata, extend_existing=True)
 
 
 def sqlalchemy_url(url: str) -> str:

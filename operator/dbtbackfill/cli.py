@@ -48,25 +48,41 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-date", required=True, help="first day to reprocess (YYYY-MM-DD)")
     parser.add_argument("--end-date", required=True, help="last day to reprocess, inclusive (YYYY-MM-DD)")
     parser.add_argument("--tenant-id", help="reprocess one tenant only; default all tenants")
-    parser.add_argument("--models", nargs="+", default=[], metavar="SELECTOR",
-                        help="dbt selection, e.g. staging+ facts+ (default: the whole project)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[],
+        metavar="SELECTOR",
+        help="dbt selection, e.g. staging+ facts+ (default: the whole project)",
+    )
     parser.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
-    parser.add_argument("--chunk", choices=planner.CHUNK_UNITS, default=None,
-                        help="split the range into calendar days, ISO weeks or months, run in order")
+    parser.add_argument(
+        "--chunk",
+        choices=planner.CHUNK_UNITS,
+        default=None,
+        help="split the range into calendar days, ISO weeks or months, run in order",
+    )
     parser.add_argument("--chunk-size", type=int, default=1, metavar="N", help="units per chunk (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and compile only; write nothing")
-    parser.add_argument("--allow-recent", action="store_true",
-                        help=f"allow an end date within the last {RECENT_HOURS} hours (data may be incomplete)")
+    parser.add_argument(
+        "--allow-recent",
+        action="store_true",
+        help=f"allow an end date within the last {RECENT_HOURS} hours (data may be incomplete)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="dbt threads")
-    parser.add_argument("--execution-id", type=uuid.UUID, default=None,
-                        help="audit row id; a retry with the same id updates that row (used by the operator)")
+    parser.add_argument(
+        "--execution-id",
+        type=uuid.UUID,
+        default=None,
+        help="audit row id; a retry with the same id updates that row (used by the operator)",
+    )
     parser.add_argument("--parent-id", type=uuid.UUID, default=None, help="audit id of the owning backfill")
     parser.add_argument("--backfill-name", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backfill-namespace", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backfill-uid", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--chunk-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--attempt", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--verbose", "-v", action="store_true", help="show dbt's own log output")  # fmt: skip
+    parser.add_argument("--verbose", "-v", action="store_true", help="show dbt's own log output")
 
 
 def _check_recent(end: date, now: datetime) -> None:
@@ -88,9 +104,7 @@ def plan_from_args(args: argparse.Namespace, now: datetime | None = None) -> tup
         planner.validate_range(start, end)
         tenant = planner.validate_tenant_id(args.tenant_id)
         windows = (
-            planner.plan_windows(start, end, args.chunk, args.chunk_size)
-            if args.chunk
-            else [Window(0, start, end)]
+            planner.plan_windows(start, end, args.chunk, args.chunk_size) if args.chunk else [Window(0, start, end)]
         )
     except PlanError as exc:
         raise UsageError(str(exc)) from None
@@ -146,7 +160,10 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
 
 
 def _dry_run(
-    session: runner.DbtSession, windows: list[Window], tenant: str | None, selectors: list[str],
+    session: runner.DbtSession,
+    windows: list[Window],
+    tenant: str | None,
+    selectors: list[str],
     reporter: Reporter,
 ) -> int:
     result = session.compile(windows[0], tenant, selectors)
@@ -192,9 +209,13 @@ def _execute(
             error = outcome.error
         except BaseException as exc:  # KeyboardInterrupt/SIGTERM included: never leave a row 'running'
             audit.record_finish(
-                engine, execution_id, "failed", duration_seconds=time.monotonic() - started,
-                records_processed=None, error_message=f"interrupted: {exc!r}",
-            )  # fmt: skip
+                engine,
+                execution_id,
+                "failed",
+                duration_seconds=time.monotonic() - started,
+                records_processed=None,
+                error_message=f"interrupted: {exc!r}",
+            )
             raise
     audit.record_finish(
         engine,
@@ -251,8 +272,10 @@ def _demo_data(args: argparse.Namespace) -> int:
         )
     except (UsageError, PlanError, ValueError) as exc:
         return _fail("dbt-backfill demo-data", str(exc))
-    print(f"demo data ready: {counts.customers} customers, {counts.orders} orders "
-          f"for {args.tenants} tenants from {start} for {args.days} days")  # fmt: skip
+    print(
+        f"demo data ready: {counts.customers} customers, {counts.orders} orders "
+        f"for {args.tenants} tenants from {start} for {args.days} days"
+    )
     return EXIT_OK
 
 
@@ -263,9 +286,10 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dbtbackfill.demo_command import run_demo
+    from dbtbackfill.localdemo import run_demo
 
-    return run_demo(args)
+    code: int = run_demo(args.database_url, days=args.days)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

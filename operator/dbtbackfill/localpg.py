@@ -10,7 +10,6 @@ user through ``runuser``.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -35,7 +34,7 @@ def find_server_binaries() -> Path:
     """The directory holding ``initdb`` and ``pg_ctl``."""
     override = os.environ.get("PG_BIN")
     candidates = [override] if override else []
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
+    candidates += sorted((str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")), key=_version_key, reverse=True)
     for candidate in candidates:
         if candidate and (Path(candidate) / "initdb").exists():
             return Path(candidate)
@@ -126,17 +125,29 @@ class LocalPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             self._run(
                 str(self.bin_dir / "initdb"),
-                "-D", str(self.data_dir),
-                "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
-            )  # fmt: skip
+                "-D",
+                str(self.data_dir),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
         self._run(
             str(self.bin_dir / "pg_ctl"),
-            "-D", str(self.data_dir),
-            "-l", str(self.log_file),
-            "-w", "-t", "60",
-            "-o", f"-p {self.port} -h 127.0.0.1 -k {self.base_dir} {_FAST_UNSAFE_SETTINGS}",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -h 127.0.0.1 -k {self.base_dir} {_FAST_UNSAFE_SETTINGS}",
             "start",
-        )  # fmt: skip
+        )
         self._started = True
         return self.url
 

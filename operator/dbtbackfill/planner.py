@@ -118,8 +118,7 @@ def plan_windows(start: date, end: date, unit: str = "day", size: int = 1) -> li
         windows.append(Window(len(windows), max(period, start), min(following - timedelta(days=1), end)))
         if len(windows) > MAX_WINDOWS:
             raise PlanError(
-                f"the range {start}..{end} makes more than {MAX_WINDOWS} {unit} chunks; "
-                "use a larger chunk unit or size"
+                f"the range {start}..{end} makes more than {MAX_WINDOWS} {unit} chunks; use a larger chunk unit or size"
             )
         period = following
     return windows

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from dbtbackfill.planner import Window
@@ -41,7 +41,7 @@ class Reporter:
         self.console = Console(file=self.stream, highlight=False, soft_wrap=True)
         self.interactive = self.stream.isatty()
         self._progress: Progress | None = None
-        self._task: int | None = None
+        self._task: TaskID | None = None
         self._done = 0
 
     def _line(self, text: str) -> None:
@@ -114,7 +114,18 @@ class Reporter:
 def print_history(rows: Sequence[BackfillExecution], stream: TextIO | None = None) -> None:
     console = Console(file=stream or sys.stdout, highlight=False, width=160)
     table = Table(title="backfill_executions (newest first)")
-    for col in ("id", "kind", "tenant", "start", "end", "status", "seconds", "records", "created_at", "error"):
+    for col in (
+        "id",
+        "kind",
+        "tenant",
+        "start",
+        "end",
+        "status",
+        "seconds",
+        "records",
+        "created_at",
+        "error",
+    ):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(

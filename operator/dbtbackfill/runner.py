@@ -157,18 +157,21 @@ class DbtSession:
 
     def _common_args(self) -> list[str]:
         args = [
-            "--project-dir", str(self.project_dir),
-            "--profiles-dir", os.environ.get("DBT_PROFILES_DIR", str(self.project_dir)),
-            "--target-path", str(self.target_path),
-            "--log-path", str(self.log_path),
-        ]  # fmt: skip
+            "--project-dir",
+            str(self.project_dir),
+            "--profiles-dir",
+            os.environ.get("DBT_PROFILES_DIR", str(self.project_dir)),
+            "--target-path",
+            str(self.target_path),
+            "--log-path",
+            str(self.log_path),
+        ]
         return args
 
     def _global_args(self) -> list[str]:
         return ["--quiet", "--no-use-colors"] if self.quiet else ["--no-use-colors"]
 
     def _invoke(self, command: str, *args: str) -> Any:
-        from dbt.cli.main import dbtRunner
 
         if self._runner is None:
             raise RunnerError("call parse() first")
@@ -180,7 +183,7 @@ class DbtSession:
         res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
-        self._runner = dbtRunner(manifest=res.result)
+        self._runner = dbtRunner(manifest=res.result)  # type: ignore[arg-type]  # parse returns a Manifest
 
     def select_models(self, selectors: Sequence[str]) -> list[str]:
         """The models a selection matches; an empty match is an error, not a no-op."""
@@ -210,9 +213,7 @@ class DbtSession:
     def run_window(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
         return self._execute("run", window, tenant_id, selectors)
 
-    def _execute(
-        self, command: str, window: Window, tenant_id: str | None, selectors: Sequence[str]
-    ) -> WindowResult:
+    def _execute(self, command: str, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
         started = time.monotonic()
         extra = ["--no-write-json"] if command == "run" else []
         res = self._invoke(command, *self._window_args(window, tenant_id, selectors), *extra)

@@ -44,9 +44,7 @@ def upgrade() -> None:
         sa.CheckConstraint("kind in ('run', 'backfill', 'chunk')", name="ck_backfill_executions_kind"),
     )
     op.create_index("ix_backfill_executions_created_at", "backfill_executions", ["created_at"])
-    op.create_index(
-        "ix_backfill_executions_status_created_at", "backfill_executions", ["status", "created_at"]
-    )
+    op.create_index("ix_backfill_executions_status_created_at", "backfill_executions", ["status", "created_at"])
     op.create_index("ix_backfill_executions_parent_id", "backfill_executions", ["parent_id"])
 
 

@@ -1,0 +1,140 @@
+"""kopf handlers: thin glue between Kubernetes events and the reconciler.
+
+- ``on_create`` rejects a spec that can never run (PermanentError, Failed status, no Jobs).
+- ``backfill_daemon`` is each DbtBackfill's reconcile loop. Job and CR events only wake
+  it, so a burst of events becomes one pass and one coalesced status patch.
+- ``on_job_event`` is the watch on our Jobs (filtered by label): it wakes the owner.
+- ``on_delete`` (the finalizer) deletes the Jobs and closes the audit row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+
+from dbtbackfill import controller, jobs, metrics
+from dbtbackfill import status as status_core
+from dbtbackfill.kube import GROUP, PLURAL, VERSION
+from dbtbackfill.spec import SpecError, parse_spec
+
+FINALIZER_AUDIT_DEADLINE_SECONDS: Final = 30.0
+WATCH_TIMEOUT_SECONDS: Final = int(os.environ.get("DBT_BACKFILL_WATCH_TIMEOUT_SECONDS", "300"))
+CONFIG: controller.OperatorConfig = controller.OperatorConfig.from_env()
+AUDIT = controller.AuditLog(CONFIG.database_url)
+
+# Per-backfill wake-up flags (keyed by uid), and the last phase seen for the gauge.
+_wakeups: dict[str, asyncio.Event] = {}
+_phases: dict[str, str] = {}
+
+
+def configure(config: controller.OperatorConfig) -> None:
+    global CONFIG, AUDIT  # set once at start-up by operator_main
+    CONFIG = config
+    AUDIT = controller.AuditLog(config.database_url)
+
+
+def _wake(uid: str | None) -> None:
+    if uid and uid in _wakeups:
+        _wakeups[uid].set()
+
+
+def _record_phase(uid: str, phase: str | None) -> None:
+    if phase:
+        _phases[uid] = phase
+    else:
+        _phases.pop(uid, None)
+    counts = Counter(_phases.values())
+    for name in ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"):
+        metrics.BACKFILLS.labels(phase=name).set(counts.get(name, 0))
+
+
+@kopf.on.startup()
+def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own Events tell the story; kopf's per-handler "succeeded" chatter would bury it
+    # (and cost an API write per handler run).
+    settings.posting.level = logging.WARNING
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.watching.server_timeout = WATCH_TIMEOUT_SECONDS
+    settings.watching.client_timeout = WATCH_TIMEOUT_SECONDS + 10
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+def on_create(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+    try:
+        parse_spec(dict(spec))
+    except SpecError as exc:
+        now = datetime.now(UTC).replace(microsecond=0)
+        patch.status.update(status_core.invalid_spec_status(str(exc), meta.get("generation"), dict(status), now))
+        raise kopf.PermanentError(f"invalid spec, no Job will be created: {exc}") from exc
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=2.0)
+async def backfill_daemon(
+    name: str,
+    namespace: str | None,
+    uid: str,
+    stopped: kopf.DaemonStopped,
+    logger: kopf.Logger,
+    body: kopf.Body,
+    **_: Any,
+) -> None:
+    wake = _wakeups.setdefault(uid, asyncio.Event())
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                outcome = await asyncio.to_thread(controller.reconcile_backfill, namespace or "", name, CONFIG, AUDIT)
+            except Exception as exc:  # API hiccup: log, back off, try again
+                logger.warning("reconcile failed, retrying: %s", exc)
+                outcome = controller.Outcome(5.0, (), None)
+            for event in outcome.events:
+                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            _record_phase(uid, outcome.phase)
+            if outcome.body is None and outcome.phase is None and outcome.wake_after is None:
+                return  # gone, or being deleted: the finalizer takes over
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=outcome.wake_after)
+    finally:
+        _wakeups.pop(uid, None)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, **_: Any) -> None:
+    # Spec changes (suspend, retryFailed) wake this backfill; a finished one may free
+    # queued peers, so it wakes every backfill in the namespace.
+    observed = (body.get("status") or {}).get("observedGeneration")
+    if meta.get("generation") != observed:
+        _wake(uid)
+    if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled") or meta.get("deletionTimestamp"):
+        for other in list(_wakeups):
+            _wake(other)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_BACKFILL_UID: kopf.PRESENT})
+def on_job_event(labels: kopf.Labels, **_: Any) -> None:
+    _wake(labels.get(jobs.LABEL_BACKFILL_UID))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def on_delete(body: kopf.Body, uid: str, meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
+    _record_phase(uid, None)
+    if controller.finalize_backfill(body, AUDIT):
+        return
+    deleted_at = meta.get("deletionTimestamp")
+    waited = (
+        (datetime.now(UTC) - datetime.fromisoformat(str(deleted_at).replace("Z", "+00:00"))).total_seconds()
+        if deleted_at
+        else 0.0
+    )
+    if waited < FINALIZER_AUDIT_DEADLINE_SECONDS:
+        raise kopf.TemporaryError("audit database unreachable; will retry marking the row cancelled", delay=5)
+    logger.error("audit database unreachable for %.0fs; releasing the finalizer without the audit row", waited)

@@ -1,0 +1,240 @@
+"""Names, labels and manifests of the Job that runs one chunk attempt.
+
+Pure: builds plain dicts. Names are deterministic in (backfill, chunk, attempt), so a
+replayed create after an operator restart gets 409 from the API instead of a twin Job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from dbtbackfill.planner import Window
+from dbtbackfill.reconcile import JobPhase, JobView
+from dbtbackfill.spec import BackfillSpec
+
+GROUP: Final = "dbt-backfill.io"
+LABEL_BACKFILL: Final = f"{GROUP}/backfill"
+LABEL_BACKFILL_UID: Final = f"{GROUP}/backfill-uid"
+LABEL_CHUNK: Final = f"{GROUP}/chunk"
+LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
+LABEL_TENANT: Final = f"{GROUP}/tenant"
+LABEL_WINDOW_START: Final = f"{GROUP}/window-start"
+LABEL_WINDOW_END: Final = f"{GROUP}/window-end"
+MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
+ALL_TENANTS: Final = "all"
+RUNNER_UID: Final = 10001
+WORK_DIR: Final = "/tmp"  # noqa: S108  # an emptyDir in the pod, not the image's /tmp
+# Audit ids are UUIDv5 in this namespace, so the operator and a restarted operator agree.
+AUDIT_NAMESPACE: Final = uuid.UUID("6f0c7e0a-4c53-4cf2-9a53-6a7b6a1c0d11")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DbtBackfill a Job belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def backfill_execution_id(owner: Owner) -> uuid.UUID:
+    return uuid.uuid5(AUDIT_NAMESPACE, owner.uid)
+
+
+def chunk_execution_id(owner: Owner, chunk: int, attempt: int) -> uuid.UUID:
+    return uuid.uuid5(AUDIT_NAMESPACE, f"{owner.uid}/{chunk}/{attempt}")
+
+
+def _label_value(text: str) -> str:
+    """Label values hold at most 63 characters and must end alphanumeric."""
+    return text[:63].rstrip("-_.")
+
+
+def job_name(owner: Owner, chunk: int, attempt: int) -> str:
+    # A short hash of the uid keeps names of a deleted-and-recreated backfill distinct
+    # from the old one's Jobs that may still be terminating.
+    digest = hashlib.sha256(owner.uid.encode()).hexdigest()[:5]
+    prefix = owner.name[:40].rstrip("-.")
+    return f"{prefix}-{digest}-c{chunk}-a{attempt}"
+
+
+def selector(owner: Owner) -> str:
+    return f"{LABEL_BACKFILL_UID}={owner.uid}"
+
+
+def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -> dict[str, str]:
+    return {
+        **MANAGED_BY,
+        LABEL_BACKFILL: _label_value(owner.name),
+        LABEL_BACKFILL_UID: owner.uid,
+        LABEL_CHUNK: str(window.index),
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_TENANT: spec.tenant_id or ALL_TENANTS,
+        LABEL_WINDOW_START: window.start.isoformat(),
+        LABEL_WINDOW_END: window.end.isoformat(),
+    }
+
+
+def runner_command(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -> list[str]:
+    """The exact command a chunk runs: the documented CLI, never a private entry point."""
+    argv = [
+        "python",
+        "-m",
+        "scripts.run_dbt_backfill",
+        "--start-date",
+        window.start.isoformat(),
+        "--end-date",
+        window.end.isoformat(),
+    ]
+    if spec.tenant_id:
+        argv += ["--tenant-id", spec.tenant_id]
+    if spec.models:
+        argv += ["--models", *spec.models]
+    if spec.threads:
+        argv += ["--threads", str(spec.threads)]
+    if spec.dry_run:
+        argv.append("--dry-run")
+    if spec.allow_recent:
+        argv.append("--allow-recent")
+    argv += [
+        "--execution-id",
+        str(chunk_execution_id(owner, window.index, attempt)),
+        "--parent-id",
+        str(backfill_execution_id(owner)),
+        "--chunk-index",
+        str(window.index),
+        "--attempt",
+        str(attempt),
+        "--backfill-name",
+        owner.name,
+        "--backfill-namespace",
+        owner.namespace,
+        "--backfill-uid",
+        owner.uid,
+    ]
+    return argv
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """Operator-level configuration that a spec may override."""
+
+    image: str
+    service_account_name: str = "dbt-backfill-job"
+
+
+def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, defaults: JobDefaults) -> dict[str, Any]:
+    """The batch/v1 Job for one chunk attempt (ownerReferences are added by the caller)."""
+    container: dict[str, Any] = {
+        "name": "dbt",
+        "image": spec.image or defaults.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": runner_command(owner, spec, window, attempt),
+        "env": [
+            {
+                "name": "DATABASE_URL",
+                "valueFrom": {"secretKeyRef": {"name": spec.secret_name, "key": spec.secret_key}},
+            },
+            {"name": "DBT_TARGET_PATH", "value": f"{WORK_DIR}/dbt/target"},
+            {"name": "DBT_LOG_PATH", "value": f"{WORK_DIR}/dbt/logs"},
+            {"name": "HOME", "value": WORK_DIR},
+        ],
+        "volumeMounts": [{"name": "scratch", "mountPath": WORK_DIR}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if spec.resources:
+        container["resources"] = dict(spec.resources)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": spec.service_account_name or defaults.service_account_name,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,
+            "runAsGroup": RUNNER_UID,
+            "fsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    labels = job_labels(owner, spec, window, attempt)
+    job_spec: dict[str, Any] = {
+        # Retries belong to the operator (with backoff, audit and status); a pod-level retry
+        # would rerun the chunk behind its back under the same attempt number.
+        "backoffLimit": 0,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(owner, window.index, attempt),
+            "namespace": owner.namespace,
+            "labels": labels,
+            "annotations": {f"{GROUP}/window": window.label()},
+        },
+        "spec": job_spec,
+    }
+
+
+def chunk_of(labels: Mapping[str, str]) -> tuple[int, int] | None:
+    """(chunk, attempt) from a Job's labels, or None if it is not one of ours."""
+    try:
+        return int(labels[LABEL_CHUNK]), int(labels[LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+
+
+def _time(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def job_view(job: Mapping[str, Any]) -> JobView | None:
+    """Reduce a Job from the API to what the reconciler needs; None if it is not a chunk Job."""
+    meta = job.get("metadata") or {}
+    position = chunk_of(meta.get("labels") or {})
+    if position is None:
+        return None
+    status = job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    phase: JobPhase
+    message = None
+    if status.get("succeeded") or "Complete" in conditions:
+        phase = "succeeded"
+    elif status.get("failed") or "Failed" in conditions:
+        phase = "failed"
+        message = (conditions.get("Failed") or {}).get("message") or "the chunk's Job failed"
+    else:
+        phase = "active"
+    return JobView(
+        name=meta.get("name", ""),
+        chunk=position[0],
+        attempt=position[1],
+        phase=phase,
+        started=_time(status.get("startTime")),
+        finished=_time(status.get("completionTime"))
+        or _time((conditions.get("Failed") or {}).get("lastTransitionTime")),
+        message=message,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )

@@ -1,0 +1,114 @@
+"""The few Kubernetes API calls the operator makes, through the official client.
+
+Every call the operator makes goes through this module, so ``API_CALLS`` lists them
+all; the RBAC test checks the shipped ClusterRole grants exactly these.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, Final
+
+GROUP: Final = "dbt-backfill.io"
+VERSION: Final = "v1alpha1"
+PLURAL: Final = "dbtbackfills"
+MERGE_PATCH: Final = "application/merge-patch+json"
+
+# (apiGroup, resource, verb) for every call below, plus what kopf itself needs.
+API_CALLS: Final = frozenset(
+    {
+        (GROUP, PLURAL, "get"),
+        (GROUP, PLURAL, "list"),
+        (GROUP, "dbtbackfills/status", "patch"),
+        ("batch", "jobs", "list"),
+        ("batch", "jobs", "create"),
+        ("batch", "jobs", "delete"),
+    }
+)
+
+
+class Conflict(Exception):
+    """The object already exists (a replayed create)."""
+
+
+@cache
+def _api_client() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+def _custom() -> Any:
+    from kubernetes import client
+
+    return client.CustomObjectsApi(_api_client())
+
+
+def _batch() -> Any:
+    from kubernetes import client
+
+    return client.BatchV1Api(_api_client())
+
+
+def _status_of(exc: Exception) -> int | None:
+    status = getattr(exc, "status", None)
+    return int(status) if isinstance(status, int) else None
+
+
+def get_backfill(namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if _status_of(exc) == 404:
+            return None
+        raise
+    return obj
+
+
+def list_backfills(namespace: str) -> list[dict[str, Any]]:
+    result = _custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    items: list[dict[str, Any]] = result.get("items") or []
+    return items
+
+
+def list_jobs(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    # Raw JSON: the operator reads a handful of fields and the typed models cost time.
+    response = _batch().list_namespaced_job(namespace, label_selector=label_selector, _preload_content=False)
+    items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
+    return items
+
+
+def create_job(namespace: str, body: Mapping[str, Any]) -> None:
+    """Create a Job; raises :class:`Conflict` when it exists already (a replay)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        _batch().create_namespaced_job(namespace, body, _preload_content=False)
+    except ApiException as exc:
+        if _status_of(exc) == 409:
+            raise Conflict(body["metadata"]["name"]) from None
+        raise
+
+
+def delete_job(namespace: str, name: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        _batch().delete_namespaced_job(name, namespace, propagation_policy="Background", _preload_content=False)
+    except ApiException as exc:
+        if _status_of(exc) != 404:
+            raise
+
+
+def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    _custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH
+    )

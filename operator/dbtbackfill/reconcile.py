@@ -1,0 +1,332 @@
+"""The operator's decisions, as one pure function of (spec, recorded state, observed Jobs, now).
+
+Pure: no kopf, no kubernetes, no database. Everything the operator knows is rebuilt on
+every pass from the CR's ``status.chunkState`` plus the Jobs listed by label, so an
+operator killed at any moment and restarted decides the same thing again: it never
+launches a Job twice (names are deterministic, and a Job it sees wins over a record it
+lost) and never forgets a chunk (a chunk neither succeeded, failed nor running is
+launched again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal
+
+from dbtbackfill.planner import Window, compress_indices, expand_runs
+from dbtbackfill.spec import BackfillSpec
+
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled"]
+JobPhase = Literal["active", "succeeded", "failed"]
+TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
+MAX_RECENT_FAILURES: Final = 10
+MAX_MESSAGE_CHARS: Final = 1024
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the operator needs to know about one Job (built from the API object by the caller)."""
+
+    name: str
+    chunk: int
+    attempt: int
+    phase: JobPhase
+    started: datetime | None = None
+    finished: datetime | None = None
+    message: str | None = None
+    records: int | None = None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Failure:
+    chunk: int
+    window: str
+    attempts: int
+    message: str
+    time: datetime
+
+
+@dataclass(frozen=True)
+class ChunkState:
+    """The part of a backfill's progress that Jobs alone cannot tell (they are TTL-deleted)."""
+
+    succeeded: frozenset[int] = frozenset()
+    failed: frozenset[int] = frozenset()  # retries exhausted
+    attempts: Mapping[int, int] = field(default_factory=dict)  # latest attempt launched
+    retry_base: Mapping[int, int] = field(default_factory=dict)  # attempts not counted toward the limit
+    retry_at: Mapping[int, datetime] = field(default_factory=dict)  # failed, waiting for backoff
+    records: int = 0
+    duration_count: int = 0
+    duration_total: float = 0.0
+    recent_failures: tuple[Failure, ...] = ()
+
+    def tries(self, chunk: int) -> int:
+        return self.attempts.get(chunk, 0) - self.retry_base.get(chunk, 0)
+
+
+@dataclass(frozen=True)
+class Launch:
+    window: Window
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: ChunkState
+    phase: Phase
+    launch: tuple[Launch, ...]
+    delete: tuple[str, ...]
+    running: frozenset[int]
+    events: tuple[Event, ...]
+    wake_after: float | None  # seconds until a retry is due, if one is waiting
+    blocked_by: str | None = None
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _format_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def state_from_status(status: Mapping[str, Any] | None) -> ChunkState:
+    """Read ``status.chunkState`` (and recentFailures); tolerant of a missing or empty status."""
+    status = status or {}
+    raw: Mapping[str, Any] = status.get("chunkState") or {}
+    durations: Mapping[str, Any] = raw.get("durations") or {}
+    failures = tuple(
+        Failure(
+            chunk=int(f["chunk"]),
+            window=str(f.get("window", "")),
+            attempts=int(f.get("attempts", 0)),
+            message=str(f.get("message", "")),
+            time=_parse_time(f.get("time")) or datetime.min,
+        )
+        for f in status.get("recentFailures") or ()
+    )
+    return ChunkState(
+        succeeded=frozenset(expand_runs(raw.get("succeeded") or [])),
+        failed=frozenset(expand_runs(raw.get("failed") or [])),
+        attempts={int(k): int(v) for k, v in (raw.get("attempts") or {}).items()},
+        retry_base={int(k): int(v) for k, v in (raw.get("retryBase") or {}).items()},
+        retry_at={int(k): t for k, v in (raw.get("retryAt") or {}).items() if (t := _parse_time(v))},
+        records=int(raw.get("records") or 0),
+        duration_count=int(durations.get("count") or 0),
+        duration_total=float(durations.get("totalSeconds") or 0.0),
+        recent_failures=failures,
+    )
+
+
+def state_to_status(state: ChunkState) -> dict[str, Any]:
+    """The compact ``chunkState``: index runs and small maps, bounded by parallelism."""
+    return {
+        "succeeded": [list(r) for r in compress_indices(state.succeeded)],
+        "failed": [list(r) for r in compress_indices(state.failed)],
+        "attempts": {str(k): v for k, v in sorted(state.attempts.items())},
+        "retryBase": {str(k): v for k, v in sorted(state.retry_base.items()) if v},
+        "retryAt": {str(k): _format_time(v) for k, v in sorted(state.retry_at.items())},
+        "records": state.records,
+        "durations": {"count": state.duration_count, "totalSeconds": round(state.duration_total, 3)},
+    }
+
+
+def failures_to_status(state: ChunkState) -> list[dict[str, Any]]:
+    return [
+        {
+            "chunk": f.chunk,
+            "window": f.window,
+            "attempts": f.attempts,
+            "message": f.message,
+            "time": _format_time(f.time),
+        }
+        for f in state.recent_failures
+    ]
+
+
+def _absorb(
+    state: ChunkState, windows: Sequence[Window], spec: BackfillSpec, jobs: Sequence[JobView], now: datetime
+) -> tuple[ChunkState, list[Event]]:
+    """Fold finished Jobs into the recorded state; each outcome is counted once."""
+    succeeded = set(state.succeeded)
+    failed = set(state.failed)
+    attempts = dict(state.attempts)
+    retry_base = dict(state.retry_base)
+    retry_at = dict(state.retry_at)
+    records, count, total = state.records, state.duration_count, state.duration_total
+    recent = list(state.recent_failures)
+    events: list[Event] = []
+    for job in sorted(jobs, key=lambda j: (j.chunk, j.attempt)):
+        if job.chunk >= len(windows):
+            continue
+        # A Job we created but never recorded (the operator died in between) still counts.
+        attempts[job.chunk] = max(attempts.get(job.chunk, 0), job.attempt)
+        if job.chunk in succeeded or job.attempt != attempts[job.chunk]:
+            continue
+        if job.phase == "succeeded":
+            succeeded.add(job.chunk)
+            failed.discard(job.chunk)
+            for table in (attempts, retry_base, retry_at):
+                table.pop(job.chunk, None)
+            records += job.records or 0
+            if job.started and job.finished:
+                count += 1
+                total += max(0.0, (job.finished - job.started).total_seconds())
+        elif job.phase == "failed" and job.chunk not in failed and job.chunk not in retry_at:
+            window = windows[job.chunk]
+            tries = job.attempt - retry_base.get(job.chunk, 0)
+            message = (job.message or "chunk Job failed").strip()[:MAX_MESSAGE_CHARS]
+            recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now)]
+            recent = recent[-MAX_RECENT_FAILURES:]
+            if tries <= spec.retry_limit:
+                delay = spec.backoff_for(tries)
+                retry_at[job.chunk] = now + timedelta(seconds=delay)
+                events.append(
+                    Event(
+                        "Warning",
+                        "ChunkRetry",
+                        f"chunk {job.chunk} ({window.label()}) failed on attempt {tries}; "
+                        f"retrying in {delay}s: {message[:200]}",
+                    )
+                )
+            else:
+                failed.add(job.chunk)
+                events.append(
+                    Event(
+                        "Warning",
+                        "ChunkFailed",
+                        f"chunk {job.chunk} ({window.label()}) failed after {tries} attempt(s): {message[:200]}",
+                    )
+                )
+    new_state = ChunkState(
+        frozenset(succeeded),
+        frozenset(failed),
+        attempts,
+        retry_base,
+        retry_at,
+        records,
+        count,
+        total,
+        tuple(recent),
+    )
+    return new_state, events
+
+
+def reset_failed(state: ChunkState) -> ChunkState:
+    """``retryFailed`` changed: failed chunks get a fresh retry budget; nothing else moves."""
+    base = dict(state.retry_base)
+    for chunk in state.failed:
+        base[chunk] = state.attempts.get(chunk, 0)
+    return replace(state, failed=frozenset(), retry_base=base, recent_failures=())
+
+
+def decide(
+    spec: BackfillSpec,
+    windows: Sequence[Window],
+    state: ChunkState,
+    jobs: Sequence[JobView],
+    now: datetime,
+    *,
+    blocked_by: str | None = None,
+) -> Decision:
+    """What to do next. ``blocked_by`` names an overlapping backfill to wait for, if any."""
+    state, events = _absorb(state, windows, spec, jobs, now)
+    current = [j for j in jobs if j.phase == "active" and j.attempt == state.attempts.get(j.chunk)]
+    stale = [j.name for j in jobs if j.phase == "active" and j not in current]
+    running = frozenset(j.chunk for j in current)
+    delete = list(stale)
+    launch: list[Launch] = []
+    attempts = dict(state.attempts)
+    retry_base = dict(state.retry_base)
+    retry_at = dict(state.retry_at)
+
+    # A chunk with an attempt on record but no Job, result or pending retry lost its Job
+    # (suspend deleted it, someone deleted it, or its TTL ran out before we saw it). Run
+    # it again under a new attempt number, without charging that to its retry budget.
+    seen = {j.chunk for j in jobs}
+    for chunk in state.attempts:
+        if chunk not in seen and chunk not in state.failed and chunk not in retry_at:
+            retry_base[chunk] = retry_base.get(chunk, 0) + 1
+            retry_at[chunk] = now  # due at once; the launch below takes attempt + 1
+
+    if spec.suspend:
+        delete += [j.name for j in current if not j.deleting]
+        phase: Phase = "Suspended"
+    elif len(state.succeeded) == len(windows):
+        phase = "Succeeded"
+    elif state.failed:
+        # Fail fast, like the CLI: no new chunk starts once one has exhausted its retries;
+        # chunks already running finish. retryFailed resumes from here.
+        phase = "Failed" if not running else "Running"
+    elif blocked_by and not running:
+        phase = "Queued"
+    else:
+        capacity = spec.parallelism - len(running)
+        for window in windows:
+            if capacity <= 0:
+                break
+            c = window.index
+            if c in state.succeeded or c in running or c in state.failed:
+                continue
+            due = retry_at.get(c)
+            if due is not None and due > now:
+                continue
+            attempt = attempts.get(c, 0) + 1
+            launch.append(Launch(window, attempt))
+            attempts[c] = attempt
+            retry_at.pop(c, None)
+            capacity -= 1
+        phase = "Running" if (running or launch or state.attempts or state.succeeded) else "Pending"
+
+    new_state = replace(state, attempts=attempts, retry_base=retry_base, retry_at=retry_at)
+    if launch and not state.attempts and not state.succeeded:
+        events.insert(
+            0, Event("Normal", "Started", f"launching {len(windows)} chunk(s), parallelism {spec.parallelism}")
+        )
+    waiting = [t for c, t in retry_at.items() if c not in running and t > now]
+    wake = min((t - now).total_seconds() for t in waiting) if waiting and not spec.suspend else None
+    return Decision(new_state, phase, tuple(launch), tuple(delete), running, tuple(events), wake, blocked_by)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another DbtBackfill in the namespace, as the overlap guard sees it."""
+
+    name: str
+    created: str
+    spec: BackfillSpec
+    phase: str | None
+    started: bool
+
+
+def blocking_peer(name: str, created: str, spec: BackfillSpec, peers: Sequence[Peer]) -> str | None:
+    """The overlapping backfill this one must wait for, or None.
+
+    A backfill waits for any overlapping one that has started and not ended, and for
+    overlapping ones created before it that have not started yet, so that of two
+    backfills created together exactly one (the older) goes first.
+    """
+    from dbtbackfill.spec import overlaps
+
+    for peer in sorted(peers, key=lambda p: (p.created, p.name)):
+        if peer.name == name or not overlaps(spec, peer.spec):
+            continue
+        if peer.phase in TERMINAL_PHASES:
+            continue
+        holds = peer.started and peer.phase in ("Running", "Suspended")
+        ahead = not peer.started and not peer.spec.suspend and (peer.created, peer.name) < (created, name)
+        if holds or ahead:
+            return peer.name
+    return None

@@ -1,0 +1,201 @@
+"""A backfill's ``.status``: phase, progress, compressed ranges, conditions, ETA.
+
+Pure. The status stays small whatever the backfill's size: succeeded and failed chunks
+are stored as date ranges and index runs, never one entry per chunk, so 3,650 daily
+chunks fit well under etcd's object limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal
+
+from dbtbackfill.planner import Window, compress_indices
+from dbtbackfill.reconcile import ChunkState, Phase, failures_to_status, state_to_status
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+CONDITION_TYPES: Final = ("Succeeded", "Running", "Suspended")
+
+
+def _format_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def date_ranges(windows: Sequence[Window], indices: frozenset[int] | set[int]) -> list[str]:
+    """``["2024-01-01..2024-01-12", ...]``: runs of adjacent chunks as date ranges."""
+    return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices) if b < len(windows)]
+
+
+def eta(state: ChunkState, remaining: int, parallelism: int, now: datetime) -> datetime | None:
+    """Average finished-chunk duration times the waves still to run."""
+    if not state.duration_count or remaining <= 0:
+        return None
+    mean = state.duration_total / state.duration_count
+    waves = -(-remaining // max(1, min(parallelism, remaining)))
+    return now + timedelta(seconds=mean * waves)
+
+
+def _condition(
+    ctype: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    generation: int | None,
+    previous: Mapping[str, Mapping[str, Any]],
+    now: datetime,
+) -> dict[str, Any]:
+    before = previous.get(ctype) or {}
+    # lastTransitionTime moves only when the status flips, per API conventions.
+    moved = not before or before.get("status") != status
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": _format_time(now) if moved else str(before.get("lastTransitionTime")),
+        "observedGeneration": generation,
+    }
+
+
+def conditions_for(
+    phase: Phase,
+    *,
+    progress: str,
+    blocked_by: str | None,
+    failure: str | None,
+    generation: int | None,
+    previous: Sequence[Mapping[str, Any]],
+    now: datetime,
+) -> list[dict[str, Any]]:
+    prev = {str(c.get("type")): c for c in previous}
+    succeeded: tuple[ConditionStatus, str, str]
+    if phase == "Succeeded":
+        succeeded = ("True", "AllChunksSucceeded", f"all {progress.split('/')[-1]} chunk(s) succeeded")
+    elif phase == "Failed":
+        succeeded = ("False", "ChunksFailed", failure or "a chunk failed after all its retries")
+    elif phase == "Cancelled":
+        succeeded = ("False", "Cancelled", "the backfill was deleted before it finished")
+    elif phase == "Queued":
+        succeeded = ("Unknown", "Queued", f"waiting for overlapping backfill {blocked_by} to finish")
+    elif phase == "Suspended":
+        succeeded = ("Unknown", "Suspended", f"suspended at {progress}")
+    else:
+        succeeded = ("Unknown", "InProgress", f"{progress} chunk(s) succeeded")
+    running: tuple[ConditionStatus, str, str] = (
+        ("True", "ChunksRunning", f"{progress} chunk(s) succeeded")
+        if phase == "Running"
+        else ("False", phase, f"not running: {phase.lower()}")
+    )
+    suspended: tuple[ConditionStatus, str, str] = (
+        ("True", "SpecSuspend", "spec.suspend is true; running Jobs were deleted")
+        if phase == "Suspended"
+        else ("False", "NotSuspended", "spec.suspend is false")
+    )
+    return [
+        _condition(t, s, r, m, generation, prev, now)
+        for t, (s, r, m) in zip(CONDITION_TYPES, (succeeded, running, suspended), strict=True)
+    ]
+
+
+def invalid_spec_status(
+    message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    """Status for a spec that can never run: Failed, with the reason, and no Jobs."""
+    prev_conditions = (previous or {}).get("conditions") or []
+    conditions = conditions_for(
+        "Failed",
+        progress="0/0",
+        blocked_by=None,
+        failure=None,
+        generation=generation,
+        previous=prev_conditions,
+        now=now,
+    )
+    conditions[0].update(reason="InvalidSpec", message=message[:1024])
+    return {"phase": "Failed", "observedGeneration": generation, "progress": "0/0", "conditions": conditions}
+
+
+def summarise(
+    *,
+    windows: Sequence[Window],
+    state: ChunkState,
+    phase: Phase,
+    running: frozenset[int],
+    parallelism: int,
+    generation: int | None,
+    previous: Mapping[str, Any] | None,
+    now: datetime,
+    blocked_by: str | None = None,
+) -> dict[str, Any]:
+    """The whole ``.status`` for one reconcile pass (the caller patches only if it changed)."""
+    previous = previous or {}
+    total = len(windows)
+    done = len(state.succeeded)
+    failed = len(state.failed)
+    pending = max(0, total - done - failed - len(running))
+    progress = f"{done}/{total}"
+    failure = state.recent_failures[-1].message if state.recent_failures else None
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": phase,
+        "progress": progress,
+        "chunks": {
+            "total": total,
+            "succeeded": done,
+            "failed": failed,
+            "running": len(running),
+            "pending": pending,
+        },
+        "recordsProcessed": state.records,
+        "succeededRanges": date_ranges(windows, state.succeeded),
+        "failedRanges": date_ranges(windows, state.failed),
+        "recentFailures": failures_to_status(state),
+        "chunkState": state_to_status(state),
+        "queuedBehind": blocked_by if phase == "Queued" else None,
+        "conditions": conditions_for(
+            phase,
+            progress=progress,
+            blocked_by=blocked_by,
+            failure=failure,
+            generation=generation,
+            previous=previous.get("conditions") or [],
+            now=now,
+        ),
+    }
+    started = previous.get("startTime")
+    if started is None and (state.attempts or state.succeeded or running):
+        started = _format_time(now)
+    status["startTime"] = started
+    if phase in ("Succeeded", "Failed"):
+        status["completionTime"] = previous.get("completionTime") or _format_time(now)
+        status["estimatedCompletionTime"] = None
+    else:
+        status["completionTime"] = None
+        moment = eta(state, total - done, parallelism, now) if phase == "Running" else None
+        status["estimatedCompletionTime"] = _format_time(moment) if moment else None
+    return status
+
+
+def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of ``new`` that differ from ``previous``: one coalesced merge patch."""
+    previous = previous or {}
+    return {k: v for k, v in new.items() if previous.get(k) != v}
+
+
+def argocd_health(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """The same mapping as ``deploy/argocd/health.lua``, tested against the same cases."""
+    status = obj.get("status") or {}
+    if not status:
+        return "Progressing", "Waiting for operator"
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    succeeded = conditions.get("Succeeded") or {}
+    phase = status.get("phase")
+    if succeeded.get("status") == "True":
+        return "Healthy", str(succeeded.get("message") or "Succeeded")
+    if succeeded.get("status") == "False":
+        return "Degraded", str(succeeded.get("message") or phase or "Failed")
+    if phase == "Suspended":
+        return "Suspended", str(succeeded.get("message") or "Suspended")
+    progress = status.get("progress") or "0/0"
+    return "Progressing", f"{phase or 'Pending'} {progress}"
