@@ -1,0 +1,575 @@
+"""The kustomize install under deploy/: it renders, validates, and is locked down.
+
+`kubectl kustomize` renders deploy/ (and deploy/ plus components/peering) offline. Every
+built-in object is validated with kubernetes-validate (strict, newest Kubernetes it ships);
+DbtBackfill and ClusterKopfPeering objects against their CRDs' OpenAPI schemas with jsonschema.
+Then the security invariants: restricted pod security, RBAC without wildcards or Secrets, a
+chunk-Job ServiceAccount with no permissions, a single operator replica that never overlaps.
+
+`rendered_rules()` is for other tests (e.g. "RBAC grants exactly what the code calls").
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+EXAMPLES = DEPLOY / "examples"
+PEERING = DEPLOY / "components" / "peering"
+
+NAMESPACE = "dbt-backfill-system"
+OPERATOR_SA = "dbt-backfill-operator"
+JOB_SA = "dbt-backfill-job"
+IMAGE = "dbt-backfill-operator:0.1.0"
+AUDIT_SECRET = "dbt-backfill-audit-db"
+LIVENESS_PORT = 8080
+METRICS_PORT = 9102
+K8S_VERSION = latest_version()
+
+BUILTIN_GROUPS = {
+    "v1",
+    "apps/v1",
+    "batch/v1",
+    "rbac.authorization.k8s.io/v1",
+    "apiextensions.k8s.io/v1",
+    "policy/v1",
+    "networking.k8s.io/v1",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        message = "kubectl is not installed; `kubectl kustomize` renders deploy/ offline"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} and CI must run these tests (install kubectl in .ci/run)")
+        pytest.skip(message)
+    return path
+
+
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@functools.cache
+def _render_default() -> tuple[dict[str, Any], ...]:
+    return tuple(_kustomize(DEPLOY))
+
+
+@functools.cache
+def _render_with_peering(workdir: str) -> tuple[dict[str, Any], ...]:
+    # An overlay cannot live inside deploy/ (kustomize refuses a root inside its own base),
+    # so build the overlay a user would write, in a temporary directory.
+    overlay = Path(workdir)
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY, overlay)],
+                "components": [os.path.relpath(PEERING, overlay)],
+            }
+        )
+    )
+    return tuple(_kustomize(overlay))
+
+
+def render() -> list[dict[str, Any]]:
+    """The default install, as `kubectl kustomize deploy/` renders it (deep copies)."""
+    return copy.deepcopy(list(_render_default()))
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def peering_objects(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return copy.deepcopy(list(_render_with_peering(str(tmp_path_factory.mktemp("overlay")))))
+
+
+def rendered_rules() -> list[dict[str, Any]]:
+    """Every RBAC rule granted to the operator's ServiceAccount by the default install.
+
+    Each rule is the rendered PolicyRule dict plus "role" (the (Cluster)Role name) and
+    "scope" ("cluster" for a ClusterRoleBinding, else the RoleBinding's namespace).
+    """
+    objs = render()
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in objs if o["kind"] in ("ClusterRole", "Role")}
+    rules: list[dict[str, Any]] = []
+    for binding in objs:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        if not any(_is_sa(s, OPERATOR_SA) for s in binding.get("subjects", [])):
+            continue
+        ref = binding["roleRef"]
+        role = roles[(ref["kind"], ref["name"])]
+        scope = "cluster" if binding["kind"] == "ClusterRoleBinding" else binding["metadata"]["namespace"]
+        for rule in role.get("rules", []):
+            rules.append({**rule, "role": ref["name"], "scope": scope})
+    return rules
+
+
+def _is_sa(subject: dict[str, Any], name: str) -> bool:
+    return subject.get("kind") == "ServiceAccount" and subject.get("name") == name
+
+
+def find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def operator_container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = find(objs, "Deployment", "dbt-backfill-operator")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    return containers[0]
+
+
+def load_examples() -> dict[str, list[dict[str, Any]]]:
+    return {
+        path.name: [d for d in yaml.safe_load_all(path.read_text()) if d] for path in sorted(EXAMPLES.glob("*.yaml"))
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Schema validation
+# --------------------------------------------------------------------------------------------
+
+
+def openapi_to_jsonschema(node: Any, *, root: bool = True) -> Any:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema, as strict as the API server.
+
+    The API server prunes unknown fields; here they are errors (additionalProperties: false),
+    so a typo in an example fails instead of being silently dropped. `metadata` at the root is
+    checked by the API server itself and left open.
+    """
+    if isinstance(node, list):
+        return [openapi_to_jsonschema(n, root=False) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key.startswith("x-kubernetes-") or key == "nullable":
+            continue
+        if key == "properties":
+            out[key] = {
+                name: ({"type": "object"} if root and name == "metadata" else openapi_to_jsonschema(sub, root=False))
+                for name, sub in value.items()
+            }
+        else:
+            out[key] = openapi_to_jsonschema(value, root=False)
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    open_object = node.get("x-kubernetes-preserve-unknown-fields") or "additionalProperties" in node
+    if node.get("type") == "object" and not open_object:
+        out["additionalProperties"] = False
+        out.setdefault("properties", {})
+    if root:
+        out["properties"].setdefault("apiVersion", {"type": "string"})
+        out["properties"].setdefault("kind", {"type": "string"})
+        out["properties"].setdefault("metadata", {"type": "object"})
+    return out
+
+
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> JSON Schema, for every CRD in the default and peering renders."""
+    schemas: dict[tuple[str, str], dict[str, Any]] = {}
+    crd_docs = [d for d in yaml.safe_load_all((REPO / "crds" / "dbtbackfills.dbt-backfill.io.yaml").read_text()) if d]
+    crd_docs += [d for d in yaml.safe_load_all((PEERING / "peering-crds.yaml").read_text()) if d]
+    for crd in crd_docs:
+        group = crd["spec"]["group"]
+        for version in crd["spec"]["versions"]:
+            key = (f"{group}/{version['name']}", crd["spec"]["names"]["kind"])
+            schemas[key] = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def validate(obj: dict[str, Any]) -> None:
+    api_version, kind = obj["apiVersion"], obj["kind"]
+    if api_version in BUILTIN_GROUPS:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        return
+    schema = crd_schemas().get((api_version, kind))
+    assert schema is not None, f"no schema for {api_version} {kind}"
+    jsonschema.validate(obj, schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def object_id(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and validation tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_install_renders_the_expected_objects(objects: list[dict[str, Any]]) -> None:
+    assert sorted(object_id(o) for o in objects) == sorted(
+        [
+            "CustomResourceDefinition/dbtbackfills.dbt-backfill.io",
+            f"Namespace/{NAMESPACE}",
+            f"ServiceAccount/{OPERATOR_SA}",
+            f"ServiceAccount/{JOB_SA}",
+            "ClusterRole/dbt-backfill-operator-framework",
+            "ClusterRoleBinding/dbt-backfill-operator-framework",
+            "ClusterRole/dbt-backfill-operator",
+            "ClusterRoleBinding/dbt-backfill-operator",
+            "Deployment/dbt-backfill-operator",
+            "Service/dbt-backfill-operator-metrics",
+        ]
+    )
+
+
+def test_kubernetes_validate_ships_schemas_for_a_current_release() -> None:
+    major, minor = (int(p) for p in K8S_VERSION.split(".")[:2])
+    assert (major, minor) >= (1, 30), K8S_VERSION
+
+
+def test_every_rendered_object_is_valid(objects: list[dict[str, Any]]) -> None:
+    errors = []
+    for obj in objects:
+        try:
+            validate(obj)
+        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
+            errors.append(f"{object_id(obj)}: {'.'.join(map(str, e.path))}: {e.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_every_object_with_peering_is_valid(peering_objects: list[dict[str, Any]]) -> None:
+    errors = []
+    for obj in peering_objects:
+        try:
+            validate(obj)
+        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
+            errors.append(f"{object_id(obj)}: {'.'.join(map(str, e.path))}: {e.message}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_is_valid(name: str) -> None:
+    docs = load_examples()[name]
+    assert docs, f"{name} is empty"
+    for obj in docs:
+        validate(obj)
+
+
+def test_the_validator_rejects_a_typo_in_a_backfill() -> None:
+    (backfill,) = load_examples()["backfill-january.yaml"]
+    backfill["spec"]["paralelism"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="paralelism"):
+        validate(backfill)
+
+
+def test_kustomize_leaves_the_crd_as_written(objects: list[dict[str, Any]]) -> None:
+    (source,) = [d for d in yaml.safe_load_all((REPO / "crds" / "dbtbackfills.dbt-backfill.io.yaml").read_text()) if d]
+    rendered = find(objects, "CustomResourceDefinition", "dbtbackfills.dbt-backfill.io")
+    assert rendered["spec"] == source["spec"]
+
+
+def test_namespaced_objects_live_in_the_operator_namespace(objects: list[dict[str, Any]]) -> None:
+    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    for obj in objects:
+        if obj["kind"] in cluster_scoped:
+            assert "namespace" not in obj["metadata"], object_id(obj)
+        else:
+            assert obj["metadata"].get("namespace") == NAMESPACE, object_id(obj)
+
+
+def test_no_secret_is_rendered_and_the_templates_hold_only_placeholders(objects: list[dict[str, Any]]) -> None:
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert "secret-audit-db.example.yaml" not in kustomization["resources"]
+    assert not kustomization.get("secretGenerator")
+    templates = [DEPLOY / "secret-audit-db.example.yaml", EXAMPLES / "secret-database-url.yaml"]
+    for path in templates:
+        (secret,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert secret["kind"] == "Secret"
+        assert "data" not in secret, f"{path.name}: use stringData placeholders, not data"
+        for value in secret["stringData"].values():
+            assert "REPLACE_" in value, f"{path.name}: not a placeholder: {value!r}"
+    audit = yaml.safe_load((DEPLOY / "secret-audit-db.example.yaml").read_text())
+    assert audit["metadata"] == {**audit["metadata"], "name": AUDIT_SECRET, "namespace": NAMESPACE}
+    assert set(audit["stringData"]) == {"DATABASE_URL"}
+
+
+def test_images_name_no_registry() -> None:
+    # A registry host is the first path component when it has a dot or a port, or is localhost.
+    images = [operator_container(render())["image"]]
+    for docs in load_examples().values():
+        images += [d["spec"]["image"] for d in docs if d.get("kind") == "DbtBackfill" and "image" in d["spec"]]
+    for image in images:
+        first = image.split("/")[0]
+        assert "/" not in image or not ("." in first or ":" in first or first == "localhost"), image
+
+
+# --------------------------------------------------------------------------------------------
+# The operator Deployment
+# --------------------------------------------------------------------------------------------
+
+
+def test_one_replica_that_never_overlaps(objects: list[dict[str, Any]]) -> None:
+    spec = find(objects, "Deployment", "dbt-backfill-operator")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+
+
+def test_pod_runs_restricted(objects: list[dict[str, Any]]) -> None:
+    pod = find(objects, "Deployment", "dbt-backfill-operator")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == OPERATOR_SA
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert sc["runAsUser"] == 10001
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc.get("privileged", False) is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_tmp_is_the_only_writable_path_and_is_an_empty_dir(objects: list[dict[str, Any]]) -> None:
+    pod = find(objects, "Deployment", "dbt-backfill-operator")["spec"]["template"]["spec"]
+    (mount,) = operator_container(objects)["volumeMounts"]
+    assert mount["mountPath"] == "/tmp"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
+
+
+def test_image_and_default_job_image_agree(objects: list[dict[str, Any]]) -> None:
+    container = operator_container(objects)
+    env = {e["name"]: e for e in container["env"]}
+    assert container["image"] == IMAGE
+    assert env["DBT_BACKFILL_DEFAULT_IMAGE"]["value"] == IMAGE
+    assert env["DBT_BACKFILL_JOB_SERVICE_ACCOUNT"]["value"] == JOB_SA
+
+
+def test_database_url_comes_from_the_audit_secret_only(objects: list[dict[str, Any]]) -> None:
+    container = operator_container(objects)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DATABASE_URL"] == {
+        "name": "DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": AUDIT_SECRET, "key": "DATABASE_URL"}},
+    }
+    assert "envFrom" not in container
+    for item in container["env"]:
+        assert not re.search(r"(postgres(ql)?|mysql)://", str(item.get("value", ""))), item
+
+
+def test_probes_and_ports(objects: list[dict[str, Any]]) -> None:
+    container = operator_container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"healthz": LIVENESS_PORT, "metrics": METRICS_PORT}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz", probe
+        assert ports.get(get["port"], get["port"]) == LIVENESS_PORT, probe
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert "memory" in resources["limits"]
+
+
+def test_metrics_service_targets_the_metrics_port(objects: list[dict[str, Any]]) -> None:
+    service = find(objects, "Service", "dbt-backfill-operator-metrics")
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "metrics"
+    assert port["port"] == METRICS_PORT
+    assert port["targetPort"] == "metrics"
+    pod_labels = find(objects, "Deployment", "dbt-backfill-operator")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def _parse_operator_args(args: list[str]) -> Any:
+    from dbtbackfill.cli import build_parser
+
+    assert args[:2] == ["dbt-backfill", "operator"], args
+    try:
+        return build_parser().parse_args(args[1:])
+    except SystemExit as e:  # argparse reports bad arguments by exiting
+        pytest.fail(f"dbt-backfill rejects the Deployment's args {args}: exit {e.code}")
+
+
+def test_deployment_args_are_accepted_by_the_cli(objects: list[dict[str, Any]]) -> None:
+    container = operator_container(objects)
+    assert "command" not in container, "use args so the image's ENTRYPOINT (tini) stays PID 1"
+    parsed = _parse_operator_args(container["args"])
+    assert parsed.all_namespaces is True
+    assert parsed.liveness_port == LIVENESS_PORT
+    assert parsed.metrics_port == METRICS_PORT
+    assert parsed.peering is None  # standalone
+
+
+# --------------------------------------------------------------------------------------------
+# RBAC
+# --------------------------------------------------------------------------------------------
+
+
+def all_rules(objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(o["metadata"]["name"], rule) for o in objs if o["kind"] in ("ClusterRole", "Role") for rule in o["rules"]]
+
+
+@pytest.mark.parametrize("variant", ["default", "peering"])
+def test_rbac_has_no_wildcards_and_no_secrets(
+    variant: str, objects: list[dict[str, Any]], peering_objects: list[dict[str, Any]]
+) -> None:
+    rules = all_rules(objects if variant == "default" else peering_objects)
+    assert rules
+    for role, rule in rules:
+        for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            assert not any("*" in item for item in rule.get(field, [])), f"{role}: wildcard in {field}: {rule}"
+        assert rule["verbs"], f"{role}: rule without verbs"
+        assert "nonResourceURLs" not in rule, f"{role}: {rule}"
+        assert "secrets" not in rule.get("resources", []), f"{role}: the operator must not read Secrets"
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{role}: {rule}"
+
+
+def test_operator_never_touches_pods_directly(objects: list[dict[str, Any]]) -> None:
+    # Chunk outcomes come from Job status; Job deletion cascades to Pods via the garbage collector.
+    for role, rule in all_rules(objects):
+        assert not {"pods", "pods/log", "pods/exec"} & set(rule["resources"]), f"{role}: {rule}"
+
+
+def test_rendered_rules_cover_the_documented_api_calls() -> None:
+    granted = {
+        (group, resource, verb)
+        for rule in rendered_rules()
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    expected = {("dbt-backfill.io", "dbtbackfills", v) for v in ("get", "list", "watch", "patch", "update")} | {
+        ("dbt-backfill.io", "dbtbackfills/status", v) for v in ("get", "patch", "update")
+    }
+    expected |= {("dbt-backfill.io", "dbtbackfills/finalizers", "update")}
+    expected |= {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
+    expected |= {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+    expected |= {("", "namespaces", v) for v in ("get", "list", "watch")}
+    assert granted == expected
+    assert {r["scope"] for r in rendered_rules()} == {"cluster"}
+
+
+def test_framework_and_application_roles_are_separate(objects: list[dict[str, Any]]) -> None:
+    framework = find(objects, "ClusterRole", "dbt-backfill-operator-framework")
+    application = find(objects, "ClusterRole", "dbt-backfill-operator")
+    framework_resources = {r for rule in framework["rules"] for r in rule["resources"]}
+    assert framework_resources == {"customresourcedefinitions", "namespaces"}
+    for rule in framework["rules"]:
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}, "framework rules are read-only"
+    # Only namespaced kinds, so the same ClusterRole can be bound per namespace with RoleBindings.
+    application_resources = {r.split("/")[0] for rule in application["rules"] for r in rule["resources"]}
+    assert application_resources == {"dbtbackfills", "jobs", "events"}
+    for name in ("dbt-backfill-operator-framework", "dbt-backfill-operator"):
+        binding = find(objects, "ClusterRoleBinding", name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": NAMESPACE}]
+
+
+def test_job_service_account_has_no_permissions_and_no_token(objects: list[dict[str, Any]]) -> None:
+    service_accounts = [find(objects, "ServiceAccount", JOB_SA)]
+    service_accounts += [d for d in load_examples()["job-serviceaccount.yaml"] if d["kind"] == "ServiceAccount"]
+    for sa in service_accounts:
+        assert sa["metadata"]["name"] == JOB_SA
+        assert sa["automountServiceAccountToken"] is False
+    bindings = [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    for docs in load_examples().values():
+        bindings += [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    for binding in bindings:
+        assert not any(_is_sa(s, JOB_SA) for s in binding.get("subjects", [])), object_id(binding)
+
+
+# --------------------------------------------------------------------------------------------
+# The peering component
+# --------------------------------------------------------------------------------------------
+
+
+def test_peering_component_turns_peering_on(peering_objects: list[dict[str, Any]]) -> None:
+    deployment = find(peering_objects, "Deployment", "dbt-backfill-operator")
+    assert deployment["spec"]["replicas"] == 1, "kopf peering is mutual exclusion, not hot standby"
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    container = operator_container(peering_objects)
+    parsed = _parse_operator_args(container["args"])
+    assert parsed.peering == "dbt-backfill"
+    assert parsed.all_namespaces is True
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    find(peering_objects, "ClusterKopfPeering", "dbt-backfill")
+    find(peering_objects, "CustomResourceDefinition", "clusterkopfpeerings.kopf.dev")
+
+
+def test_peering_rbac_is_limited_to_the_peering_object(peering_objects: list[dict[str, Any]]) -> None:
+    role = find(peering_objects, "ClusterRole", "dbt-backfill-operator-peering")
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["kopf.dev"] and rule["resources"] == ["clusterkopfpeerings"]
+        if not {"list", "watch"} & set(rule["verbs"]):
+            assert rule["resourceNames"] == ["dbt-backfill"]
+    granted = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert granted == {"get", "list", "watch", "patch"}
+    binding = find(peering_objects, "ClusterRoleBinding", "dbt-backfill-operator-peering")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": NAMESPACE}]
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+def test_examples_fit_together() -> None:
+    examples = load_examples()
+    (secret,) = examples["secret-database-url.yaml"]
+    (sa,) = examples["job-serviceaccount.yaml"]
+    namespace = secret["metadata"]["namespace"]
+    assert sa["metadata"]["namespace"] == namespace
+    backfills = [d for docs in examples.values() for d in docs if d["kind"] == "DbtBackfill"]
+    assert {b["metadata"]["name"] for b in backfills} >= {"backfill-2024-01", "backfill-acme-2024-q1"}
+    for backfill in backfills:
+        spec = backfill["spec"]
+        assert backfill["metadata"]["namespace"] == namespace
+        ref = spec["databaseSecretRef"]
+        assert ref["name"] == secret["metadata"]["name"]
+        assert ref.get("key", "DATABASE_URL") in secret["stringData"]
+        assert spec.get("serviceAccountName", JOB_SA) == JOB_SA
+        # The CRD's CEL rules, by hand: an ordered range of at most 3660 days.
+        start, end = dt.date.fromisoformat(spec["startDate"]), dt.date.fromisoformat(spec["endDate"])
+        assert start <= end and (end - start).days < 3660
+        assert end < dt.date.today() - dt.timedelta(days=2) or spec.get("allowRecent")
+    tenant = [b for b in backfills if "tenantId" in b["spec"]]
+    assert tenant, "backfill-tenant.yaml must show a tenant-scoped backfill"
