@@ -1,0 +1,35 @@
+{{
+    config(
+        materialized='incremental',
+        incremental_strategy='delete+insert',
+        unique_key=['tenant_id', 'order_id'],
+        pre_hook="{{ backfill_delete_window('ordered_at') }}",
+    )
+}}
+
+-- One row per order. Windowed on ordered_at (UTC days).
+
+with orders as (
+
+    select * from {{ ref('stg_orders') }}
+
+),
+
+final as (
+
+    select
+        tenant_id,
+        order_id,
+        customer_id,
+        (ordered_at at time zone 'UTC')::date as order_date,
+        ordered_at,
+        status,
+        amount,
+        status = 'returned' as is_returned,
+        case when status = 'returned' then 0 else amount end::numeric(12, 2) as net_amount
+
+    from orders
+
+)
+
+select * from final
