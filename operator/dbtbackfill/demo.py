@@ -49,14 +49,49 @@ _SECONDS_PER_DAY: Final = 86_400
 _STATUSES: Final = ("placed", "shipped", "completed", "returned")
 _STATUS_WEIGHTS: Final = (15, 25, 50, 10)
 _FIRST_NAMES: Final = (
-    "Ada", "Alan", "Barbara", "Claude", "Dennis", "Donald", "Edsger", "Frances", "Grace", "Guido",
-    "John", "Ken", "Leslie", "Linus", "Margaret", "Niklaus", "Radia", "Shafi", "Tim", "Tony",
-)  # fmt: skip
+    "Ada",
+    "Alan",
+    "Barbara",
+    "Claude",
+    "Dennis",
+    "Donald",
+    "Edsger",
+    "Frances",
+    "Grace",
+    "Guido",
+    "John",
+    "Ken",
+    "Leslie",
+    "Linus",
+    "Margaret",
+    "Niklaus",
+    "Radia",
+    "Shafi",
+    "Tim",
+    "Tony",
+)
 _LAST_NAMES: Final = (
-    "Allen", "Backus", "Cerf", "Dijkstra", "Hamilton", "Hoare", "Hopper", "Kay", "Knuth",
-    "Lamport", "Liskov", "Lovelace", "McCarthy", "Perlman", "Ritchie", "Shannon", "Thompson",
-    "Turing", "Wirth", "Wing",
-)  # fmt: skip
+    "Allen",
+    "Backus",
+    "Cerf",
+    "Dijkstra",
+    "Hamilton",
+    "Hoare",
+    "Hopper",
+    "Kay",
+    "Knuth",
+    "Lamport",
+    "Liskov",
+    "Lovelace",
+    "McCarthy",
+    "Perlman",
+    "Ritchie",
+    "Shannon",
+    "Thompson",
+    "Turing",
+    "Wirth",
+    "Wing",
+)
 
 _DDL: Final = (
     "create schema if not exists raw",
@@ -146,9 +181,7 @@ def load_demo_data(
     customers: list[_CustomerRow] = []
     orders: list[_OrderRow] = []
     for tenant in tenant_list:
-        by_day = {
-            day: _customers_of_day(seed, tenant, day, rows_per_day) for day in _days(lookback_start, end_date)
-        }
+        by_day = {day: _customers_of_day(seed, tenant, day, rows_per_day) for day in _days(lookback_start, end_date)}
         for day_customers in by_day.values():
             customers.extend(day_customers)
         for day in _days(start_date, end_date):
@@ -275,13 +308,9 @@ def _replace_range(
         "delete from raw.customers where tenant_id = any(%s) and created_at >= %s and created_at < %s",
         (list(tenants), range_start, range_end),
     )
-    cursor.execute(
-        "create temporary table demo_customers (like raw.customers including defaults) on commit drop"
-    )
+    cursor.execute("create temporary table demo_customers (like raw.customers including defaults) on commit drop")
     cursor.execute("create temporary table demo_orders (like raw.orders including defaults) on commit drop")
-    with cursor.copy(
-        "copy demo_customers (tenant_id, customer_id, name, email, created_at) from stdin"
-    ) as copy:
+    with cursor.copy("copy demo_customers (tenant_id, customer_id, name, email, created_at) from stdin") as copy:
         for customer in customers:
             copy.write_row(customer)
     with cursor.copy(

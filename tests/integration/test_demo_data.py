@@ -66,8 +66,7 @@ def test_counts_shape_and_integrity(database_url: str) -> None:
     # some orders of the range belong to customers created before it (the backfill trap)
     [(before,)] = fetch(
         database_url,
-        "select count(*) from raw.orders o join raw.customers c using (tenant_id, customer_id)"
-        " where c.created_at < %s",
+        "select count(*) from raw.orders o join raw.customers c using (tenant_id, customer_id) where c.created_at < %s",
         datetime(START.year, START.month, START.day, tzinfo=UTC),
     )
     assert before > 0
