@@ -48,50 +48,17 @@ _SECONDS_PER_DAY: Final = 86_400
 
 _STATUSES: Final = ("placed", "shipped", "completed", "returned")
 _STATUS_WEIGHTS: Final = (15, 25, 50, 10)
+# fmt: off
 _FIRST_NAMES: Final = (
-    "Ada",
-    "Alan",
-    "Barbara",
-    "Claude",
-    "Dennis",
-    "Donald",
-    "Edsger",
-    "Frances",
-    "Grace",
-    "Guido",
-    "John",
-    "Ken",
-    "Leslie",
-    "Linus",
-    "Margaret",
-    "Niklaus",
-    "Radia",
-    "Shafi",
-    "Tim",
-    "Tony",
+    "Ada", "Alan", "Barbara", "Claude", "Dennis", "Donald", "Edsger", "Frances", "Grace", "Guido",
+    "John", "Ken", "Leslie", "Linus", "Margaret", "Niklaus", "Radia", "Shafi", "Tim", "Tony",
 )
 _LAST_NAMES: Final = (
-    "Allen",
-    "Backus",
-    "Cerf",
-    "Dijkstra",
-    "Hamilton",
-    "Hoare",
-    "Hopper",
-    "Kay",
-    "Knuth",
-    "Lamport",
-    "Liskov",
-    "Lovelace",
-    "McCarthy",
-    "Perlman",
-    "Ritchie",
-    "Shannon",
-    "Thompson",
-    "Turing",
-    "Wirth",
-    "Wing",
+    "Allen", "Backus", "Cerf", "Dijkstra", "Hamilton", "Hoare", "Hopper", "Kay", "Knuth", "Lamport",
+    "Liskov", "Lovelace", "McCarthy", "Perlman", "Ritchie", "Shannon", "Thompson", "Turing",
+    "Wirth", "Wing",
 )
+# fmt: on
 
 _DDL: Final = (
     "create schema if not exists raw",
