@@ -1,0 +1,1 @@
+"""Test infrastructure: an HTTP Kubernetes API emulator (kmock-based) and a test Job controller."""
