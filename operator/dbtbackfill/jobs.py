@@ -134,7 +134,8 @@ def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, de
         "name": "dbt",
         "image": spec.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": runner_command(owner, spec, window, attempt),
+        # args, not command: the image's entrypoint (tini) stays PID 1 and forwards SIGTERM.
+        "args": runner_command(owner, spec, window, attempt),
         "env": [
             {
                 "name": "DATABASE_URL",

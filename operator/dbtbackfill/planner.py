@@ -22,7 +22,7 @@ CHUNK_UNITS: Final[tuple[str, ...]] = get_args(ChunkUnit)
 # The dot is left out because dbt selectors and schema names treat it specially.
 TENANT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _TENANT_RE: Final = re.compile(TENANT_ID_PATTERN)
-_DATE_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # Ten years of daily chunks: beyond this a single object is the wrong tool.
 MAX_WINDOWS: Final = 3660
@@ -50,7 +50,7 @@ class Window:
 
 def parse_date(text: str, field: str = "date") -> date:
     """Parse a strict ``YYYY-MM-DD`` date; anything else is a :class:`PlanError`."""
-    if not isinstance(text, str) or not _DATE_RE.match(text):
+    if not isinstance(text, str) or not _DATE_RE.fullmatch(text):
         raise PlanError(f"{field} must be a date in YYYY-MM-DD format, got {text!r}")
     try:
         return datetime.strptime(text, "%Y-%m-%d").date()
@@ -68,7 +68,7 @@ def validate_tenant_id(tenant_id: str | None) -> str | None:
     """Return the tenant id unchanged if it is safe, None if it is None; raise otherwise."""
     if tenant_id is None:
         return None
-    if not isinstance(tenant_id, str) or not _TENANT_RE.match(tenant_id):
+    if not isinstance(tenant_id, str) or not _TENANT_RE.fullmatch(tenant_id):
         raise PlanError(
             f"tenant_id must match {TENANT_ID_PATTERN} (letters, digits, '_' and '-', "
             f"at most 63 characters), got {tenant_id!r}"

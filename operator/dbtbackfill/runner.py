@@ -130,7 +130,7 @@ class DbtSession:
     target_path: Path | None = None
     log_path: Path | None = None
     quiet: bool = True
-    _runner: Any = None
+    _manifest: Any = None
 
     def __post_init__(self) -> None:
         self.project_dir = Path(self.project_dir).resolve()
@@ -169,13 +169,20 @@ class DbtSession:
         return args
 
     def _global_args(self) -> list[str]:
-        return ["--quiet", "--no-use-colors"] if self.quiet else ["--no-use-colors"]
+        # dbt's file log duplicates what we print, and in-process runs leak its handle.
+        base = ["--no-use-colors", "--log-level-file", "none"]
+        return ["--quiet", *base] if self.quiet else base
 
     def _invoke(self, command: str, *args: str) -> Any:
+        from dbt.cli.main import dbtRunner
 
-        if self._runner is None:
+        if self._manifest is None:
             raise RunnerError("call parse() first")
-        return self._runner.invoke([*self._global_args(), command, *self._common_args(), *args])
+        # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
+        # and flagged as done), so a reused manifest breaks the next window's SQL. Each
+        # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
+        runner = dbtRunner(manifest=self._manifest.deepcopy())
+        return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
 
     def parse(self) -> None:
         from dbt.cli.main import dbtRunner
@@ -183,7 +190,7 @@ class DbtSession:
         res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
-        self._runner = dbtRunner(manifest=res.result)  # type: ignore[arg-type]  # parse returns a Manifest
+        self._manifest = res.result
 
     def select_models(self, selectors: Sequence[str]) -> list[str]:
         """The models a selection matches; an empty match is an error, not a no-op."""
