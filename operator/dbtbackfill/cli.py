@@ -141,6 +141,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     parser = _Parser(prog=prog, description="Reprocess a date range of the dbt project on PostgreSQL.")
     add_backfill_arguments(parser)
     args = parser.parse_args(argv)
+    session: runner.DbtSession | None = None
     try:
         windows, tenant = plan_from_args(args)
         url = resolve_database_url(args.database_url)
@@ -149,14 +150,16 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         session = runner.DbtSession(url, threads=args.threads, quiet=not args.verbose)
         session.parse()
         models = session.select_models(args.models)
+        reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
+        reporter.plan()
+        if args.dry_run:
+            return _dry_run(session, windows, tenant, args.models, reporter)
+        return _execute(args, url, session, windows, tenant, models, reporter)
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
-
-    reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
-    reporter.plan()
-    if args.dry_run:
-        return _dry_run(session, windows, tenant, args.models, reporter)
-    return _execute(args, url, session, windows, tenant, models, reporter)
+    finally:
+        if session is not None:
+            session.close()
 
 
 def _dry_run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -131,6 +132,7 @@ class DbtSession:
     log_path: Path | None = None
     quiet: bool = True
     _manifest: Any = None
+    base_target: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.project_dir = Path(self.project_dir).resolve()
@@ -138,7 +140,11 @@ class DbtSession:
             raise RunnerError(f"no dbt project at {self.project_dir} (set DBT_PROJECT_DIR)")
         env_target = os.environ.get("DBT_TARGET_PATH")
         env_logs = os.environ.get("DBT_LOG_PATH")
-        self.target_path = Path(self.target_path or env_target or self.project_dir / "target")
+        self.base_target = Path(self.target_path or env_target or self.project_dir / "target")
+        # A private target dir per process: concurrent backfills (parallel chunks on one
+        # node, two users on one checkout) would otherwise overwrite each other's manifest.
+        self.base_target.mkdir(parents=True, exist_ok=True)
+        self.target_path = Path(tempfile.mkdtemp(prefix=".run-", dir=self.base_target))
         self.log_path = Path(self.log_path or env_logs or self.project_dir / "logs")
         os.environ.update(dbt_env(self.database_url))
         # No usage pings: our machines, and many users', have no route to dbt's tracker.
@@ -147,13 +153,26 @@ class DbtSession:
         self._seed_partial_parse()
 
     def _seed_partial_parse(self) -> None:
-        """Reuse the image's build-time parse when the target dir is a fresh emptyDir."""
+        """Start from the last parse saved in the shared target dir (or the image's)."""
         assert self.target_path is not None
-        shipped = self.project_dir / "target" / "partial_parse.msgpack"
-        wanted = self.target_path / "partial_parse.msgpack"
-        if shipped.exists() and not wanted.exists() and shipped.resolve() != wanted.resolve():
-            self.target_path.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(shipped, wanted)
+        for candidate in (self.base_target, self.project_dir / "target"):
+            saved = candidate / "partial_parse.msgpack"
+            if saved.exists():
+                shutil.copy2(saved, self.target_path / "partial_parse.msgpack")
+                return
+
+    def _save_partial_parse(self) -> None:
+        assert self.target_path is not None
+        fresh = self.target_path / "partial_parse.msgpack"
+        if fresh.exists():
+            staged = self.base_target / f".partial_parse.{os.getpid()}"
+            shutil.copy2(fresh, staged)
+            staged.replace(self.base_target / "partial_parse.msgpack")  # atomic for readers
+
+    def close(self) -> None:
+        """Remove this process's private target dir."""
+        if self.target_path is not None and self.target_path.parent == self.base_target:
+            shutil.rmtree(self.target_path, ignore_errors=True)
 
     def _common_args(self) -> list[str]:
         args = [
@@ -191,6 +210,7 @@ class DbtSession:
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
         self._manifest = res.result
+        self._save_partial_parse()
 
     def select_models(self, selectors: Sequence[str]) -> list[str]:
         """The models a selection matches; an empty match is an error, not a no-op."""
