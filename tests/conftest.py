@@ -17,9 +17,13 @@ _db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
-    """A real PostgreSQL server, started in a temporary directory on a free loopback port."""
-    server = LocalPostgres(tmp_path_factory.mktemp("pg"))
+def pg_server() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL server, started in a temporary directory on a free loopback port.
+
+    Its directory is its own (removed on stop), not under pytest's temp root: that root can
+    be reset to mode 0700 by another pytest session, locking out the server's user.
+    """
+    server = LocalPostgres()
     server.start()
     try:
         yield server

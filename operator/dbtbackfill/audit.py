@@ -108,6 +108,11 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
         try:
             command.upgrade(_alembic_config(connection), revision)
             connection.commit()
+        except BaseException:
+            # Leave the failed transaction first: the unlock below must run, or the session
+            # lock stays held by the pooled connection and every later upgrade waits forever.
+            connection.rollback()
+            raise
         finally:
             connection.execute(sa.select(sa.func.pg_advisory_unlock(_MIGRATION_LOCK_KEY)))
             connection.commit()

@@ -103,6 +103,7 @@ def plan_from_args(args: argparse.Namespace, now: datetime | None = None) -> tup
         end = planner.parse_date(args.end_date, "end_date")
         planner.validate_range(start, end)
         tenant = planner.validate_tenant_id(args.tenant_id)
+        planner.validate_unit(args.chunk or "day", args.chunk_size)
         windows = (
             planner.plan_windows(start, end, args.chunk, args.chunk_size) if args.chunk else [Window(0, start, end)]
         )

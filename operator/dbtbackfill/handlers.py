@@ -107,8 +107,10 @@ async def backfill_daemon(
         _wakeups.pop(uid, None)
 
 
+# Event handlers are async so they run on the loop that owns the daemons' asyncio.Events:
+# setting one from kopf's worker threads would not wake its waiter.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, **_: Any) -> None:
+async def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, **_: Any) -> None:
     # Spec changes (suspend, retryFailed) wake this backfill; a finished one may free
     # queued peers, so it wakes every backfill in the namespace.
     observed = (body.get("status") or {}).get("observedGeneration")
@@ -120,7 +122,7 @@ def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, **_: An
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_BACKFILL_UID: kopf.PRESENT})
-def on_job_event(labels: kopf.Labels, **_: Any) -> None:
+async def on_job_event(labels: kopf.Labels, **_: Any) -> None:
     _wake(labels.get(jobs.LABEL_BACKFILL_UID))
 
 

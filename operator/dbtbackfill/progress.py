@@ -97,7 +97,8 @@ class Reporter:
 
     def dry_run_done(self, result: WindowResult) -> None:
         if result.success:
-            self._line(f"dry run: {len(result.models)} model(s) compiled for {result.window.label()}; nothing written")
+            compiled = sum(1 for m in result.models if m.name in self.models)
+            self._line(f"dry run: {compiled} model(s) compiled for {result.window.label()}; nothing written")
         else:
             self._line(f"dry run: compilation failed: {result.error}")
 
@@ -126,7 +127,7 @@ def print_history(rows: Sequence[BackfillExecution], stream: TextIO | None = Non
         "created_at",
         "error",
     ):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "id", min_width=36 if col == "id" else None)
     for r in rows:
         table.add_row(
             str(r.id),

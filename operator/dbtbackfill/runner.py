@@ -214,7 +214,8 @@ class DbtSession:
 
     def select_models(self, selectors: Sequence[str]) -> list[str]:
         """The models a selection matches; an empty match is an error, not a no-op."""
-        args = ["--resource-type", "model", "--output", "name"]
+        # dbt prints ls results even with --quiet; they are for us, not the user.
+        args = ["--resource-type", "model", "--output", "name", "--log-level", "none"]
         if selectors:
             args += ["--select", *selectors]
         res = self._invoke("ls", *args)

@@ -10,6 +10,7 @@ server and the kubelet (no cluster on this machine).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +26,10 @@ import psycopg
 import pytest
 
 from dbtbackfill.demo import load_demo_data
+from dbtbackfill.kube import USER_AGENT
 from tests.support.kubeapi import KubeAPI
 from tests.support.kubelet import Kubelet
+from tests.unit.test_deploy import rendered_rules
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -83,10 +86,23 @@ def analytics_db(database_url: str) -> str:
 
 
 @pytest.fixture
-def kubelet_env(analytics_db: str, tmp_path: Path) -> dict[str, str]:
+def project_dir(tmp_path: Path) -> Path:
+    """A private copy of the dbt project, so a test can break a model without touching others."""
+    copy = tmp_path / "analytics"
+    shutil.copytree(REPO_ROOT / "analytics", copy, ignore=shutil.ignore_patterns("target", "logs"))
+    return copy
+
+
+@pytest.fixture
+def kubelet_env(analytics_db: str, project_dir: Path, tmp_path: Path) -> dict[str, str]:
     # The Job's /tmp is an emptyDir in a cluster; here each run shares the host, so dbt's
     # files go to the test's own directory instead.
-    return {"DBT_TARGET_PATH": str(tmp_path / "dbt-target"), "DBT_LOG_PATH": str(tmp_path / "dbt-logs")}
+    return {
+        "DBT_PROJECT_DIR": str(project_dir),
+        "DBT_PROFILES_DIR": str(project_dir),
+        "DBT_TARGET_PATH": str(tmp_path / "dbt-target"),
+        "DBT_LOG_PATH": str(tmp_path / "dbt-logs"),
+    }
 
 
 @pytest.fixture
@@ -106,6 +122,38 @@ def operator(kube_api: KubeAPI, kube_client: kubernetes.client.ApiClient, analyt
         yield proc
     finally:
         proc.stop()
+    assert_operator_calls_are_granted(kube_api)
+
+
+# What each kind the API server counts is, as RBAC names it: (apiGroups, resource).
+RBAC_NAMES = {
+    "DbtBackfill": (("dbt-backfill.io",), "dbtbackfills"),
+    "Job": (("batch",), "jobs"),
+    "Event": (("", "events.k8s.io"), "events"),
+    "Namespace": (("",), "namespaces"),
+    "CustomResourceDefinition": (("apiextensions.k8s.io",), "customresourcedefinitions"),
+}
+
+
+def assert_operator_calls_are_granted(kube_api: KubeAPI) -> None:
+    """Every request the operator made (kopf's and our client's) is allowed by deploy/'s RBAC."""
+    granted = {
+        (group, resource, verb)
+        for rule in rendered_rules()
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    observed = kube_api.counts(agents=["kopf/", USER_AGENT])
+    assert observed, "the operator made no API calls at all"
+    for kind, verb in observed:
+        if kind not in RBAC_NAMES:
+            assert verb == "get" and kind in ("", "api", "apis", "version"), f"unexpected call {kind} {verb}"
+            continue  # discovery: allowed to every authenticated user
+        groups, resource = RBAC_NAMES[kind]
+        base_verb, _, sub = verb.partition("/")
+        name = f"{resource}/{sub}" if sub else resource
+        assert any((g, name, base_verb) in granted for g in groups), f"RBAC does not grant {verb} on {name}"
 
 
 def backfill(name: str, start: str, end: str, **spec: Any) -> dict[str, Any]:
@@ -192,14 +240,11 @@ def test_a_month_in_daily_chunks_succeeds_with_bounded_parallelism(
 
 
 @pytest.fixture
-def broken_day() -> Iterator[Path]:
+def broken_day(project_dir: Path) -> Path:
     """A model that fails for one window only (2024-01-02): a bad day in production data."""
-    path = REPO_ROOT / "analytics" / "models" / "facts" / f"zz_e2e_broken_{os.getpid()}.sql"
+    path = project_dir / "models" / "facts" / "zz_e2e_broken.sql"
     path.write_text("select case when '{{ var('backfill_start_date') }}' = '2024-01-02' then 1/0 else 1 end as x\n")
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
+    return path
 
 
 def test_a_failing_chunk_is_retried_then_fails_and_retry_failed_reruns_only_it(
