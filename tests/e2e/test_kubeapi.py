@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import kmock
@@ -22,6 +23,7 @@ import kubernetes.watch
 import pytest
 from kubernetes.client import ApiException
 
+from tests.support import kubelet as kubelet_module
 from tests.support.kubeapi import MINIMAL_DBT_BACKFILL_CRD, KopfOperator, KubeAPI, operator_settings
 from tests.support.kubelet import Kubelet
 
@@ -215,7 +217,7 @@ def test_label_selector_on_list(kube_api, batch, selector, expected):
         batch.create_namespaced_job("default", job(name, ["true"], labels=job_labels))
     found = batch.list_namespaced_job("default", label_selector=selector).items
     assert sorted(j.metadata.name for j in found) == expected
-    assert sorted(o["metadata"]["name"] for o in kube_api.list("jobs", label_selector=selector)) == expected
+    assert sorted(o["metadata"]["name"] for o in kube_api.list_objects("jobs", label_selector=selector)) == expected
 
 
 def test_bad_selectors_are_400_and_field_selectors_work(kube_api, batch):
@@ -726,6 +728,49 @@ def test_kopf_operator_smoke(kube_api, custom):
     assert kube_api.server_errors() == []
 
 
+def test_kopf_kubelet_and_garbage_collection_together(kube_api, kubelet, custom, batch):
+    """The chain the operator relies on: CR -> owned Job -> kubelet -> Job status -> CR status -> GC."""
+    registry = kopf.OperatorRegistry()
+    label = "app.kubernetes.io/managed-by"
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    def created(body: kopf.Body, name: str, **_: Any) -> None:
+        child = job(f"{name}-chunk-1", [PY, "-c", "print('chunk done')"], labels={label: "dbt-backfill"})
+        kopf.adopt(child, owner=body)
+        batch.create_namespaced_job("default", child)
+
+    @kopf.on.event("batch", "v1", "jobs", registry=registry)
+    def job_event(body: kopf.Body, status: kopf.Status, **_: Any) -> None:
+        owner = body["metadata"]["ownerReferences"][0]["name"]
+        if status.get("succeeded"):
+            patch = {"status": {"phase": "Succeeded"}}
+            custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", PLURAL, owner, patch)
+
+    settings = operator_settings()
+    settings.watching.label_selectors["batch", "v1", "jobs"] = f"{label}=dbt-backfill"  # server-side
+    with KopfOperator(kube_api, registry=registry, settings=settings):
+        create_cr(custom, backfill("chain"))
+        run = kubelet.wait_for_run("chain-chunk-1")
+        assert (run.outcome, run.stdout) == ("succeeded", "chunk done\n")
+
+        def succeeded() -> bool:
+            return ((kube_api.get(PLURAL, "chain") or {}).get("status") or {}).get("phase") == "Succeeded"
+
+        kube_api.wait_for(succeeded, message="kopf did not report the Job's success")
+        custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "chain")
+        kube_api.wait_for(lambda: kube_api.get("jobs", "chain-chunk-1") is None, message="the Job was not collected")
+
+    # The kubelet's writes (Job status) can be told apart from the operator's by User-Agent.
+    kubelet_writes = kube_api.writes(agents=[kubelet_module.USER_AGENT])
+    assert kubelet_writes == Counter({("Job", "patch/status"): 2})  # active, then succeeded
+    operator_writes = kube_api.writes(exclude_agents=[kubelet_module.USER_AGENT])
+    assert operator_writes[("Job", "create")] == 1
+    assert ("Job", "patch/status") not in operator_writes
+    job_watches = [query for _, path, query in kube_api.request_log() if path == JOBS_PATH and "watch" in query]
+    assert job_watches, "kopf must have watched the Jobs"
+    assert {query.get("labelSelector") for query in job_watches} == {f"{label}=dbt-backfill"}
+
+
 # ---------------------------------------------------------------------------------------------
 # the kubelet
 # ---------------------------------------------------------------------------------------------
@@ -800,6 +845,30 @@ def test_kubelet_resolves_env_from_values_secrets_and_configmaps(kube_api, kubel
         'secret "nope" not found'
         in batch.read_namespaced_job_status("nosecret", "default").status.conditions[-1].message
     )
+
+
+def test_kubelet_gives_each_run_a_private_empty_dir(kube_api, kubelet, batch):
+    code = (
+        "import json, os, pathlib, tempfile; t = pathlib.Path(os.environ['DBT_TARGET_PATH']); "
+        "t.mkdir(parents=True); (t / 'manifest.json').write_text('{}'); "
+        "print(json.dumps([os.environ['HOME'], str(t), tempfile.gettempdir()]))"
+    )
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "DBT_TARGET_PATH", "value": "/tmp/dbt/target"}]
+    for name in ["scratch-a", "scratch-b"]:
+        body = job(name, [PY, "-c", code], env=env)
+        body["spec"]["template"]["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+        body["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "scratch", "mountPath": "/tmp"}]
+        batch.create_namespaced_job("default", body)
+    runs = [kubelet.wait_for_run(name) for name in ["scratch-a", "scratch-b"]]
+    dirs = []
+    for run in runs:
+        assert run.outcome == "succeeded", run.stderr
+        private = run.mounts["/tmp"]
+        home, target, tmp = json.loads(run.stdout)
+        assert (home, target, tmp) == (private, f"{private}/dbt/target", private)
+        assert (Path(target) / "manifest.json").exists()
+        dirs.append(private)
+    assert dirs[0] != dirs[1]
 
 
 def test_kubelet_enforces_the_active_deadline(kube_api, kubelet, batch):

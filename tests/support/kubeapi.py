@@ -9,7 +9,8 @@ It replaces kmock's write path and its list/watch serving, which is where 0.8 fa
 
 `KubeAPI` runs it in a background thread with its own event loop on 127.0.0.1 (a free port),
 writes a kubeconfig for the official ``kubernetes`` client and for kopf, counts API requests
-per kind and verb, and offers thread-safe helpers to read the stored objects.
+per kind and verb (and User-Agent, to tell the operator's writes from the test kubelet's), and
+offers thread-safe helpers to read the stored objects.
 `KopfOperator` runs a kopf operator (``kopf.operator``) against it in another thread.
 
 Gaps of kmock 0.8 closed here (each verified against kmock 0.8 first, each proven by
@@ -20,7 +21,9 @@ Gaps of kmock 0.8 closed here (each verified against kmock 0.8 first, each prove
     by lists, watch events and bookmarks); generation starts at 1 and is bumped only when
     something other than metadata (and status, for resources with a status subresource)
     changes -- and when deletion is requested on an object with finalizers, as the real API does.
-2.  ``POST`` answers 200; the real API answers 201 (kubernetes>=37 returns None on 200).
+2.  ``POST`` answers 200; the real API answers 201. (The official client 37.0.1 maps both 200 and
+    201 of ``create_*`` to the model, so it did not return None here -- but status codes, e.g.
+    from ``*_with_http_info``, now match a real cluster.)
 3.  Lists have no ``kind``/``apiVersion`` and a fake ``resourceVersion: "..."``; ``limit``
     and ``continue`` are ignored. Now ``{Kind}List`` with the real resourceVersion and paging.
 4.  ``labelSelector`` (and ``fieldSelector``) ignored on list, watch and delete-collection.
@@ -116,6 +119,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Self, TypeVar
 
@@ -126,7 +130,7 @@ import kopf
 import kubernetes.client
 import kubernetes.config
 import yaml
-from kmock._internal.rendering import StreamingError  # kmock's own unwrapping of stream errors
+from kmock._internal.rendering import Response, StreamingError  # not in kmock.__all__ (0.8)
 
 JSON = dict[str, Any]
 T = TypeVar("T")
@@ -134,7 +138,7 @@ CRDSource = Mapping[str, Any] | str | os.PathLike[str]
 
 TOKEN = "kubeapi-test-token"
 VERBS = frozenset({"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"})
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 
 NAMESPACES = kmock.resource("", "v1", "namespaces")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
@@ -629,7 +633,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _closing: bool = attrs.field(default=False, init=False)
     _custom: set[kmock.resource] = attrs.field(factory=set, init=False)
     _pending_policies: dict[tuple[kmock.resource, str | None, str], str] = attrs.field(factory=dict, init=False)
-    _counts: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
+    _counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter, init=False)
     _counts_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -652,7 +656,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         path = parse_api_path(raw_request.path)
-        self._count(raw_request.method, path, raw_request.query)
+        self._count(raw_request.method, raw_request.path, raw_request.query, raw_request.headers.get("User-Agent", ""))
         if path is None or path.group != "" or path.plural != "namespaces":
             return await super().__call__(raw_request)
 
@@ -728,22 +732,34 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(payload, status=code)
         return await super()._render_error(exc)
 
-    def _count(self, method: str, path: ApiPath | None, query: Mapping[str, str]) -> None:
-        if path is None:
-            key = ("(discovery)", method.lower())
+    def _count(self, method: str, raw_path: str, query: Mapping[str, str], agent: str) -> None:
+        path = parse_api_path(raw_path)
+        if path is None:  # discovery and the like: "api", "apis", "version", "" for "/"
+            kind, verb = (raw_path.strip("/").split("/", 1)[0], method.lower())
         else:
             resource = kmock.resource(path.group, path.version, path.plural)
             # Not .get(): kmock's ResourcesArray auto-creates entries on __getitem__.
             info = self._resources[resource] if resource in self._resources else None  # noqa: SIM401
             kind = info.kind if info is not None and info.kind else path.plural
-            key = (kind, request_verb(method, path, query))
+            verb = request_verb(method, path, query)
         with self._counts_lock:
-            self._counts[key] += 1
+            self._counts[agent, kind, verb] += 1
 
-    def counts(self) -> collections.Counter[tuple[str, str]]:
-        """All requests so far as ``{(kind, verb): n}``; verbs as in audit logs (``patch/status``)."""
+    def counts(
+        self, *, agents: Iterable[str] | None = None, exclude_agents: Iterable[str] = ()
+    ) -> collections.Counter[tuple[str, str]]:
+        """Requests so far as ``{(kind, verb): n}``; verbs as in audit logs (``patch/status``).
+
+        ``agents``/``exclude_agents``: User-Agent prefixes to keep/drop (e.g. the test kubelet's).
+        """
+        keep = None if agents is None else tuple(agents)
+        drop = tuple(exclude_agents)
+        result: collections.Counter[tuple[str, str]] = collections.Counter()
         with self._counts_lock:
-            return collections.Counter(self._counts)
+            for (agent, kind, verb), n in self._counts.items():
+                if (keep is None or agent.startswith(keep)) and not (drop and agent.startswith(drop)):
+                    result[kind, verb] += n
+        return result
 
     def reset_counts(self) -> None:
         with self._counts_lock:
@@ -755,8 +771,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._changed.set()
 
     @staticmethod
-    def _respond(status: int, payload: kmock.Payload) -> kmock.Response:
-        return kmock.Response(status=status, payload=payload)
+    def _respond(status: int, payload: kmock.Payload) -> Response:
+        return Response(status=status, payload=payload)
 
     # -- resources --------------------------------------------------------------------------------
 
@@ -910,7 +926,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 if self._live(resource, namespace, name) is None:
                     break
             meta["name"] = name
-        self._validate_name(resource, info, str(name))
+        name = str(name)
+        self._validate_name(resource, info, name)
         if self._live(resource, namespace, name) is not None:
             raise api_error(
                 409,
@@ -1177,7 +1194,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise self._not_found(resource, str(request.name))
         return self._respond(200, obj)
 
-    async def _serve_watch(self, request: kmock.Request) -> kmock.Payload:
+    async def _serve_watch(self, request: kmock.Request) -> kmock.Payload:  # type: ignore[override]
         resource, info = self._target(request, collection=True)
         labels, fields = self._selectors(request)
         params = request.params
@@ -1503,7 +1520,7 @@ class KubeAPI:
 
     def stop(self, timeout: float = 10.0) -> None:
         for client in self._clients:
-            client.close()
+            client.close()  # type: ignore[no-untyped-call]
         self._clients.clear()
         thread, loop, stop = self._thread, self._loop, self._stop
         if thread is None:
@@ -1581,7 +1598,9 @@ class KubeAPI:
 
     def api_client(self) -> kubernetes.client.ApiClient:
         """A new official-client ApiClient from the kubeconfig; closed by `stop` (or close it)."""
-        client = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+        client: kubernetes.client.ApiClient = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(self.kubeconfig)
+        )
         self._clients.append(client)
         return client
 
@@ -1621,7 +1640,9 @@ class KubeAPI:
 
         return self.call(read)
 
-    def list(self, resource: str, namespace: str | None = None, *, label_selector: str | None = None) -> list[JSON]:
+    def list_objects(
+        self, resource: str, namespace: str | None = None, *, label_selector: str | None = None
+    ) -> list[JSON]:
         """Current objects (all namespaces if None), sorted by namespace and name."""
         selector = LabelSelector.parse(label_selector)
 
@@ -1649,7 +1670,7 @@ class KubeAPI:
         self, namespace: str | None = None, *, involved_name: str | None = None, reason: str | None = None
     ) -> list[JSON]:
         """Kubernetes events (``v1`` and ``events.k8s.io/v1``), oldest first, optionally filtered."""
-        found = self.list("v1/events", namespace) + self.list("events.k8s.io/v1/events", namespace)
+        found = self.list_objects("v1/events", namespace) + self.list_objects("events.k8s.io/v1/events", namespace)
         result = []
         for event in found:
             involved = event.get("involvedObject") or event.get("regarding") or {}
@@ -1675,27 +1696,50 @@ class KubeAPI:
 
     # -- counting ---------------------------------------------------------------------------------
 
-    def requests(self) -> collections.Counter[tuple[str, str]]:
-        """All API requests so far: ``{(kind, verb): n}``, e.g. ``("Job", "get")``."""
-        return self.emulator.counts()
+    def counts(
+        self, *, agents: Iterable[str] | None = None, exclude_agents: Iterable[str] = ()
+    ) -> collections.Counter[tuple[str, str]]:
+        """All API requests so far: ``{(kind, verb): n}``, e.g. ``("Job", "list")``.
 
-    def writes(self) -> collections.Counter[tuple[str, str]]:
+        Non-resource requests are keyed by their first path segment: ``("apis", "get")``,
+        ``("api", "get")``, ``("version", "get")``, ``("", "get")`` for ``/``.
+        ``agents``/``exclude_agents``: User-Agent prefixes to keep/drop.
+        """
+        return self.emulator.counts(agents=agents, exclude_agents=exclude_agents)
+
+    requests = counts  # an alias
+
+    def writes(
+        self, *, agents: Iterable[str] | None = None, exclude_agents: Iterable[str] = ()
+    ) -> collections.Counter[tuple[str, str]]:
         """API write requests (POST/PUT/PATCH/DELETE) so far: ``{(kind, verb): n}``.
 
         Verbs: ``create``, ``update``, ``patch``, ``delete``, ``deletecollection``, with
         ``/status`` for the status subresource: ``("DbtBackfill", "patch/status")``.
         Failed writes (409, 422...) count too: they are load on the API all the same.
+        Filter by User-Agent prefix: kopf sends ``kopf/...``, the official client
+        ``OpenAPI-Generator/...``, the test kubelet ``tests.support.kubelet.USER_AGENT`` -- e.g.
+        ``writes(exclude_agents=[kubelet.USER_AGENT])`` for the operator's writes only.
         """
-        writes = {"create", "update", "patch", "delete", "deletecollection"}
-        return collections.Counter(
-            {key: n for key, n in self.emulator.counts().items() if key[1].split("/", 1)[0] in writes}
-        )
+        counts = self.emulator.counts(agents=agents, exclude_agents=exclude_agents)
+        return collections.Counter({key: n for key, n in counts.items() if key[1].split("/", 1)[0] in _WRITE_VERBS})
 
-    def writes_total(self, kind: str | None = None) -> int:
-        return sum(n for (k, _), n in self.writes().items() if kind is None or k == kind)
+    def writes_total(
+        self, kind: str | None = None, *, agents: Iterable[str] | None = None, exclude_agents: Iterable[str] = ()
+    ) -> int:
+        writes = self.writes(agents=agents, exclude_agents=exclude_agents)
+        return sum(n for (k, _), n in writes.items() if kind is None or k == kind)
 
     def reset_counts(self) -> None:
         self.emulator.reset_counts()
+
+    def request_log(self) -> list[tuple[str, str, dict[str, str]]]:
+        """Every request kmock recorded so far: ``(method, path, query)``, oldest first."""
+
+        def read() -> list[tuple[str, str, dict[str, str]]]:
+            return [(str(r.method.value), r.url.path, dict(r.params)) for r in self.emulator._requests]
+
+        return self.call(read)
 
     def server_errors(self) -> list[Exception]:
         """Exceptions inside the emulator that became 5xx responses (bugs, not API errors)."""
@@ -1728,6 +1772,25 @@ def operator_settings(settings: kopf.OperatorSettings | None = None) -> kopf.Ope
     settings.networking.request_timeout = 10
     settings.networking.connect_timeout = 2
     return settings
+
+
+_LOGIN_TARGETS: weakref.WeakKeyDictionary[kopf.OperatorRegistry, KubeAPI] = weakref.WeakKeyDictionary()
+
+
+def _login_to(kube_api: KubeAPI, registry: kopf.OperatorRegistry) -> None:
+    """Add one login handler per registry; it logs in to the latest `KubeAPI` given for it."""
+    first = registry not in _LOGIN_TARGETS
+    _LOGIN_TARGETS[registry] = kube_api
+    if first:
+        registry_ref = weakref.ref(registry)
+
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            registry = registry_ref()
+            if registry is None or registry not in _LOGIN_TARGETS:
+                raise kopf.LoginError("no KubeAPI to log in to")
+            return _LOGIN_TARGETS[registry].connection_info()
+
+        kopf.on.login(registry=registry, id="kubeapi-login")(login)
 
 
 class KopfOperator:
@@ -1770,7 +1833,7 @@ class KopfOperator:
 
     def start(self, timeout: float = 10.0) -> Self:
         if self.login:
-            kopf.on.login(registry=self.registry, id=f"kubeapi-login-{id(self)}")(self.kube_api.login_handler)
+            _login_to(self.kube_api, self.registry)
         self._thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout

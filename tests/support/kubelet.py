@@ -19,9 +19,11 @@ not being deleted -- oldest first, at most ``max_parallel`` at a time -- it:
    (or ``DeadlineExceeded``); like a real cluster, ``completionTime`` is only set on success.
    Unlike a real cluster, the Failed message ends with the exit code and the stderr tail.
 
-Deviations: no Pods are created (nothing to ``kubectl logs``); ``workingDir``, images, resources
-and retries (``backoffLimit`` > 0) are ignored; a Secret/ConfigMap that cannot be resolved fails
-the Job at once (a real Pod would hang in CreateContainerConfigError until the deadline).
+Deviations: no Pods are created (nothing to ``kubectl logs``); ``workingDir``, images, resources,
+other volume types and retries (``backoffLimit`` > 0) are ignored; paths hard-coded in the
+program (not passed via env/args) are not redirected to the emptyDir directories; a Secret or
+ConfigMap that cannot be resolved fails the Job at once (a real Pod would hang in
+CreateContainerConfigError until the deadline).
 
 Each run is recorded as a `JobRun` (name, argv, monotonic start/end, exit code, outcome,
 stdout/stderr) for assertions, e.g. ``kubelet.max_concurrent()``.
@@ -39,6 +41,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +57,7 @@ import kubernetes.config
 logger = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+USER_AGENT = "tests-kubelet"  # the User-Agent of its API requests (to tell its writes apart)
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 _VAR_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -95,6 +99,7 @@ class JobRun:
     outcome: str | None = None  # succeeded, failed, deadline, deleted, stopped, config-error
     stdout: str = ""
     stderr: str = ""
+    mounts: dict[str, str] = dataclasses.field(default_factory=dict)  # emptyDir mountPath -> host dir
     pid: int | None = None  # set once the subprocess is started
     reported: bool = False  # the run is over and its Job status has been patched (if applicable)
 
@@ -135,6 +140,7 @@ class Kubelet:
         label_selector: str | None = None,
         python: str = sys.executable,
         stderr_tail_lines: int = 20,
+        scratch_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.namespace = namespace
         self.cwd = pathlib.Path(cwd)
@@ -146,6 +152,8 @@ class Kubelet:
         self.stderr_tail_lines = stderr_tail_lines
         self.errors: list[BaseException] = []
         self._kubeconfig = str(kubeconfig)
+        self._own_scratch = scratch_dir is None
+        self._scratch_root = pathlib.Path(scratch_dir) if scratch_dir is not None else None
         self._api: kubernetes.client.ApiClient | None = None
         self._lock = threading.Lock()
         self._runs: list[JobRun] = []
@@ -163,10 +171,16 @@ class Kubelet:
         self.stop()
 
     def start(self) -> Self:
+        if self._scratch_root is None:
+            self._scratch_root = pathlib.Path(tempfile.mkdtemp(prefix="kubelet-"))
+        self._scratch_root.mkdir(parents=True, exist_ok=True)
         configuration = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=self._kubeconfig, client_configuration=configuration)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=self._kubeconfig, client_configuration=configuration
+        )
         configuration.connection_pool_maxsize = self.max_parallel + 4
         self._api = kubernetes.client.ApiClient(configuration)
+        self._api.user_agent = USER_AGENT
         self._poller = threading.Thread(target=self._poll_forever, name="kubelet-poller", daemon=True)
         self._poller.start()
         return self
@@ -188,8 +202,11 @@ class Kubelet:
             alive.append("poller")
         self._poller = None
         if self._api is not None:
-            self._api.close()
+            self._api.close()  # type: ignore[no-untyped-call]
             self._api = None
+        if self._own_scratch and self._scratch_root is not None and not alive:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
+            self._scratch_root = None
         if alive:
             raise RuntimeError(f"kubelet threads did not stop: {alive}")
 
@@ -269,10 +286,10 @@ class Kubelet:
             meta = job["metadata"]
             uid = meta["uid"]
             with self._lock:
-                active = self._active.get(uid)
-                if active is not None:
+                running = self._active.get(uid)
+                if running is not None:
                     if meta.get("deletionTimestamp"):
-                        active.kill("deleted")
+                        running.kill("deleted")
                     continue
                 if uid in self._done:
                     continue
@@ -303,8 +320,9 @@ class Kubelet:
                 active.kill("deleted")
                 run.outcome = "deleted"
                 return
+            scratch = pathlib.Path(tempfile.mkdtemp(prefix=f"{run.name}-", dir=self._scratch_root))
             try:
-                run.argv, run.env = self._command(job)
+                run.argv, run.env, run.mounts = self._command(job, scratch)
             except JobConfigError as e:
                 run.outcome = "config-error"
                 run.stderr = str(e)
@@ -372,13 +390,34 @@ class Kubelet:
             run.stdout = stdout.read().decode("utf-8", "replace")
             run.stderr = stderr.read().decode("utf-8", "replace")
 
-    def _command(self, job: JSON) -> tuple[list[str], dict[str, str]]:
+    def _command(self, job: JSON, scratch: pathlib.Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
+        """(argv, env, emptyDir mounts as {mountPath: host dir}) for the Job's first container."""
         pod_spec = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
         containers = pod_spec.get("containers") or []
         if not containers:
             raise JobConfigError("the Job has no containers")
         container = containers[0]
+
+        # emptyDir volumes: a private directory per run; paths under the mountPath in env values
+        # and arguments are rewritten to it (a process cannot have its own mount namespace here).
+        volumes = {volume.get("name"): volume for volume in pod_spec.get("volumes") or []}
+        mounts: dict[str, str] = {}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount.get("name"))
+            if volume is not None and "emptyDir" in volume:
+                host_dir = scratch / str(volume["name"])
+                host_dir.mkdir(parents=True, exist_ok=True)
+                mounts[str(mount["mountPath"]).rstrip("/") or "/"] = str(host_dir)
+
+        def remap(value: str) -> str:
+            for mount_path in sorted(mounts, key=len, reverse=True):
+                if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                    return mounts[mount_path] + value[len(mount_path) :]
+            return value
+
         env: dict[str, str] = {}
+        if "/tmp" in mounts:  # the pod's /tmp, not ours
+            env["TMPDIR"] = mounts["/tmp"]
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix") or ""
             if "secretRef" in source:
@@ -393,14 +432,15 @@ class Kubelet:
         for item in container.get("env") or []:
             value = self._env_value(job, item, env)
             if value is not None:
-                env[item["name"]] = value
+                env[item["name"]] = remap(value) if "valueFrom" not in item else value
         env.update(self.env)
-        argv = [_expand(str(arg), env) for arg in (container.get("command") or []) + (container.get("args") or [])]
+        arguments = (container.get("command") or []) + (container.get("args") or [])
+        argv = [remap(_expand(str(arg), env)) for arg in arguments]
         if not argv:
             raise JobConfigError("the container has no command (images' entrypoints are not known here)")
         if _PYTHON.fullmatch(pathlib.PurePath(argv[0]).name):
             argv[0] = self.python
-        return argv, env
+        return argv, env, mounts
 
     def _env_value(self, job: JSON, item: Mapping[str, Any], defined: Mapping[str, str]) -> str | None:
         if "valueFrom" not in item:
@@ -416,14 +456,14 @@ class Kubelet:
                     return None
                 what = "secret" if "secretKeyRef" in source else "configmap"
                 raise JobConfigError(f"couldn't find key {ref['key']} in {what} {self.namespace}/{ref['name']}")
-            return values[ref["key"]]
+            return str(values[ref["key"]])
         if "fieldRef" in source:
             path = source["fieldRef"].get("fieldPath", "")
             meta = job["metadata"]
-            fields = {
+            fields: dict[str, str] = {
                 "metadata.name": f"{meta['name']}-pod",
                 "metadata.namespace": self.namespace,
-                "metadata.uid": meta["uid"],
+                "metadata.uid": str(meta["uid"]),
             }
             return fields.get(path, "")
         return ""
