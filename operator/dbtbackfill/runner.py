@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from dbtbackfill.planner import Window
 
 DEFAULT_SCHEMA: Final = "analytics"
+_BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
 
 
 class RunnerError(RuntimeError):
@@ -132,6 +133,7 @@ class DbtSession:
     log_path: Path | None = None
     quiet: bool = True
     _manifest: Any = None
+    _bootstrapped: bool = False
     base_target: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -239,7 +241,54 @@ class DbtSession:
         return self._execute("compile", window, tenant_id, selectors)
 
     def run_window(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
-        return self._execute("run", window, tenant_id, selectors)
+        if self._bootstrapped:
+            return self._execute("run", window, tenant_id, selectors)
+        # The first run against a database creates the fact tables. Parallel chunks would race
+        # to create the same table (and all but one would fail), so until every table exists,
+        # runs take turns under a database-wide advisory lock.
+        with self._bootstrap_lock() as missing:
+            result = self._execute("run", window, tenant_id, selectors)
+        self._bootstrapped = result.success or not missing
+        return result
+
+    def _relations(self) -> list[tuple[str, str]]:
+        nodes = self._manifest.nodes.values() if self._manifest is not None else ()
+        return [
+            (n.schema, n.alias)
+            for n in nodes
+            if n.resource_type == "model" and n.config.materialized not in ("ephemeral", "view")
+        ]
+
+    @contextmanager
+    def _bootstrap_lock(self) -> Iterator[bool]:
+        import sqlalchemy as sa
+
+        from dbtbackfill.audit import engine_for
+
+        relations = self._relations()
+        with engine_for(self.database_url).connect() as conn:
+
+            def missing() -> bool:
+                tables = sa.table("pg_tables", sa.column("schemaname"), sa.column("tablename"))
+                query = (
+                    sa.select(sa.func.count())
+                    .select_from(tables)
+                    .where(sa.tuple_(tables.c.schemaname, tables.c.tablename).in_(relations))
+                )
+                found: int = conn.execute(query).scalar_one()
+                conn.commit()
+                return bool(relations) and found < len(relations)
+
+            if not missing():
+                yield False
+                return
+            conn.execute(sa.select(sa.func.pg_advisory_lock(_BOOTSTRAP_LOCK_KEY)))
+            conn.commit()
+            try:
+                yield missing()
+            finally:
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(_BOOTSTRAP_LOCK_KEY)))
+                conn.commit()
 
     def _execute(self, command: str, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
         started = time.monotonic()
