@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import date, timedelta
 
 import pytest
@@ -27,7 +28,7 @@ def test_windows_cover_the_range_exactly_in_order(rng: tuple[date, date], unit: 
     assert windows[0].start == start
     assert windows[-1].end == end
     assert [w.index for w in windows] == list(range(len(windows)))
-    for before, after in zip(windows, windows[1:], strict=False):
+    for before, after in itertools.pairwise(windows):
         assert after.start == before.end + timedelta(days=1)  # no gap, no overlap
     assert all(w.start <= w.end for w in windows)
     assert sum(w.days for w in windows) == (end - start).days + 1
@@ -126,5 +127,5 @@ def test_bad_units_and_sizes(unit: str, size: int) -> None:
 def test_compress_round_trips(indices: set[int]) -> None:
     runs = planner.compress_indices(indices)
     assert planner.expand_runs(runs) == indices
-    for (_, last), (first, _) in zip(runs, runs[1:], strict=False):
+    for (_, last), (first, _) in itertools.pairwise(runs):
         assert first > last + 1  # runs are maximal: adjacent runs would have merged
