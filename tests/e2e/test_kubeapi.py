@@ -728,6 +728,30 @@ def test_kopf_operator_smoke(kube_api, custom):
     assert kube_api.server_errors() == []
 
 
+def test_kopf_survives_expired_resource_versions_and_reconnects(tmp_path, kube_api_crds):
+    """Watch streams end every second; the event log is tiny, so kopf's reconnects hit 410 Gone."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    def created(patch: kopf.Patch, **_: Any) -> None:
+        patch.status["phase"] = "Accepted"
+
+    settings = operator_settings()
+    settings.watching.server_timeout = 1
+    with KubeAPI(crds=kube_api_crds, workdir=tmp_path, event_log_limit=3, bookmark_interval=60) as api:
+        custom = kubernetes.client.CustomObjectsApi(api.api_client())
+        core = kubernetes.client.CoreV1Api(custom.api_client)
+        with KopfOperator(api, registry=registry, settings=settings):
+            create_cr(custom, backfill("before"))
+            api.wait_for(lambda: (api.get(PLURAL, "before") or {}).get("status"), message="not handled")
+            for i in range(10):  # push kopf's last seen resourceVersion out of the log
+                core.create_namespaced_config_map("default", {"metadata": {"name": f"noise-{i}"}})
+            api.wait_for(lambda: api.requests()[("DbtBackfill", "list")] >= 2, timeout=5, message="no relist")
+            create_cr(custom, backfill("after"))
+            api.wait_for(lambda: (api.get(PLURAL, "after") or {}).get("status"), message="not handled after 410")
+        assert api.server_errors() == []
+
+
 def test_kopf_kubelet_and_garbage_collection_together(kube_api, kubelet, custom, batch):
     """The chain the operator relies on: CR -> owned Job -> kubelet -> Job status -> CR status -> GC."""
     registry = kopf.OperatorRegistry()
@@ -869,6 +893,16 @@ def test_kubelet_gives_each_run_a_private_empty_dir(kube_api, kubelet, batch):
         assert (Path(target) / "manifest.json").exists()
         dirs.append(private)
     assert dirs[0] != dirs[1]
+
+
+def test_kubelet_deletes_finished_jobs_after_their_ttl(kube_api, kubelet, batch):
+    batch.create_namespaced_job("default", job("ttl", [PY, "-c", "pass"], ttlSecondsAfterFinished=0))
+    batch.create_namespaced_job("default", job("kept", [PY, "-c", "pass"]))
+    assert kubelet.wait_for_run("ttl").outcome == "succeeded"
+    assert kubelet.wait_for_run("kept").outcome == "succeeded"
+    kube_api.wait_for(lambda: kube_api.get("jobs", "ttl") is None, message="the TTL did not delete the Job")
+    assert kubelet.ttl_deleted == ["ttl"]
+    assert kube_api.get("jobs", "kept") is not None
 
 
 def test_kubelet_enforces_the_active_deadline(kube_api, kubelet, batch):

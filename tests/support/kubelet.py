@@ -17,7 +17,9 @@ not being deleted -- oldest first, at most ``max_parallel`` at a time -- it:
    success: ``succeeded: 1``, ``completionTime`` and ``SuccessCriteriaMet`` + ``Complete``;
    failure: ``failed: 1`` and ``FailureTarget`` + ``Failed`` with reason ``BackoffLimitExceeded``
    (or ``DeadlineExceeded``); like a real cluster, ``completionTime`` is only set on success.
-   Unlike a real cluster, the Failed message ends with the exit code and the stderr tail.
+   Unlike a real cluster, the Failed message ends with the exit code and the stderr tail;
+5. deletes the Jobs it ran ``ttlSecondsAfterFinished`` seconds after they finished (the TTL
+   controller; Jobs finished before the kubelet started are not collected).
 
 Deviations: no Pods are created (nothing to ``kubectl logs``); ``workingDir``, images, resources,
 other volume types and retries (``backoffLimit`` > 0) are ignored; paths hard-coded in the
@@ -161,6 +163,8 @@ class Kubelet:
         self._done: set[str] = set()  # uids that were run (or found finished): never run again
         self._stopping = threading.Event()
         self._poller: threading.Thread | None = None
+        self._ttl_due: dict[str, tuple[str, float]] = {}  # uid -> (name, monotonic deadline)
+        self.ttl_deleted: list[str] = []  # names of Jobs deleted by the TTL-after-finished emulation
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -274,6 +278,7 @@ class Kubelet:
 
     def _poll_once(self) -> None:
         batch = kubernetes.client.BatchV1Api(self._api)
+        self._collect_expired(batch)
         kwargs = {"label_selector": self.label_selector} if self.label_selector else {}
         jobs: list[JSON] = self._call(batch.list_namespaced_job, self.namespace, **kwargs).get("items", [])
         jobs.sort(key=lambda job: (job["metadata"].get("creationTimestamp", ""), job["metadata"]["name"]))
@@ -309,6 +314,23 @@ class Kubelet:
                 target=self._run_job, args=(job, active), name=f"kubelet-{meta['name']}", daemon=True
             )
             active.thread.start()
+
+    def _collect_expired(self, batch: kubernetes.client.BatchV1Api) -> None:
+        """The TTL-after-finished controller: delete finished Jobs ``ttlSecondsAfterFinished`` later."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(uid, name) for uid, (name, deadline) in self._ttl_due.items() if deadline <= now]
+            for uid, _ in due:
+                del self._ttl_due[uid]
+        for uid, name in due:
+            body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+            try:
+                self._call(batch.delete_namespaced_job, name, self.namespace, body=body)
+            except kubernetes.client.ApiException as e:
+                if e.status not in {404, 409}:  # gone already, or replaced by a namesake
+                    raise
+            else:
+                self.ttl_deleted.append(name)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -349,10 +371,13 @@ class Kubelet:
                 self.errors.append(e)
             run.outcome = run.outcome or "error"
         finally:
+            ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")
             with self._lock:
                 run.end = run.end if run.end is not None else time.monotonic()
                 run.reported = True
                 self._active.pop(run.uid, None)
+                if ttl is not None and run.outcome in {"succeeded", "failed", "deadline", "config-error"}:
+                    self._ttl_due[run.uid] = (run.name, time.monotonic() + float(ttl))
 
     def _execute(self, job: JSON, active: _Active) -> None:
         run = active.run
