@@ -3,7 +3,8 @@
 It talks to the API only over HTTP with the official ``kubernetes`` client (so it works against
 `tests.support.kubeapi.KubeAPI` or any cluster a kubeconfig points to), polling the Jobs of one
 namespace every ``poll_interval`` seconds. For each Job that is not finished, not suspended and
-not being deleted -- oldest first, at most ``max_parallel`` at a time -- it:
+not being deleted -- oldest first (by creationTimestamp, then name), at most ``max_parallel`` at
+a time -- it:
 
 1. patches ``/status`` with ``active: 1`` and ``startTime``;
 2. runs ``containers[0].command + args`` as a subprocess (``$(VAR)`` references expanded, a
