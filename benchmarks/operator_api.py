@@ -96,9 +96,18 @@ def api_writes(chunks: int, parallelism: int) -> dict[str, Any]:
             api.wait_for(phase, timeout=600, interval=0.2)
             seconds = time.monotonic() - started
             writes = api.writes(agents=["kopf/", USER_AGENT])
+            kubernetes.client.CustomObjectsApi(client).delete_namespaced_custom_object(
+                "dbt-backfill.io", "v1alpha1", "default", "dbtbackfills", "bench"
+            )
+            api.wait_for(lambda: api.get("dbt-backfill.io/v1alpha1/dbtbackfills", "bench") is None, timeout=60)
+            calls = api.requests(agents=["kopf/", USER_AGENT])
         finally:
             operator.terminate()
-            operator.wait(20)
+            try:
+                operator.wait(30)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+                operator.wait()
             kubelet.stop()
             api.stop()
     total = sum(writes.values())
@@ -110,6 +119,7 @@ def api_writes(chunks: int, parallelism: int) -> dict[str, Any]:
         "writes_per_chunk": round(total / chunks, 2),
         "writes_by_kind_verb": {f"{k} {v}": n for (k, v), n in sorted(writes.items())},
         "target_writes_per_chunk": 3,
+        "all_calls_incl_delete": sorted(f"{k} {v}" for k, v in calls),
     }
 
 

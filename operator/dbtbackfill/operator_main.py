@@ -7,8 +7,10 @@ never by file path, which would put a source folder on ``sys.path``.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -50,6 +52,8 @@ def run_operator(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     configure_logging(args.log_format)
+    # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when it hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     import dbtbackfill.handlers  # noqa: F401  # registers the handlers with kopf
 
     if args.metrics_port:
