@@ -178,9 +178,24 @@ def summarise(
 
 
 def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of ``new`` that differ from ``previous``: one coalesced merge patch."""
+    """A JSON merge patch (RFC 7386) taking ``previous`` to ``new``, holding only what differs.
+
+    Keys of ``previous`` that ``new`` does not manage are left alone. Inside nested objects,
+    keys that disappeared are sent as null: merge patches merge maps, so a chunk that left
+    ``chunkState.retryAt`` would otherwise stay there forever.
+    """
     previous = previous or {}
-    return {k: v for k, v in new.items() if previous.get(k) != v}
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = previous.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = changed(before, value)
+            nested.update({gone: None for gone in before.keys() - value.keys()})
+            if nested:
+                patch[key] = nested
+        elif before != value:
+            patch[key] = value
+    return patch
 
 
 def argocd_health(obj: Mapping[str, Any]) -> tuple[str, str]:
