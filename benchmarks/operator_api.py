@@ -71,10 +71,11 @@ def api_writes(chunks: int, parallelism: int) -> dict[str, Any]:
                       workdir=Path(tmp)).start()  # fmt: skip
         kubelet = Kubelet(api.kubeconfig, namespace="default", cwd=REPO_ROOT, python="/bin/true", max_parallel=50)
         env = os.environ | {"KUBECONFIG": str(api.kubeconfig), "DATABASE_URL": ""}
+        log = (Path(tmp) / "operator.log").open("wb")
         operator = subprocess.Popen(
             [sys.executable, "-m", "dbtbackfill.cli", "operator", "--namespace", "default",
              "--liveness-port", "0", "--metrics-port", "0"],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
             kubelet.start()
@@ -93,7 +94,11 @@ def api_writes(chunks: int, parallelism: int) -> dict[str, Any]:
                 obj = api.get("dbt-backfill.io/v1alpha1/dbtbackfills", "bench") or {}
                 return (obj.get("status") or {}).get("phase") == "Succeeded"
 
-            api.wait_for(phase, timeout=600, interval=0.2)
+            try:
+                api.wait_for(phase, timeout=300, interval=0.2)
+            except TimeoutError:
+                print((Path(tmp) / "operator.log").read_text()[-5000:], file=sys.stderr)
+                raise
             seconds = time.monotonic() - started
             writes = api.writes(agents=["kopf/", USER_AGENT])
             kubernetes.client.CustomObjectsApi(client).delete_namespaced_custom_object(

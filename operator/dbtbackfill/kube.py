@@ -32,6 +32,28 @@ API_CALLS: Final = frozenset(
 )
 
 
+# What kopf does on our behalf, and what admission requires; with API_CALLS, exactly what the
+# shipped RBAC grants (tests/unit/test_rbac.py), and a superset of what the e2e tests observe.
+FRAMEWORK_CALLS: Final = frozenset(
+    {
+        (GROUP, PLURAL, "list"),  # kopf's watch-stream of DbtBackfills...
+        (GROUP, PLURAL, "watch"),
+        (GROUP, PLURAL, "patch"),  # ...its finalizer and progress annotations
+        (GROUP, "dbtbackfills/status", "patch"),  # on_create's status for an invalid spec
+        # OwnerReferencesPermissionEnforcement: a Job whose ownerReference blocks owner
+        # deletion may only be created by someone who can update the owner's finalizers.
+        (GROUP, "dbtbackfills/finalizers", "update"),
+        ("batch", "jobs", "list"),  # the Job event handler's watch-stream
+        ("batch", "jobs", "watch"),
+        ("", "events", "create"),  # kopf posts our Events as core/v1 Events
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),  # kopf's resource scanning
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "namespaces", "list"),  # kopf's namespace observation
+        ("", "namespaces", "watch"),
+    }
+)
+
+
 class Conflict(Exception):
     """The object already exists (a replayed create)."""
 
