@@ -171,9 +171,11 @@ def _absorb(
     for job in sorted(jobs, key=lambda j: (j.chunk, j.attempt)):
         if job.chunk >= len(windows):
             continue
+        if job.chunk in succeeded:
+            continue  # done; its finished Jobs linger until their TTL and change nothing
         # A Job we created but never recorded (the operator died in between) still counts.
         attempts[job.chunk] = max(attempts.get(job.chunk, 0), job.attempt)
-        if job.chunk in succeeded or job.attempt != attempts[job.chunk]:
+        if job.attempt != attempts[job.chunk]:
             continue
         if job.phase == "succeeded":
             succeeded.add(job.chunk)
@@ -186,7 +188,7 @@ def _absorb(
                 total += max(0.0, (job.finished - job.started).total_seconds())
         elif job.phase == "failed" and job.chunk not in failed and job.chunk not in retry_at:
             window = windows[job.chunk]
-            tries = job.attempt - retry_base.get(job.chunk, 0)
+            tries = max(1, job.attempt - retry_base.get(job.chunk, 0))  # never wedge on bad bookkeeping
             message = (job.message or "chunk Job failed").strip()[:MAX_MESSAGE_CHARS]
             recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now)]
             recent = recent[-MAX_RECENT_FAILURES:]
@@ -257,7 +259,7 @@ def decide(
     # it again under a new attempt number, without charging that to its retry budget.
     seen = {j.chunk for j in jobs}
     for chunk in state.attempts:
-        if chunk not in seen and chunk not in state.failed and chunk not in retry_at:
+        if chunk not in seen and chunk not in state.failed and chunk not in retry_at and chunk not in state.succeeded:
             retry_base[chunk] = retry_base.get(chunk, 0) + 1
             retry_at[chunk] = now  # due at once; the launch below takes attempt + 1
 
