@@ -127,9 +127,7 @@ def test_monthly_year_sample_sets_every_field() -> None:
         "requests": {"cpu": "500m", "memory": "1Gi"},
     }
     assert spec.node_selector == {"workload": "batch"}
-    assert spec.tolerations == (
-        {"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"},
-    )
+    assert spec.tolerations == ({"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"},)
 
 
 @pytest.mark.parametrize("path", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -156,9 +154,7 @@ def test_all_fields() -> None:
 
 
 def test_spec_is_frozen_hashable_and_detached_from_its_input() -> None:
-    raw = spec_of(
-        nodeSelector={"a": "b"}, tolerations=[{"operator": "Exists"}], resources={"limits": {"cpu": 1}}
-    )
+    raw = spec_of(nodeSelector={"a": "b"}, tolerations=[{"operator": "Exists"}], resources={"limits": {"cpu": 1}})
     spec = parse_spec(raw)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.parallelism = 2  # type: ignore[misc]
@@ -197,9 +193,9 @@ def test_range_limit() -> None:
     message = error_of(spec_of(startDate=str(start), endDate=str(last_ok + dt.timedelta(days=1))))
     assert message.startswith("spec.endDate: the range spans 3661 days; at most 3660")
     # The limit is on days, whatever the chunk unit: as in the CRD's CEL rule.
-    assert error_of(
-        spec_of(startDate="2000-01-01", endDate="2019-12-31", chunk={"unit": "month"})
-    ).startswith("spec.endDate: the range spans")
+    assert error_of(spec_of(startDate="2000-01-01", endDate="2019-12-31", chunk={"unit": "month"})).startswith(
+        "spec.endDate: the range spans"
+    )
 
 
 @pytest.mark.parametrize(
