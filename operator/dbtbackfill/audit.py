@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from functools import cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -81,13 +80,26 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-@cache
+_engines: dict[tuple[str, int], sa.Engine] = {}
+
+
 def engine_for(url: str, connect_timeout: int = 10) -> sa.Engine:
-    return sa.create_engine(
-        sqlalchemy_url(url),
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": connect_timeout, "application_name": "dbt-backfill"},
-    )
+    """One pooled engine per (URL, timeout) for the life of the process."""
+    key = (url, connect_timeout)
+    if key not in _engines:
+        _engines[key] = sa.create_engine(
+            sqlalchemy_url(url),
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": connect_timeout, "application_name": "dbt-backfill"},
+        )
+    return _engines[key]
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (end of a command, or of a test)."""
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
 
 
 def _alembic_config(connection: sa.Connection) -> Any:

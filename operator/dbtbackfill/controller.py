@@ -25,6 +25,7 @@ from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
 log = logging.getLogger(__name__)
 IDLE_SECONDS: Final = 300.0
 AUDIT_CONNECT_TIMEOUT: Final = 3
+AUDIT_RETRY_SECONDS: Final = 15.0
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,18 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     if patch:
         kube.patch_backfill_status(namespace, name, patch)
     _observe(previous, new, decision)
-    return Outcome(_next_wake(decision, new), tuple(events), body, decision.phase)
+    wake = _next_wake(decision, new)
+    if _audit_pending(new):
+        # The audit database was unreachable: come back soon, even if the backfill is done.
+        wake = AUDIT_RETRY_SECONDS if wake is None else min(wake, AUDIT_RETRY_SECONDS)
+    return Outcome(wake, tuple(events), body, decision.phase)
+
+
+def _audit_pending(new: Mapping[str, Any]) -> bool:
+    record = new.get("audit") or {}
+    terminal = {"Succeeded": "completed", "Failed": "failed"}.get(str(new.get("phase")))
+    not_started = bool(new.get("startTime")) and not record.get("started")
+    return not_started or (terminal is not None and record.get("closed") != terminal)
 
 
 def _audit(

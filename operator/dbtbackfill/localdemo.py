@@ -38,6 +38,6 @@ def run_demo(database_url: str | None, days: int = 90) -> int:
         print_history(audit.history(audit.engine_for(database_url), limit=10))
         return code
     finally:
-        audit.engine_for.cache_clear()
+        audit.dispose_engines()
         if server is not None:
             server.stop()

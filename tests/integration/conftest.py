@@ -80,16 +80,9 @@ def register_url(url: str) -> str:
 def dispose_cached_engines() -> None:
     """Close the pools of ``audit.engine_for``'s cached engines, then forget them.
 
-    ``engine_for`` is a ``functools.cache`` keyed by its call form: the CLI calls it as
-    ``engine_for(url)`` and ``engine_for(url, connect_timeout=5)`` (check_database).
     Dropping an engine without disposing it leaks open connections (ResourceWarning).
     """
-    for url in sorted(_USED_URLS):
-        if not url.startswith(("postgresql://", "postgres://")):
-            continue  # the CLI refuses these before creating an engine (and their drivers may be missing)
-        audit.engine_for(url).dispose()
-        audit.engine_for(url, connect_timeout=5).dispose()
-    audit.engine_for.cache_clear()
+    audit.dispose_engines()
 
 
 def _register_urls(argv: Sequence[str]) -> None:
