@@ -14,11 +14,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, planner, runner
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -240,13 +243,18 @@ def main_run_dbt_backfill() -> None:
 # ---------------------------------------------------------------- dbt-backfill tool
 
 
+def _audit_engine(args: argparse.Namespace) -> sa.Engine:
+    """The audit database of a subcommand; raises UsageError when it is missing or down."""
+    url = resolve_database_url(args.database_url)
+    check_database(url)
+    return audit.engine_for(url)
+
+
 def _history(args: argparse.Namespace) -> int:
     try:
-        url = resolve_database_url(args.database_url)
-        check_database(url)
+        engine = _audit_engine(args)
     except UsageError as exc:
         return _fail("dbt-backfill history", str(exc))
-    engine = audit.engine_for(url)
     audit.ensure_schema(engine)
     print_history(audit.history(engine, status=args.status, limit=args.limit))
     return EXIT_OK
@@ -254,11 +262,9 @@ def _history(args: argparse.Namespace) -> int:
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     try:
-        url = resolve_database_url(args.database_url)
-        check_database(url)
+        engine = _audit_engine(args)
     except UsageError as exc:
         return _fail("dbt-backfill db upgrade", str(exc))
-    engine = audit.engine_for(url)
     audit.upgrade(engine)
     print(f"audit schema at revision {audit.current_revision(engine)}")
     return EXIT_OK

@@ -29,7 +29,7 @@ from dbtbackfill.demo import load_demo_data
 from dbtbackfill.kube import USER_AGENT
 from tests.support.kubeapi import KubeAPI
 from tests.support.kubelet import Kubelet
-from tests.unit.test_deploy import rendered_rules
+from tests.unit.test_deploy import granted_calls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -137,13 +137,7 @@ RBAC_NAMES = {
 
 def assert_operator_calls_are_granted(kube_api: KubeAPI) -> None:
     """Every request the operator made (kopf's and our client's) is allowed by deploy/'s RBAC."""
-    granted = {
-        (group, resource, verb)
-        for rule in rendered_rules()
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = granted_calls()
     observed = kube_api.counts(agents=["kopf/", USER_AGENT])
     assert observed, "the operator made no API calls at all"
     for kind, verb in observed:
