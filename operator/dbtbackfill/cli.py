@@ -27,8 +27,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-# dbt selectors: names, paths, tags, graph operators; never quotes, spaces or shell syntax.
-SELECTOR_RE = re.compile(r"^[A-Za-z0-9_.:+*@/,=-]{1,200}$")
+# dbt selectors: names, paths, tags, graph operators; never quotes, spaces or shell syntax, and
+# never a leading "-", which would turn a selector into a runner option (--tenant-id=...).
+SELECTOR_RE = re.compile(r"^[A-Za-z0-9_.:+*@/,=][A-Za-z0-9_.:+*@/,=-]{0,199}$")
 RECENT_HOURS = 24
 
 

@@ -173,7 +173,10 @@ def _absorb(
             continue
         if job.chunk in succeeded:
             continue  # done; its finished Jobs linger until their TTL and change nothing
-        # A Job we created but never recorded (the operator died in between) still counts.
+        # A Job we created but never recorded (the operator died in between) still counts,
+        # and if it is a retry, that retry is no longer waiting for its backoff.
+        if job.attempt > state.attempts.get(job.chunk, 0):
+            retry_at.pop(job.chunk, None)
         attempts[job.chunk] = max(attempts.get(job.chunk, 0), job.attempt)
         if job.attempt != attempts[job.chunk]:
             continue
@@ -188,7 +191,9 @@ def _absorb(
                 total += max(0.0, (job.finished - job.started).total_seconds())
         elif job.phase == "failed" and job.chunk not in failed and job.chunk not in retry_at:
             window = windows[job.chunk]
-            tries = max(1, job.attempt - retry_base.get(job.chunk, 0))  # never wedge on bad bookkeeping
+            tries = job.attempt - retry_base.get(job.chunk, 0)
+            if tries < 1:
+                continue  # an attempt retryFailed has forgiven: already reported, not charged again
             message = (job.message or "chunk Job failed").strip()[:MAX_MESSAGE_CHARS]
             recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now)]
             recent = recent[-MAX_RECENT_FAILURES:]
@@ -244,6 +249,7 @@ def decide(
     blocked_by: str | None = None,
 ) -> Decision:
     """What to do next. ``blocked_by`` names an overlapping backfill to wait for, if any."""
+    recorded = dict(state.attempts)  # what the status already says was launched
     state, events = _absorb(state, windows, spec, jobs, now)
     current = [j for j in jobs if j.phase == "active" and j.attempt == state.attempts.get(j.chunk)]
     stale = [j.name for j in jobs if j.phase == "active" and j not in current]
@@ -257,14 +263,19 @@ def decide(
     # A chunk with an attempt on record but no Job, result or pending retry lost its Job
     # (suspend deleted it, someone deleted it, or its TTL ran out before we saw it). Run
     # it again under a new attempt number, without charging that to its retry budget.
-    seen = {j.chunk for j in jobs}
-    for chunk in state.attempts:
-        if chunk not in seen and chunk not in state.failed and chunk not in retry_at and chunk not in state.succeeded:
+    # Look for the recorded attempt's own Job: an older attempt's finished Job may still be
+    # listed. A chunk with no charged attempt (retryFailed forgave them) simply launches again.
+    seen = {(j.chunk, j.attempt) for j in jobs}
+    for chunk, attempt in state.attempts.items():
+        lost = (chunk, attempt) not in seen and chunk not in state.failed and chunk not in state.succeeded
+        if lost and chunk not in retry_at and state.tries(chunk) > 0:
             retry_base[chunk] = retry_base.get(chunk, 0) + 1
             retry_at[chunk] = now  # due at once; the launch below takes attempt + 1
 
     if spec.suspend:
-        delete += [j.name for j in current if not j.deleting]
+        # Only Jobs the status already records: deleting one whose creation was never recorded
+        # would let a later pass launch the same (chunk, attempt), name and audit id again.
+        delete += [j.name for j in current if not j.deleting and j.attempt <= recorded.get(j.chunk, 0)]
         phase: Phase = "Suspended"
     elif len(state.succeeded) == len(windows):
         phase = "Succeeded"
@@ -275,7 +286,10 @@ def decide(
     elif blocked_by and not running:
         phase = "Queued"
     else:
-        capacity = spec.parallelism - len(running)
+        # A chunk waiting for its backoff lends its slot, but at most parallelism of them:
+        # otherwise an outage sweeps the whole plan, one doomed Job and status entry per chunk.
+        backing_off = sum(1 for c, t in retry_at.items() if t > now and c not in running and c not in state.failed)
+        capacity = spec.parallelism - len(running) - max(0, backing_off - spec.parallelism)
         for window in windows:
             if capacity <= 0:
                 break

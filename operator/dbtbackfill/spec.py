@@ -40,7 +40,7 @@ MAX_RANGE_DAYS: Final = MAX_WINDOWS
 # Key in the database Secret read when databaseSecretRef.key is omitted.
 DEFAULT_DATABASE_URL_KEY: Final = "DATABASE_URL"
 
-MODEL_SELECTOR_PATTERN: Final = r"^[A-Za-z0-9_.:+*@/,=-]+$"
+MODEL_SELECTOR_PATTERN: Final = r"^[A-Za-z0-9_.:+*@/,=][A-Za-z0-9_.:+*@/,=-]*$"
 MAX_MODELS: Final = 50
 MAX_MODEL_LENGTH: Final = 200
 

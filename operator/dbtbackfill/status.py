@@ -200,17 +200,67 @@ def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[
 
 def argocd_health(obj: Mapping[str, Any]) -> tuple[str, str]:
     """The same mapping as ``deploy/argocd/health.lua``, tested against the same cases."""
-    status = obj.get("status") or {}
-    if not status:
-        return "Progressing", "Waiting for operator"
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    succeeded = conditions.get("Succeeded") or {}
-    phase = status.get("phase")
-    if succeeded.get("status") == "True":
-        return "Healthy", str(succeeded.get("message") or "Succeeded")
-    if succeeded.get("status") == "False":
-        return "Degraded", str(succeeded.get("message") or phase or "Failed")
+    status = obj.get("status")
+    status = status if isinstance(status, Mapping) else None
+    conditions = (status or {}).get("conditions")
+    succeeded: Mapping[str, Any] | None = None
+    if isinstance(conditions, list):
+        succeeded = next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == "Succeeded"), None)
+    raw_phase = (status or {}).get("phase")
+    phase = raw_phase if isinstance(raw_phase, str) and raw_phase else None
+
+    def message_of(c: Mapping[str, Any] | None) -> str | None:
+        text = (c or {}).get("message")
+        return text if isinstance(text, str) and text else None
+
+    def progress() -> str:
+        assert status is not None
+        parts = []
+        chunks = status.get("chunks")
+        chunks = chunks if isinstance(chunks, Mapping) else None
+        text = status.get("progress")
+        if isinstance(text, str) and text:
+            parts.append(f"{text} chunks done")
+        elif chunks is not None and isinstance(chunks.get("total"), int | float):
+            done = (chunks.get("succeeded") or 0) + (chunks.get("failed") or 0)
+            parts.append(f"{int(done)}/{int(chunks['total'])} chunks done")
+        if chunks is not None:
+            if (chunks.get("failed") or 0) > 0:
+                parts.append(f"{int(chunks['failed'])} failed")
+            if (chunks.get("running") or 0) > 0:
+                parts.append(f"{int(chunks['running'])} running")
+        return ", ".join(parts)
+
+    def join(prefix: str, detail: str) -> str:
+        return f"{prefix}: {detail}" if detail else prefix
+
+    decided = succeeded is not None and succeeded.get("status") in ("True", "False")
+    if status is None or (phase is None and not decided):
+        return "Progressing", message_of(succeeded) or "Waiting for operator"
+    generation = (obj.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration")
+    if isinstance(generation, int | float) and isinstance(observed, int | float) and observed < generation:
+        return "Progressing", f"Waiting for operator to observe generation {int(generation)}"
+    if phase == "Pending":
+        return "Progressing", join("Pending", progress())
+    if phase == "Queued":
+        behind = status.get("queuedBehind")
+        prefix = f"Queued behind {behind}" if isinstance(behind, str) and behind else "Queued"
+        return "Progressing", join(prefix, progress())
+    if phase == "Running":
+        message = join("Running", progress())
+        when = status.get("estimatedCompletionTime")
+        if isinstance(when, str) and when:
+            message += f" (ETA {when})"
+        return "Progressing", message
     if phase == "Suspended":
-        return "Suspended", str(succeeded.get("message") or "Suspended")
-    progress = status.get("progress") or "0/0"
-    return "Progressing", f"{phase or 'Pending'} {progress}"
+        return "Suspended", join("Suspended", progress())
+    if succeeded is not None and succeeded.get("status") == "True":
+        return "Healthy", message_of(succeeded) or join("Succeeded", progress())
+    if succeeded is not None and succeeded.get("status") == "False":
+        return "Degraded", message_of(succeeded) or join(str(succeeded.get("reason") or phase or "Failed"), progress())
+    if phase == "Succeeded":
+        return "Healthy", join("Succeeded", progress())
+    if phase in ("Failed", "Cancelled"):
+        return "Degraded", join(phase, progress())
+    return "Unknown", f"Unrecognised phase {phase}"
