@@ -27,8 +27,6 @@ KINDS: Final = ("run", "backfill", "chunk")
 VERSION_TABLE: Final = "dbt_backfill_alembic_version"
 # Serialises concurrent first-use migrations from parallel chunk Jobs.
 _MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
-# Operator-managed UUIDs are derived from the backfill's uid in this namespace.
-AUDIT_NAMESPACE: Final = uuid.UUID("6f0c7e0a-4c53-4cf2-9a53-6a7b6a1c0d11")
 MAX_ERROR_CHARS: Final = 8000
 
 
@@ -199,25 +197,6 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
     )
     with engine.begin() as conn:
         conn.execute(upsert)
-
-
-def ensure_started(engine: sa.Engine, start: ExecutionStart) -> None:
-    """Insert the row as ``running`` unless it exists; never reopens a finished row."""
-    insert = pg.insert(_TABLE).values(
-        id=start.id,
-        parent_id=start.parent_id,
-        kind=start.kind,
-        tenant_id=start.tenant_id,
-        start_date=start.start_date,
-        end_date=start.end_date,
-        models=list(start.models),
-        status="running",
-        backfill_name=start.backfill_name,
-        backfill_namespace=start.backfill_namespace,
-        backfill_uid=start.backfill_uid,
-    )
-    with engine.begin() as conn:
-        conn.execute(insert.on_conflict_do_nothing(index_elements=[_TABLE.c.id]))
 
 
 def record_finish(

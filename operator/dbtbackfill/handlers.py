@@ -26,18 +26,12 @@ from dbtbackfill.spec import SpecError, parse_spec
 
 FINALIZER_AUDIT_DEADLINE_SECONDS: Final = 30.0
 WATCH_TIMEOUT_SECONDS: Final = int(os.environ.get("DBT_BACKFILL_WATCH_TIMEOUT_SECONDS", "300"))
-CONFIG: controller.OperatorConfig = controller.OperatorConfig.from_env()
-AUDIT = controller.AuditLog(CONFIG.database_url)
+CONFIG: Final = controller.OperatorConfig.from_env()
+AUDIT: Final = controller.AuditLog(CONFIG.database_url)
 
 # Per-backfill wake-up flags (keyed by uid), and the last phase seen for the gauge.
 _wakeups: dict[str, asyncio.Event] = {}
 _phases: dict[str, str] = {}
-
-
-def configure(config: controller.OperatorConfig) -> None:
-    global CONFIG, AUDIT  # set once at start-up by operator_main
-    CONFIG = config
-    AUDIT = controller.AuditLog(config.database_url)
 
 
 def _wake(uid: str | None) -> None:
