@@ -66,6 +66,30 @@ def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
     }
 
 
+_PRISTINE_BEHAVIOR_FLAGS: list[Any] | None = None
+
+
+def _reset_adapter_behavior_flags() -> None:
+    """Undo dbt-adapters' per-adapter growth of a module-level list (dbt-labs/dbt-adapters#2136).
+
+    Every adapter dbt creates appends its behavior flags to ``DEFAULT_BASE_BEHAVIOR_FLAGS``, so
+    window n of an in-process backfill builds n+4 flags (each calling ``inspect.stack()``): per
+    window time grows with the window count. Restoring the list before each invocation keeps
+    it flat; the flags each new adapter builds are unchanged.
+    """
+    global _PRISTINE_BEHAVIOR_FLAGS  # captured once, before the first adapter
+    try:
+        from dbt.adapters.base import impl
+    except ImportError:  # a dbt-adapters without that list has nothing to undo
+        return
+    flags = getattr(impl, "DEFAULT_BASE_BEHAVIOR_FLAGS", None)
+    if not isinstance(flags, list):
+        return
+    if _PRISTINE_BEHAVIOR_FLAGS is None:
+        _PRISTINE_BEHAVIOR_FLAGS = list(flags)
+    flags[:] = _PRISTINE_BEHAVIOR_FLAGS
+
+
 @dataclass(frozen=True)
 class ModelResult:
     name: str
@@ -197,6 +221,7 @@ class DbtSession:
     def _invoke(self, command: str, *args: str) -> Any:
         from dbt.cli.main import dbtRunner
 
+        _reset_adapter_behavior_flags()
         if self._manifest is None:
             raise RunnerError("call parse() first")
         # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
@@ -208,6 +233,7 @@ class DbtSession:
     def parse(self) -> None:
         from dbt.cli.main import dbtRunner
 
+        _reset_adapter_behavior_flags()  # snapshots the list before dbt's first adapter
         res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
