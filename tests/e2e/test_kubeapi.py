@@ -900,7 +900,12 @@ def test_kubelet_deletes_finished_jobs_after_their_ttl(kube_api, kubelet, batch)
     batch.create_namespaced_job("default", job("kept", [PY, "-c", "pass"]))
     assert kubelet.wait_for_run("ttl").outcome == "succeeded"
     assert kubelet.wait_for_run("kept").outcome == "succeeded"
-    kube_api.wait_for(lambda: kube_api.get("jobs", "ttl") is None, message="the TTL did not delete the Job")
+    # The kubelet records a deletion only after the DELETE returns, so the Job can look gone
+    # to us a moment before the record exists: wait for both.
+    kube_api.wait_for(
+        lambda: kube_api.get("jobs", "ttl") is None and kubelet.ttl_deleted,
+        message="the TTL did not delete the Job",
+    )
     assert kubelet.ttl_deleted == ["ttl"]
     assert kube_api.get("jobs", "kept") is not None
 
