@@ -148,7 +148,7 @@ def query(url: str, stmt: Any, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(stmt, params).fetchall()
 
 
-def execute(url: str, stmt: str, *params: Any) -> None:
+def execute(url: str, stmt: Any, *params: Any) -> None:
     with psycopg.connect(url) as conn:
         conn.execute(stmt, params)
 
@@ -418,6 +418,16 @@ def test_chunked_backfill_equals_a_full_build_and_dbt_test_passes(
         database_url,
         "insert into raw.orders values ('tenant-001', 1, 424242, 'placed', 1.00, '2024-03-02 10:00+00')",
     )
+    # The fact's unique index refuses a duplicate outright ...
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        execute(database_url, "insert into chunked.fact_orders select * from chunked.fact_orders limit 1")
+    # ... and where it is gone (a table built before it existed), the data test still catches one.
+    [(unique_index,)] = query(
+        database_url,
+        "select indexname from pg_indexes where schemaname = 'chunked' and tablename = 'fact_orders'"
+        " and indexdef like 'CREATE UNIQUE INDEX%%'",
+    )
+    execute(database_url, sql.SQL("drop index chunked.{}").format(sql.Identifier(unique_index)))
     execute(database_url, "insert into chunked.fact_orders select * from chunked.fact_orders limit 1")
     res = chunked.invoke("test", parsed=True)
     assert not res.success

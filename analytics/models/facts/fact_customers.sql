@@ -3,6 +3,10 @@
         materialized='incremental',
         incremental_strategy='delete+insert',
         unique_key=['tenant_id', 'customer_id'],
+        indexes=[
+            {'columns': ['tenant_id', 'customer_id'], 'unique': true},
+            {'columns': ['created_at']},
+        ],
         pre_hook="{{ backfill_delete_window('created_at') }}",
     )
 }}

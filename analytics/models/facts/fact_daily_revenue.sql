@@ -3,6 +3,10 @@
         materialized='incremental',
         incremental_strategy='delete+insert',
         unique_key=['tenant_id', 'order_date'],
+        indexes=[
+            {'columns': ['tenant_id', 'order_date'], 'unique': true},
+            {'columns': ['order_date']},
+        ],
         pre_hook="{{ backfill_delete_window('order_date') }}",
     )
 }}
