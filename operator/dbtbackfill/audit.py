@@ -25,6 +25,9 @@ KINDS: Final = ("run", "backfill", "chunk")
 # Our own Alembic version table: the audited database is usually an application
 # database that may run Alembic itself under the default name.
 VERSION_TABLE: Final = "dbt_backfill_alembic_version"
+#: The newest migration in migrations/versions (a unit test keeps the two in step). A database
+#: already there needs no Alembic at all, which saves every backfill process importing it.
+HEAD_REVISION: Final = "0001"
 # Serialises concurrent first-use migrations from parallel chunk Jobs.
 _MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
 MAX_ERROR_CHARS: Final = 8000
@@ -140,11 +143,21 @@ def current_revision(engine: sa.Engine) -> str | None:
 _upgraded: set[str] = set()
 
 
+def _at_head(engine: sa.Engine) -> bool:
+    with engine.connect() as connection:
+        if connection.execute(sa.select(sa.func.to_regclass(VERSION_TABLE))).scalar() is None:
+            return False
+        versions = sa.table(VERSION_TABLE, sa.column("version_num"))
+        found: list[object] = list(connection.execute(sa.select(versions.c.version_num)).scalars())
+        return found == [HEAD_REVISION]
+
+
 def ensure_schema(engine: sa.Engine) -> None:
     """Migrate on first use in this process; later calls cost nothing."""
     key = engine.url.render_as_string(hide_password=False)
     if key not in _upgraded:
-        upgrade(engine)
+        if not _at_head(engine):
+            upgrade(engine)
         _upgraded.add(key)
 
 

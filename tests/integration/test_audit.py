@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from psycopg import sql
 
 from dbtbackfill import audit
-from tests.integration.conftest import audit_rows, query, register_url, table_exists
+from tests.integration.conftest import audit_rows, execute, query, register_url, table_exists
 
 pytestmark = pytest.mark.integration
 
@@ -281,3 +281,31 @@ def test_ensure_schema_migrates_once_per_process(two_engines: tuple[sa.Engine, s
     assert audit.current_revision(other) == head_revision()
     audit.ensure_schema(cli_engine)  # cached: no second migration run, still fine
     assert version_rows(database_url) == [(head_revision(),)]
+
+
+def test_head_revision_constant_is_the_newest_migration() -> None:
+    # ensure_schema skips Alembic when the database is at HEAD_REVISION: a stale constant would
+    # leave a new migration unapplied.
+    assert head_revision() == audit.HEAD_REVISION
+
+
+def test_ensure_schema_migrates_a_database_behind_head_and_skips_one_at_head(
+    engine: sa.Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``audit.upgrade`` is wrapped (not replaced) to count the times Alembic is invoked."""
+    upgrades: list[str] = []
+    real_upgrade = audit.upgrade
+    monkeypatch.setattr(audit, "upgrade", lambda e, revision="head": upgrades.append(revision) or real_upgrade(e))
+    monkeypatch.setattr(audit, "_upgraded", set())
+    audit.ensure_schema(engine)  # empty database: migrates
+    assert upgrades == ["head"] and version_rows(database_url) == [(audit.HEAD_REVISION,)]
+
+    monkeypatch.setattr(audit, "_upgraded", set())  # a new process
+    audit.ensure_schema(engine)
+    assert upgrades == ["head"]  # at head: Alembic is not involved
+
+    execute(database_url, sql.SQL("update {} set version_num = 'older'").format(sql.Identifier(audit.VERSION_TABLE)))
+    monkeypatch.setattr(audit, "_upgraded", set())
+    with pytest.raises(Exception, match="older"):  # not at head: Alembic runs (and knows no 'older')
+        audit.ensure_schema(engine)
+    assert upgrades == ["head", "head"]
