@@ -75,6 +75,14 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="dbt threads")
     parser.add_argument(
+        "--engine",
+        choices=("auto", "dbt"),
+        default="auto",
+        help="auto (default): when every selected model follows the backfill contract, dbt compiles"
+        " them once and each window runs that SQL in one transaction; otherwise, or with dbt,"
+        " each window is one in-process dbt run",
+    )
+    parser.add_argument(
         "--execution-id",
         type=uuid.UUID,
         default=None,
@@ -212,7 +220,14 @@ def _execute(
     with reporter.running():
         try:
             outcome = runner.run_windows(
-                session, windows, tenant_id=tenant, selectors=args.models, on_window=reporter.window_done
+                session,
+                windows,
+                tenant_id=tenant,
+                selectors=args.models,
+                models=models,
+                engine=args.engine,
+                on_engine=reporter.engine,
+                on_window=reporter.window_done,
             )
             error = outcome.error
         except BaseException as exc:  # KeyboardInterrupt/SIGTERM included: never leave a row 'running'

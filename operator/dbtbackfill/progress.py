@@ -58,6 +58,13 @@ class Reporter:
             for w in self.windows:
                 self._line(f"  window {w.index + 1}: {w.label()} ({w.days} day(s))")
 
+    def engine(self, text: str) -> None:
+        """How the windows run: compiled once, or one dbt invocation each (and why)."""
+        if self._progress is not None:
+            self._progress.console.print(f"engine: {text}")
+        else:
+            self._line(f"engine: {text}")
+
     @contextmanager
     def running(self) -> Iterator[None]:
         if not self.interactive:

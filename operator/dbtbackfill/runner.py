@@ -21,6 +21,15 @@ from typing import Any, Final
 
 from sqlalchemy.engine import make_url
 
+from dbtbackfill.compiled import (
+    CompiledWindows,
+    Hook,
+    ModelNode,
+    NotCompilable,
+    TableMissing,
+    compiled_vars,
+    plan_models,
+)
 from dbtbackfill.planner import Window
 
 DEFAULT_SCHEMA: Final = "analytics"
@@ -95,7 +104,8 @@ class ModelResult:
     name: str
     status: str
     rows_affected: int | None
-    seconds: float
+    #: None when not measured per model (compiled windows run a window's models as one batch).
+    seconds: float | None
     message: str | None
 
 
@@ -118,6 +128,53 @@ def window_vars(window: Window, tenant_id: str | None) -> dict[str, Any]:
         "backfill_end_date": window.end.isoformat(),
         "tenant_id": tenant_id,
     }
+
+
+def psycopg_connect_args(database_url: str) -> dict[str, str]:
+    """psycopg keyword arguments for the same server, database and role dbt connects with."""
+    env = dbt_env(database_url)
+    return {
+        "host": env["DBT_PG_HOST"],
+        "port": env["DBT_PG_PORT"],
+        "user": env["DBT_PG_USER"],
+        "password": env["DBT_PG_PASSWORD"],
+        "dbname": env["DBT_PG_DBNAME"],
+    }
+
+
+def model_node(node: Any, nodes: Any) -> ModelNode:
+    """The parts of a compiled dbt model node :mod:`dbtbackfill.compiled` plans with.
+
+    ``depends_on`` looks through ephemeral models (dbt inlines them) to the models they read.
+    """
+    reads: set[str] = set()
+    pending = list(node.depends_on.nodes)
+    while pending:
+        uid = pending.pop()
+        dep = nodes.get(uid)
+        if dep is not None and dep.resource_type == "model" and dep.config.materialized == "ephemeral":
+            pending.extend(dep.depends_on.nodes)
+        else:
+            reads.add(uid)
+    config = node.config
+    key = config.unique_key
+    return ModelNode(
+        unique_id=node.unique_id,
+        name=node.name,
+        materialized=str(config.materialized),
+        compiled_code=node.compiled_code or "",
+        relation_name=node.relation_name,
+        schema=node.schema,
+        table=node.alias,
+        incremental_strategy=config.incremental_strategy,
+        unique_key=(key,) if isinstance(key, str) else tuple(key or ()),
+        pre_hooks=tuple(Hook(h.sql, h.transaction) for h in config.pre_hook),
+        post_hooks=tuple(Hook(h.sql, h.transaction) for h in config.post_hook),
+        incremental_predicates=tuple(config.get("incremental_predicates") or ()),
+        grants=bool(config.grants),
+        persist_docs=bool(config.persist_docs),
+        depends_on=tuple(sorted(reads)),
+    )
 
 
 def _model_results(result: Any) -> tuple[ModelResult, ...]:
@@ -277,6 +334,30 @@ class DbtSession:
         self._bootstrapped = result.success or not missing
         return result
 
+    def compiled_windows(self, tenant_id: str | None, models: Sequence[str]) -> CompiledWindows:
+        """Compile ``models`` once for every window and prepare their statements.
+
+        Raises :class:`NotCompilable` (with the reason) when a model is outside the backfill
+        contract, a table does not exist yet, or a schema changed: those windows need dbt itself.
+        """
+        if self._manifest is None:
+            raise RunnerError("call parse() first")
+        hooks = [n.name for n in self._manifest.nodes.values() if n.resource_type == "operation"]
+        if hooks:
+            raise NotCompilable(f"the project has on-run-start/on-run-end hooks ({', '.join(sorted(hooks))})")
+        # dbt compile prints the SQL of selected nodes even with --quiet; it is for us, not the user.
+        args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *models, "--no-write-json"]
+        args += ["--log-level", "none"]
+        res = self._invoke("compile", *args)
+        if not res.success:
+            raise NotCompilable(f"dbt could not compile the models once for all windows: {_error_text(res, [])}")
+        nodes = [
+            model_node(r.node, self._manifest.nodes)
+            for r in res.result.results
+            if r.node.resource_type == "model" and r.node.name in models
+        ]
+        return CompiledWindows.open(psycopg_connect_args(self.database_url), plan_models(nodes), tenant_id)
+
     def _relations(self) -> list[tuple[str, str]]:
         nodes = self._manifest.nodes.values() if self._manifest is not None else ()
         return [
@@ -355,19 +436,67 @@ def run_windows(
     *,
     tenant_id: str | None,
     selectors: Sequence[str],
+    models: Sequence[str] = (),
+    engine: str = "auto",
+    on_engine: Callable[[str], None] = lambda _: None,
     on_window: Callable[[WindowResult], None] = lambda _: None,
 ) -> BackfillOutcome:
     """Run windows in calendar order; stop at the first failure.
+
+    With ``engine="auto"`` and models that follow the backfill contract, dbt compiles them
+    once and every window runs from that SQL (:mod:`dbtbackfill.compiled`); otherwise, or
+    with ``engine="dbt"``, each window is one in-process dbt invocation. A table that does not
+    exist yet is created by dbt in the first window, then the rest run compiled.
+    ``on_engine`` hears which one runs, and why when it is dbt.
 
     Later windows are not attempted once one fails: a backfill is retried as a whole
     or per chunk, and running past a failure would leave gaps that look like success.
     """
     started = time.monotonic()
     done: list[WindowResult] = []
-    for window in windows:
-        result = session.run_window(window, tenant_id, selectors)
-        done.append(result)
-        on_window(result)
-        if not result.success:
-            break
+    pending = list(windows)
+    compiled: CompiledWindows | None = None
+    try:
+        if engine == "auto" and models:
+            compiled, reason = _try_compiled(session, tenant_id, models)
+            if compiled is None and isinstance(reason, TableMissing) and len(pending) > 1:
+                on_engine(f"dbt for the first window: {reason}")
+                first = session.run_window(pending.pop(0), tenant_id, selectors)
+                done.append(first)
+                on_window(first)
+                if not first.success:
+                    return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
+                compiled, reason = _try_compiled(session, tenant_id, models)
+        else:
+            reason = NotCompilable("--engine dbt" if engine == "dbt" else "no models selected")
+        if compiled is not None:
+            on_engine(f"compiled: dbt compiled {len(compiled.models)} model(s) once; one transaction per window")
+        else:
+            on_engine(f"dbt per window: {reason}")
+        for window in pending:
+            result = _run_compiled(compiled, window) if compiled else session.run_window(window, tenant_id, selectors)
+            done.append(result)
+            on_window(result)
+            if not result.success:
+                break
+    finally:
+        if compiled is not None:
+            compiled.close()
     return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
+
+
+def _try_compiled(
+    session: DbtSession, tenant_id: str | None, models: Sequence[str]
+) -> tuple[CompiledWindows | None, NotCompilable | None]:
+    try:
+        return session.compiled_windows(tenant_id, models), None
+    except NotCompilable as e:
+        return None, e
+
+
+def _run_compiled(compiled: CompiledWindows, window: Window) -> WindowResult:
+    started = time.monotonic()
+    rows, error = compiled.run(window.start, window.end)
+    seconds = time.monotonic() - started
+    results = tuple(ModelResult(name, "success", n, None, None) for name, n in rows)
+    return WindowResult(window, error is None, seconds, results, error)

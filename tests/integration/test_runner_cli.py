@@ -293,6 +293,9 @@ def test_weekly_chunks_equal_one_unchunked_run(
     monkeypatch.setenv("DBT_PG_SCHEMA", "chunked")
     assert run_cli(*argv, "--chunk", "week") == 0
     err = capsys.readouterr().err
+    # A fresh schema: dbt creates the tables in the first window, the rest run compiled.
+    assert 'engine: dbt for the first window: table "' in err
+    assert "engine: compiled: dbt compiled 3 model(s) once; one transaction per window" in err
     n = len(expected)
     assert f"plan: {n} window(s) {start}..{end}" in err
     windows, summary = report(err)
@@ -313,6 +316,137 @@ def test_weekly_chunks_equal_one_unchunked_run(
     rows = audit_rows(demo_url)
     assert [(r["start_date"], r["end_date"], r["status"]) for r in rows] == [(start, end, "completed")] * 2
     assert rows[0]["records_processed"] == summary.rows
+
+
+# ------------------------------------------------------------------ 4b. compiled windows
+
+WEEK = ("--start-date", "2024-02-08", "--end-date", "2024-02-14", "--chunk", "day")
+
+
+def _engine_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("engine: ")]
+
+
+def test_compiled_windows_write_exactly_what_dbt_writes(
+    demo_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = demo_url
+    # An order that moves to another day of the range: delete+insert on the unique key must
+    # drop it from its old day; a customer deleted upstream must disappear from its window.
+    execute(url, "update raw.orders set ordered_at = ordered_at + interval '3 days' where tenant_id = 'tenant-002'"
+            " and order_id = (select min(order_id) from raw.orders where tenant_id = 'tenant-002'"
+            " and (ordered_at at time zone 'UTC')::date = '2024-02-09')")  # fmt: skip
+
+    def both(*extra: str) -> tuple[list[WindowLine], list[WindowLine]]:
+        monkeypatch.setenv("DBT_PG_SCHEMA", "per_window")
+        assert run_cli(*WEEK, *extra, "--engine", "dbt", "--database-url", url) == 0
+        err = capsys.readouterr().err
+        assert _engine_lines(err) == ["engine: dbt per window: --engine dbt"]
+        by_dbt, _ = report(err)
+        monkeypatch.setenv("DBT_PG_SCHEMA", "compiled")
+        assert run_cli(*WEEK, *extra, "--database-url", url) == 0
+        err = capsys.readouterr().err
+        assert _engine_lines(err)[-1] == "engine: compiled: dbt compiled 3 model(s) once; one transaction per window"
+        compiled, _ = report(err)
+        assert fact_checksums(url, schema="compiled") == fact_checksums(url, schema="per_window")
+        return by_dbt, compiled
+
+    by_dbt, compiled = both()
+    assert [(w.label, w.status, w.rows) for w in compiled] == [(w.label, w.status, w.rows) for w in by_dbt]
+    assert len(compiled) == 7 and all(w.rows > 0 for w in compiled)
+
+    # Second round, tenant-scoped, after upstream changes for two tenants: tenant-002's change
+    # lands, tenant-001's waits, identically in both engines.
+    execute(url, "update raw.orders set amount = amount + 7 where (ordered_at at time zone 'UTC')::date"
+            " between '2024-02-10' and '2024-02-11'")  # fmt: skip
+    execute(url, "delete from raw.customers where tenant_id = 'tenant-002' and customer_id = (select max(customer_id)"
+            " from raw.customers where tenant_id = 'tenant-002' and (created_at at time zone 'UTC')::date"
+            " = '2024-02-12') and not exists (select 1 from raw.orders o where o.tenant_id = 'tenant-002'"
+            " and o.customer_id = raw.customers.customer_id)")  # fmt: skip
+    before = fact_checksums(url, schema="compiled", where="tenant_id <> 'tenant-002'")
+    by_dbt, compiled = both("--tenant-id", "tenant-002")
+    assert [w.rows for w in compiled] == [w.rows for w in by_dbt]
+    assert fact_checksums(url, schema="compiled", where="tenant_id <> 'tenant-002'") == before
+    revenue_sql = (
+        "select sum(gross_revenue) from compiled.fact_daily_revenue"
+        " where tenant_id = 'tenant-002' and order_date between '2024-02-10' and '2024-02-11'"
+    )
+    [(revenue,)] = query(url, revenue_sql)
+    [(raw,)] = query(url, "select sum(amount) from raw.orders where tenant_id = 'tenant-002'"
+                     " and (ordered_at at time zone 'UTC')::date between '2024-02-10' and '2024-02-11'")  # fmt: skip
+    assert revenue == raw
+
+
+FRAGILE_MODEL_SQL = """\
+{{ config(materialized='incremental', incremental_strategy='delete+insert', unique_key=['tenant_id', 'order_id'],
+          pre_hook="{{ backfill_delete_window('ordered_at') }}") }}
+-- Follows the backfill contract, and fails for the orders of 2024-02-10 only.
+select tenant_id, order_id, ordered_at,
+       1 / (case when (ordered_at at time zone 'UTC')::date = date '2024-02-10' then 0 else 1 end) as ok
+from {{ source('raw', 'orders') }}
+where 1=1
+  {{ backfill_date_range(var('backfill_start_date'), var('backfill_end_date'), var('tenant_id'),
+                         date_column='ordered_at') }}
+"""
+
+
+@pytest.fixture
+def fragile_project(tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A copy of analytics/ with one more contract model, which fails on one day; yields its name."""
+    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
+    (project / "models" / "facts" / "zz_fragile.sql").write_text(FRAGILE_MODEL_SQL)
+    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
+    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
+    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    return "zz_fragile"
+
+
+def test_a_failing_compiled_window_rolls_back_all_its_models(
+    demo_url: str, fragile_project: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = demo_url
+    assert run_cli("--start-date", "2024-02-08", "--end-date", "2024-02-08", "--database-url", url) == 0
+    capsys.readouterr()  # the tables exist now: every window of the next run is compiled
+
+    assert run_cli("--start-date", "2024-02-09", "--end-date", "2024-02-12", "--chunk", "day",
+                   "--database-url", url) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert _engine_lines(err) == ["engine: compiled: dbt compiled 4 model(s) once; one transaction per window"]
+    windows, summary = report(err)
+    assert [(w.label, w.status) for w in windows] == [
+        ("2024-02-09..2024-02-09", "ok"),
+        ("2024-02-10..2024-02-10", "FAILED"),
+    ]
+    assert "error: zz_fragile: division by zero" in err.splitlines()
+    assert (summary.verdict, summary.not_attempted) == ("FAILED", 2)
+    row = audit_rows(url)[-1]
+    assert (row["status"], row["error_message"]) == (
+        "failed",
+        "window 2024-02-10..2024-02-10: zz_fragile: division by zero",
+    )
+
+    # fact_orders ran before zz_fragile in the failed window, and was rolled back with it.
+    days = "select distinct order_date from analytics.fact_orders order by 1"
+    assert [d for (d,) in query(url, days)] == [date(2024, 2, 8), date(2024, 2, 9)]
+    [(fragile,)] = query(url, "select count(*) from analytics.zz_fragile where ordered_at >= '2024-02-10'")
+    assert fragile == 0
+
+
+def test_a_schema_change_hands_the_windows_back_to_dbt(demo_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = demo_url
+    assert run_cli("--start-date", "2024-02-08", "--end-date", "2024-02-08", "--database-url", url) == 0
+    execute(url, "alter table analytics.fact_customers add column note text")
+    capsys.readouterr()
+
+    assert run_cli("--start-date", "2024-02-09", "--end-date", "2024-02-10", "--chunk", "day",
+                   "--database-url", url) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    [engine] = _engine_lines(err)
+    assert engine.startswith("engine: dbt per window: model fact_customers's columns differ from ")
+    assert engine.endswith('."analytics"."fact_customers" (gone note)')
+    # dbt applies the project's on_schema_change: fail.
+    assert "out of sync" in err
+    assert report(err)[1].verdict == "FAILED"
 
 
 # ------------------------------------------------------------------ 5. a failing model
@@ -354,6 +488,8 @@ def test_a_failing_model_fails_the_run_names_the_window_and_records_dbts_error(
 
     err = capsys.readouterr().err
     assert f"{broken_project}" in err.splitlines()[0]  # the plan lists the model
+    # A table model is outside the backfill contract: every window is a dbt run.
+    assert f"engine: dbt per window: model {broken_project} is materialized as table" in err
     windows, summary = report(err)
     assert [(w.label, w.status) for w in windows] == [("2024-02-01..2024-02-04", "FAILED")]
     # dbt's message follows the window's line: the failing model, then the database's error.

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status")
+PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status", "compiled")
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
 PROBE = """
