@@ -7,6 +7,7 @@ an unusable environment (nothing was written).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import sys
@@ -252,8 +253,18 @@ def _execute(
     return EXIT_OK if outcome.success else EXIT_FAILED
 
 
+def _exit(code: int) -> NoReturn:
+    # Tearing down the interpreter walks every object dbt built (manifests, adapters) through
+    # the garbage collector: about 0.7 s per process, per Job. Frozen objects are skipped;
+    # everything that matters (audit rows, connections, output) is finished by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 def main_run_dbt_backfill() -> None:
-    sys.exit(run_backfill(prog="run_dbt_backfill"))
+    _exit(run_backfill(prog="run_dbt_backfill"))
 
 
 # ---------------------------------------------------------------- dbt-backfill tool
@@ -365,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
-        sys.exit(run_backfill(argv[1:], prog="dbt-backfill run"))
+        _exit(run_backfill(argv[1:], prog="dbt-backfill run"))
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
 
