@@ -2,8 +2,9 @@
 
 Starting dbt costs far more than a window's SQL (about 2.5 s for a fresh ``dbt run``
 against about 0.13 s for an in-process invocation that reuses a parsed manifest), so
-a backfill parses the project once and then runs every window through the same
-``dbtRunner``.
+a backfill parses the project once. Models that follow the backfill contract are then
+compiled once and every window runs from that SQL (:mod:`dbtbackfill.compiled`); other
+selections run each window as one ``dbtRunner`` invocation on the parsed manifest.
 """
 
 from __future__ import annotations
