@@ -33,6 +33,8 @@ from celpy import celtypes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.crd_schema import openapi_to_jsonschema
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
 SAMPLES = sorted((ROOT / "crds" / "samples").glob("*.yaml"))
@@ -100,38 +102,6 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
 # --- jsonschema ----------------------------------------------------------------------------
 
 
-def to_json_schema(node: Any, *, root: bool = True) -> Any:
-    """OpenAPI v3 (structural) -> JSON Schema 2020-12, keeping Kubernetes semantics."""
-    if isinstance(node, list):
-        return [to_json_schema(v, root=False) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key.startswith("x-kubernetes-") or key == "nullable":
-            continue
-        if key == "properties":
-            out[key] = {name: to_json_schema(sub, root=False) for name, sub in value.items()}
-        elif key in ("items", "additionalProperties", "anyOf", "allOf", "oneOf", "not"):
-            out[key] = to_json_schema(value, root=False)
-        else:
-            out[key] = copy.deepcopy(value)
-    if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-    # Strict field validation: a field the schema does not know is an error, not pruned.
-    if (
-        "properties" in node
-        and "additionalProperties" not in node
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    if root:
-        out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return out
-
-
 FORMAT_CHECKER = jsonschema.FormatChecker()
 
 
@@ -146,7 +116,7 @@ def _is_date_time(instance: object) -> bool:
     return True
 
 
-VALIDATOR = jsonschema.Draft202012Validator(to_json_schema(SCHEMA), format_checker=FORMAT_CHECKER)
+VALIDATOR = jsonschema.Draft202012Validator(openapi_to_jsonschema(SCHEMA, resource=True), format_checker=FORMAT_CHECKER)
 
 
 def field_of(path: Any) -> str:
@@ -375,7 +345,7 @@ def test_every_field_has_a_description() -> None:
 def test_defaults_are_valid_for_their_fields() -> None:
     for path, node in walk(SCHEMA):
         if "default" in node:
-            sub = jsonschema.Draft202012Validator(to_json_schema(node), format_checker=FORMAT_CHECKER)
+            sub = jsonschema.Draft202012Validator(openapi_to_jsonschema(node), format_checker=FORMAT_CHECKER)
             assert list(sub.iter_errors(apply_defaults(node, node["default"]))) == [], path
 
 

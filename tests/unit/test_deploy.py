@@ -28,6 +28,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from dbtbackfill.kube import API_CALLS, FRAMEWORK_CALLS
+from tests.support.crd_schema import openapi_to_jsonschema
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -170,44 +171,6 @@ def load_examples() -> dict[str, list[dict[str, Any]]]:
 # --------------------------------------------------------------------------------------------
 
 
-def openapi_to_jsonschema(node: Any, *, root: bool = True) -> Any:
-    """A CRD's structural OpenAPI v3 schema as JSON Schema, as strict as the API server.
-
-    The API server prunes unknown fields; here they are errors (additionalProperties: false),
-    so a typo in an example fails instead of being silently dropped. `metadata` at the root is
-    checked by the API server itself and left open.
-    """
-    if isinstance(node, list):
-        return [openapi_to_jsonschema(n, root=False) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key.startswith("x-kubernetes-") or key == "nullable":
-            continue
-        if key == "properties":
-            out[key] = {
-                name: ({"type": "object"} if root and name == "metadata" else openapi_to_jsonschema(sub, root=False))
-                for name, sub in value.items()
-            }
-        else:
-            out[key] = openapi_to_jsonschema(value, root=False)
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-    open_object = node.get("x-kubernetes-preserve-unknown-fields") or "additionalProperties" in node
-    if node.get("type") == "object" and not open_object:
-        out["additionalProperties"] = False
-        out.setdefault("properties", {})
-    if root:
-        out["properties"].setdefault("apiVersion", {"type": "string"})
-        out["properties"].setdefault("kind", {"type": "string"})
-        out["properties"].setdefault("metadata", {"type": "object"})
-    return out
-
-
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> JSON Schema, for every CRD in the default and peering renders."""
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
@@ -217,7 +180,7 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
         group = crd["spec"]["group"]
         for version in crd["spec"]["versions"]:
             key = (f"{group}/{version['name']}", crd["spec"]["names"]["kind"])
-            schemas[key] = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+            schemas[key] = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"], resource=True)
     return schemas
 
 
