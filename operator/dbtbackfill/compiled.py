@@ -13,7 +13,7 @@ known in advance:
 
 So dbt compiles each model once, with ``backfill_date_range`` rendering the window as the
 typed statement parameters ``$1``/``$2`` (see ``backfill__param_start`` in the macros), and
-this module prepares those statements on one connection and executes them per window: one
+this module checks those statements on one connection and executes them per window: one
 transaction per window covering every model, so a window is either fully replaced or
 untouched. Anything outside the contract (a view or table model, a hook with Jinja in it,
 grants, project ``on-run-*`` hooks, a schema change to reconcile, a model reading the window
@@ -242,16 +242,27 @@ def column_drift(plan: ModelPlan, model_columns: Sequence[str], table_columns: S
 @dataclass(frozen=True)
 class _Prepared:
     plan: ModelPlan
-    #: In order: ``(sql, takes_window)``; a prepared statement takes the window's two dates.
+    #: In order: ``(sql, takes_window)``; a statement that takes the window binds ``$1``/``$2``.
     statements: tuple[tuple[str, bool], ...]
 
 
 class CompiledWindows:
-    """A connection with every model's per-window statements prepared.
+    """A connection and every model's per-window statements, checked against the database.
 
-    :meth:`open` raises :class:`NotCompilable` when a table is missing or its columns drifted
-    from the model's: dbt, not this module, decides what to do about either.
+    The statements go to the server as written, with the window bound to ``$1``/``$2`` as typed
+    parameters (psycopg's ``RawCursor``): a ``%`` in a model's SQL stays literal, and no date is
+    ever spliced into SQL text. No SQL-level ``PREPARE``, which connection poolers in transaction
+    mode cannot carry between transactions; psycopg prepares repeated statements itself (see
+    :attr:`PREPARE_THRESHOLD`).
+
+    :meth:`open` raises :class:`NotCompilable` when a table is missing, its columns drifted
+    from the model's, or the server rejects a statement: dbt, not this module, decides what to
+    do about those.
     """
+
+    #: psycopg's protocol-level prepared statements after this many runs of a statement (its
+    #: default); PgBouncer carries those in transaction mode from 1.21 (max_prepared_statements).
+    PREPARE_THRESHOLD: int | None = 5
 
     def __init__(self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared]) -> None:
         self._conn = conn
@@ -263,15 +274,20 @@ class CompiledWindows:
 
     @classmethod
     def open(cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None) -> CompiledWindows:
-        """Connect with ``connect`` (psycopg keyword arguments) and prepare ``plans``' statements."""
+        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements."""
         import psycopg
         from psycopg.conninfo import make_conninfo
 
-        conn = psycopg.connect(make_conninfo(**connect, application_name="dbt-backfill"), autocommit=False)
+        conn = psycopg.connect(
+            make_conninfo(**connect, application_name="dbt-backfill"),
+            autocommit=False,
+            cursor_factory=psycopg.RawCursor,
+            prepare_threshold=cls.PREPARE_THRESHOLD,
+        )
         try:
-            prepared = [cls._prepare(conn, f"backfill_{i}", plan, tenant_id) for i, plan in enumerate(plans)]
-            conn.commit()
-        except psycopg.Error as e:  # e.g. SQL the server rejects: dbt reports it in its own words
+            prepared = [cls._prepare(conn, plan, tenant_id) for plan in plans]
+            conn.rollback()  # the checks wrote nothing; end their transaction
+        except psycopg.Error as e:  # SQL the server rejects: dbt reports it in its own words
             conn.close()
             raise NotCompilable(f"the compiled models could not be prepared: {_pg_message(e)}") from e
         except BaseException:
@@ -280,37 +296,34 @@ class CompiledWindows:
         return cls(conn, prepared)
 
     @staticmethod
-    def _prepare(conn: psycopg.Connection[Any], name: str, plan: ModelPlan, tenant_id: str | None) -> _Prepared:
-        # The statements are sent without client-side parameters, so a "%" in a model's SQL
-        # stays literal; the window arrives as the prepared statements' typed $1/$2.
+    def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None) -> _Prepared:
         table_columns = [
             str(row[0])
             for row in conn.execute(
                 "select column_name from information_schema.columns"
-                " where table_schema = %s and table_name = %s order by ordinal_position",
+                " where table_schema = $1 and table_name = $2 order by ordinal_position",
                 (plan.schema, plan.table),
             )
         ]
         if not table_columns:
             raise TableMissing(f"table {plan.relation} does not exist yet")
-        conn.execute(f"prepare {name}_probe (date, date) as {probe_sql(plan)}".encode())
+        probe = date(2000, 1, 1)
         with conn.cursor() as cur:
-            cur.execute(f"execute {name}_probe ('2000-01-01', '2000-01-01')".encode())
+            cur.execute(probe_sql(plan).encode(), (probe, probe))
             model_columns = [c.name for c in cur.description or ()]
-        conn.execute(f"deallocate {name}_probe".encode())
         drift = column_drift(plan, model_columns, table_columns)
         if drift is not None:
             raise NotCompilable(drift)
         statements: list[tuple[str, bool]] = []
         for hook in plan.pre_hooks:
             if isinstance(hook, WindowDelete):
-                sql = window_delete_sql(plan, hook, tenant_id)
-                conn.execute(f"prepare {name}_delete (date, date) as {sql}".encode())
-                statements.append((f"execute {name}_delete", True))
+                statements.append((window_delete_sql(plan, hook, tenant_id), True))
             else:
                 statements.append((hook, False))
-        conn.execute(f"prepare {name}_replace (date, date) as {replace_rows_sql(plan, table_columns)}".encode())
-        statements.append((f"execute {name}_replace", True))
+        statements.append((replace_rows_sql(plan, table_columns), True))
+        for sql, takes_window in statements:
+            if takes_window:  # parsed and planned, not run: a bad column or type fails here
+                conn.execute(f"explain {sql}".encode(), (probe, probe))
         return _Prepared(plan, tuple(statements))
 
     def run(self, start: date, end: date) -> tuple[list[tuple[str, int]], str | None]:
@@ -319,14 +332,15 @@ class CompiledWindows:
         On an error the transaction is rolled back, so the window keeps its previous rows;
         the error names the model whose statement failed.
         """
-        args = f" ('{start.isoformat()}', '{end.isoformat()}')"  # date.isoformat(): nothing to quote
+        window = (start, end)
         sent: list[tuple[str, psycopg.Cursor[Any]]] = []
         try:
             # Pipelined: the server runs the window's statements back to back, one sync at commit.
             with self._conn.pipeline():
                 for p in self._prepared:
                     for sql, takes_window in p.statements:
-                        sent.append((p.plan.name, self._conn.execute((sql + args if takes_window else sql).encode())))
+                        cur = self._conn.execute(sql.encode(), window if takes_window else None)
+                        sent.append((p.plan.name, cur))
                 self._conn.commit()
         except Exception as e:  # psycopg.Error; statements after the failing one are aborted
             failed = next((name for name, cur in sent if not _succeeded(cur)), "window")

@@ -380,11 +380,12 @@ def test_compiled_windows_write_exactly_what_dbt_writes(
 FRAGILE_MODEL_SQL = """\
 {{ config(materialized='incremental', incremental_strategy='delete+insert', unique_key=['tenant_id', 'order_id'],
           pre_hook="{{ backfill_delete_window('ordered_at') }}") }}
--- Follows the backfill contract, and fails for the orders of 2024-02-10 only.
+-- Follows the backfill contract, and fails for the orders of 2024-02-10 only. The "%" must reach
+-- the server as written (no client-side placeholder parsing), or nothing here runs compiled.
 select tenant_id, order_id, ordered_at,
        1 / (case when (ordered_at at time zone 'UTC')::date = date '2024-02-10' then 0 else 1 end) as ok
 from {{ source('raw', 'orders') }}
-where 1=1
+where status not like '%never%'
   {{ backfill_date_range(var('backfill_start_date'), var('backfill_end_date'), var('tenant_id'),
                          date_column='ordered_at') }}
 """
@@ -430,6 +431,27 @@ def test_a_failing_compiled_window_rolls_back_all_its_models(
     assert [d for (d,) in query(url, days)] == [date(2024, 2, 8), date(2024, 2, 9)]
     [(fragile,)] = query(url, "select count(*) from analytics.zz_fragile where ordered_at >= '2024-02-10'")
     assert fragile == 0
+
+
+def test_a_statement_the_server_rejects_hands_the_windows_back_to_dbt(
+    demo_url: str, fragile_project: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = demo_url
+    assert run_cli("--start-date", "2024-02-08", "--end-date", "2024-02-08", "--database-url", url) == 0
+    # A unique key the model does not produce: the table exists, but delete+insert cannot work.
+    model = Path(os.environ["DBT_PROJECT_DIR"]) / "models" / "facts" / f"{fragile_project}.sql"
+    model.write_text(
+        model.read_text().replace("unique_key=['tenant_id', 'order_id']", "unique_key=['tenant_id', 'nope']")
+    )
+    capsys.readouterr()
+
+    assert run_cli("--start-date", "2024-02-08", "--end-date", "2024-02-09", "--chunk", "day",
+                   "--database-url", url) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert _engine_lines(err) == [
+        'engine: dbt per window: the compiled models could not be prepared: column "nope" does not exist'
+    ]
+    assert f"error: {fragile_project}: " in err  # dbt's own run of the window fails on it too
 
 
 def test_a_schema_change_hands_the_windows_back_to_dbt(demo_url: str, capsys: pytest.CaptureFixture[str]) -> None:
