@@ -140,6 +140,7 @@ def psycopg_connect_args(database_url: str) -> dict[str, str]:
         "user": env["DBT_PG_USER"],
         "password": env["DBT_PG_PASSWORD"],
         "dbname": env["DBT_PG_DBNAME"],
+        "connect_timeout": "10",  # as profiles.yml
     }
 
 
