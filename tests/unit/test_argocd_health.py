@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.unit.test_deploy import openapi_to_jsonschema
+from tests.support.crd_schema import openapi_to_jsonschema
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTH_LUA = REPO / "deploy" / "argocd" / "health.lua"
@@ -149,7 +149,7 @@ def test_cases_are_well_formed() -> None:
 def crd_schema() -> dict[str, Any]:
     (crd,) = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
     (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
-    schema: dict[str, Any] = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+    schema: dict[str, Any] = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"], resource=True)
     return schema
 
 
