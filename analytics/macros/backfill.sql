@@ -8,32 +8,29 @@
     {%- if start_date == backfill__param_start() and end_date == backfill__param_end() -%}
         {#- The runner compiles a model once for many windows: the window becomes the
             statement parameters $1 (first day) and $2 (last day), typed date. -#}
-        {%- set clauses = [] -%}
-        {%- set col = backfill__column(date_column, 'date_column') -%}
-        {%- do clauses.append(col ~ " >= $1::date and " ~ col ~ " < $2::date + 1") -%}
-        {%- set tenant = backfill__tenant_arg(tenant_id) -%}
-        {%- if tenant is not none -%}
-            {%- do clauses.append(backfill__column(tenant_column, 'tenant_column') ~ " = '" ~ tenant ~ "'") -%}
+        {%- set lower = "$1::date" -%}
+        {%- set upper = "$2::date" -%}
+    {%- else -%}
+        {%- set start = backfill__date_arg('backfill_start_date', start_date) -%}
+        {%- set end = backfill__date_arg('backfill_end_date', end_date) -%}
+        {%- if (start is none) != (end is none) -%}
+            {{ exceptions.raise_compiler_error(
+                "both backfill_start_date and backfill_end_date are required for a date filter"
+                ~ " (got backfill_start_date=" ~ ('null' if start_date is none else start_date | string)
+                ~ ", backfill_end_date=" ~ ('null' if end_date is none else end_date | string) ~ ")") }}
         {%- endif -%}
-        {{ return("and " ~ clauses | join(" and ")) }}
+        {%- if start is not none and start > end -%}
+            {{ exceptions.raise_compiler_error(
+                "backfill_start_date " ~ start ~ " is after backfill_end_date " ~ end) }}
+        {%- endif -%}
+        {%- set lower = none if start is none else "'" ~ start ~ "'::date" -%}
+        {%- set upper = none if end is none else "'" ~ end ~ "'::date" -%}
     {%- endif -%}
-    {%- set start = backfill__date_arg('backfill_start_date', start_date) -%}
-    {%- set end = backfill__date_arg('backfill_end_date', end_date) -%}
     {%- set tenant = backfill__tenant_arg(tenant_id) -%}
-    {%- if (start is none) != (end is none) -%}
-        {{ exceptions.raise_compiler_error(
-            "both backfill_start_date and backfill_end_date are required for a date filter"
-            ~ " (got backfill_start_date=" ~ ('null' if start_date is none else start_date | string)
-            ~ ", backfill_end_date=" ~ ('null' if end_date is none else end_date | string) ~ ")") }}
-    {%- endif -%}
-    {%- if start is not none and start > end -%}
-        {{ exceptions.raise_compiler_error(
-            "backfill_start_date " ~ start ~ " is after backfill_end_date " ~ end) }}
-    {%- endif -%}
     {%- set clauses = [] -%}
-    {%- if start is not none -%}
+    {%- if lower is not none -%}
         {%- set col = backfill__column(date_column, 'date_column') -%}
-        {%- do clauses.append(col ~ " >= '" ~ start ~ "'::date and " ~ col ~ " < '" ~ end ~ "'::date + 1") -%}
+        {%- do clauses.append(col ~ " >= " ~ lower ~ " and " ~ col ~ " < " ~ upper ~ " + 1") -%}
     {%- endif -%}
     {%- if tenant is not none -%}
         {%- do clauses.append(backfill__column(tenant_column, 'tenant_column') ~ " = '" ~ tenant ~ "'") -%}
