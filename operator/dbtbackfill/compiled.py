@@ -368,9 +368,9 @@ def _succeeded(cur: psycopg.Cursor[Any]) -> bool:
 
 
 def _pg_message(error: BaseException) -> str:
-    diag = getattr(error, "diag", None)
-    primary = getattr(diag, "message_primary", None)
-    return str(primary or error).strip().splitlines()[0] if (primary or str(error)) else type(error).__name__
+    """The server's one-line message (no LINE/caret context), else the error's first line."""
+    text = str(getattr(getattr(error, "diag", None), "message_primary", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def compiled_vars(tenant_id: str | None) -> Mapping[str, Any]:
