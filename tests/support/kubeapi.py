@@ -132,6 +132,8 @@ import kubernetes.config
 import yaml
 from kmock._internal.rendering import Response, StreamingError  # not in kmock.__all__ (0.8)
 
+from tests.support.merge_patch import merge_patch
+
 JSON = dict[str, Any]
 T = TypeVar("T")
 CRDSource = Mapping[str, Any] | str | os.PathLike[str]
@@ -414,19 +416,6 @@ class FieldSelector:
 
 class JsonPatchTestFailed(ValueError):
     pass
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (``application/merge-patch+json``)."""
-    if not isinstance(patch, Mapping):
-        return copy.deepcopy(patch)
-    result: JSON = copy.deepcopy(dict(target)) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 # Lists merged by key in strategic merge patches (the ones that matter to Jobs, Pods and metadata).

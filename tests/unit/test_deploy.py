@@ -225,23 +225,23 @@ def test_kubernetes_validate_ships_schemas_for_a_current_release() -> None:
     assert (major, minor) >= (1, 30), K8S_VERSION
 
 
-def test_every_rendered_object_is_valid(objects: list[dict[str, Any]]) -> None:
+def validation_errors(objects: list[dict[str, Any]]) -> list[str]:
     errors = []
     for obj in objects:
         try:
             validate(obj)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
             errors.append(f"{object_id(obj)}: {'.'.join(map(str, e.path))}: {e.message}")
+    return errors
+
+
+def test_every_rendered_object_is_valid(objects: list[dict[str, Any]]) -> None:
+    errors = validation_errors(objects)
     assert not errors, "\n".join(errors)
 
 
 def test_every_object_with_peering_is_valid(peering_objects: list[dict[str, Any]]) -> None:
-    errors = []
-    for obj in peering_objects:
-        try:
-            validate(obj)
-        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
-            errors.append(f"{object_id(obj)}: {'.'.join(map(str, e.path))}: {e.message}")
+    errors = validation_errors(peering_objects)
     assert not errors, "\n".join(errors)
 
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dbtbackfill.status import changed
+from tests.support.merge_patch import merge_patch
 
 keys = st.sampled_from(["a", "b", "c", "retryAt", "attempts"])
 leaves = st.one_of(st.integers(0, 3), st.text(max_size=2), st.lists(st.integers(0, 3), max_size=2))
@@ -15,22 +16,9 @@ values = st.recursive(leaves, lambda inner: st.dictionaries(keys, inner, max_siz
 documents = st.dictionaries(keys, values, max_size=4)
 
 
-def apply_merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the Kubernetes API server applies application/merge-patch+json."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = apply_merge_patch(result.get(key), value)
-    return result
-
-
 @given(documents, documents)
 def test_applying_the_patch_yields_the_new_status(previous: dict[str, Any], new: dict[str, Any]) -> None:
-    patched = apply_merge_patch(previous, changed(previous, new))
+    patched = merge_patch(previous, changed(previous, new))
     for key, value in new.items():
         assert patched[key] == value
     for key in previous.keys() - new.keys():

@@ -38,6 +38,7 @@ from dbtbackfill.reconcile import (
 )
 from dbtbackfill.spec import BackfillSpec, parse_spec
 from dbtbackfill.status import changed, summarise
+from tests.support.merge_patch import merge_patch
 
 T0 = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)
 OWNER = Owner(name="january-2024", namespace="analytics", uid="3f2b8c4e-1d2a-4b7e-9c1f-5a6b7c8d9e0f")
@@ -128,27 +129,13 @@ class Cluster:
 
 def apply_merge_patch(status: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """Top-level merge: null deletes the key, anything else replaces it whole: the status a
-    pass meant to write. rfc7386 is what the API server makes of the controller's patch."""
+    pass meant to write. merge_patch is what the API server makes of the controller's patch."""
     out = dict(status)
     for key, value in patch.items():
         if value is None:
             out.pop(key, None)
         else:
             out[key] = value
-    return out
-
-
-def rfc7386(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch, as the API server applies it: nested objects merge key by
-    key, and only null removes a key."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = rfc7386(out.get(key), value)
     return out
 
 
@@ -202,7 +189,7 @@ class Operator:
                 blocked_by=decision.blocked_by,
             )
             if self.api_server_merge:  # what the controller does: changed() as a JSON merge patch
-                self.status = rfc7386(self.status, json.loads(json.dumps(changed(self.status, new))))
+                self.status = merge_patch(self.status, json.loads(json.dumps(changed(self.status, new))))
             else:  # the status the pass meant to write, whole (independent of changed())
                 self.status = apply_merge_patch(self.status, json.loads(json.dumps(new)))
                 assert self.state() == _normalised(decision.state), "state did not survive the status round-trip"

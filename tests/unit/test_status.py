@@ -28,6 +28,7 @@ from dbtbackfill.status import (
     invalid_spec_status,
     summarise,
 )
+from tests.support.merge_patch import merge_patch
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
@@ -406,20 +407,6 @@ def test_eta_function() -> None:
     assert eta(state, 10, 2, T0) == T0 + timedelta(seconds=500)
     assert eta(state, 1, 32, T0) == T0 + timedelta(seconds=100)
     assert eta(state, 33, 32, T0) == T0 + timedelta(seconds=200)
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch, as the API server applies the controller's status patch:
-    objects merge key by key, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def test_changed_returns_only_the_differing_keys() -> None:
