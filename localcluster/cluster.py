@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
 
+from localcluster.audit import read_audit_events
 from localcluster.controlplane import REPO_ROOT, ControlPlane, wait_for_process
 from localcluster.processes import ManagedProcess
 from localcluster.runtime import image_file
@@ -48,7 +51,50 @@ class LocalCluster:
 
     @property
     def kubeconfig(self) -> Path:
+        """The admin's kubeconfig (``system:masters``)."""
         return self.control_plane.kubeconfig
+
+    @property
+    def server(self) -> str:
+        return self.control_plane.server
+
+    @property
+    def audit_log(self) -> Path:
+        return self.control_plane.audit_log
+
+    @property
+    def kubectl_path(self) -> Path:
+        return self.control_plane.kubectl_path
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl as the admin (or with ``kubeconfig``); ``check`` raises with its stderr."""
+        argv = [str(self.kubectl_path), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        env = os.environ | {"KUBECTL_INTERACTIVE_DELETE": "false"}
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, env=env, check=False, timeout=120)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        """An official-client ApiClient logged in as the admin; close it when done."""
+        return self.control_plane.api_client()
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path | None = None) -> Path:
+        """A kubeconfig with a TokenRequest token of ServiceAccount ``namespace/name`` (RBAC applies)."""
+        path = path or self.state_dir / "serviceaccounts" / f"{namespace}_{name}.kubeconfig"
+        return self.control_plane.service_account_kubeconfig(namespace, name, path)
+
+    def audit_events(
+        self,
+        username: str | None = None,
+        verbs: Iterable[str] | None = None,
+        *,
+        namespace: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Completed requests from the API server's audit log, oldest first, optionally filtered."""
+        return read_audit_events(self.audit_log, username=username, verbs=verbs, namespace=namespace)
 
     def up(self) -> None:
         """Start whatever is not running (idempotent); returns once the Node is Ready and schedulable."""

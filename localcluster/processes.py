@@ -97,18 +97,21 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while self.pid() is not None and time.monotonic() < deadline:
-                if self._popen is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self._popen.wait(0.05)
-                else:
-                    time.sleep(0.05)
-            if self.pid() is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                if self._popen is not None:
-                    self._popen.wait(5)
+            while not self._exited(pid):
+                if time.monotonic() >= deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+            if self._popen is not None:
+                self._popen.wait(10)  # reap our child
         self.pid_file.unlink(missing_ok=True)
+
+    def _exited(self, pid: int) -> bool:
+        if self._popen is not None and self._popen.pid == pid:
+            return self._popen.poll() is not None
+        # Not our child: gone once /proc has no live process of that command (a zombie's cmdline is empty).
+        return self.pid() is None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
