@@ -177,9 +177,9 @@ def load_target(profiles_dir: Path, profile: str, target: str | None, *, generat
         dbt_flags.set_from_args(argparse.Namespace(), None)
     try:
         resolved = Profile.from_raw_profiles(read_profile(str(profiles_dir)), profile, ProfileRenderer({}), target)
-    except Exception as exc:  # dbt's profile errors are multi-line; the first line says what
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        raise ProjectError(f"profile {profile!r} in {profiles_dir / 'profiles.yml'}: {' '.join(lines[:2])}") from None
+    except Exception as exc:  # dbt's profile errors span lines under a "Runtime Error" heading
+        text = " ".join(line.strip() for line in str(getattr(exc, "msg", exc)).splitlines() if line.strip())
+        raise ProjectError(f"profile {profile!r} in {profiles_dir / 'profiles.yml'}: {text}") from None
     creds: Any = resolved.credentials
     if creds.type != "postgres":
         raise ProjectError(
