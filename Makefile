@@ -61,6 +61,7 @@ cluster-down: venv
 bench: venv
 	$(BIN)/python -m benchmarks.backfill_speed
 	$(BIN)/python -m benchmarks.operator_api
+	$(BIN)/python -m benchmarks.shop_backfill
 
 clean:
-	rm -rf $(VENV) analytics/target analytics/logs .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) analytics/target analytics/logs analytics/dbt_packages tests/projects/shop/dbt_packages .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 from dbtbackfill import audit, planner, runner
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
+from dbtbackfill.project import other_database
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -61,6 +63,16 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
         help="dbt selection, e.g. staging+ facts+ (default: the whole project)",
     )
     parser.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
+    parser.add_argument(
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
+    )
+    parser.add_argument(
+        "--profiles-dir",
+        help="directory of the profiles.yml to use (default: $DBT_PROFILES_DIR, else the project's, the working"
+        " directory's or ~/.dbt's if it defines the project's profile, else one generated from the database URL)",
+    )
+    parser.add_argument("--target", help="dbt target of the profile (default: $DBT_TARGET, else the profile's)")
     parser.add_argument(
         "--chunk",
         choices=planner.CHUNK_UNITS,
@@ -161,16 +173,37 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         url = resolve_database_url(args.database_url)
         runner.dbt_env(url)  # validates the URL's shape before any connection attempt
         check_database(url)
-        session = runner.DbtSession(url, threads=args.threads, quiet=not args.verbose)
+        session = runner.DbtSession(
+            url,
+            project_dir=args.project_dir,
+            profiles_dir=args.profiles_dir,
+            target=args.target,
+            threads=args.threads,
+            quiet=not args.verbose,
+        )
         session.parse()
         models = session.select_models(args.models)
+        micro = session.microbatch_models(models)
+        if tenant and micro:
+            raise UsageError(
+                f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
+                " without --tenant-id, or leave them out of --models"
+            )
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
+        reporter.target(session.data_target, other_database(session.data_target, url))
         reporter.plan()
         if args.dry_run:
             return _dry_run(session, windows, tenant, args.models, reporter)
         return _execute(args, url, session, windows, tenant, models, reporter)
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
+    except Exception as exc:  # a bug or an environment we did not foresee: still one line
+        if args.verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()
+        return _fail(
+            prog, f"unexpected {type(exc).__name__}: {first[0] if first else 'no message'} (--verbose shows where)"
+        )
     finally:
         if session is not None:
             session.close()
@@ -215,6 +248,7 @@ def _execute(
             backfill_uid=args.backfill_uid,
             chunk_index=args.chunk_index,
             attempt=args.attempt,
+            target=session.data_target.as_dict(),
         ),
     )
     started = time.monotonic()
@@ -229,6 +263,7 @@ def _execute(
                 engine=args.engine,
                 on_engine=reporter.engine,
                 on_window=reporter.window_done,
+                on_microbatch=reporter.microbatch_done,
             )
             error = outcome.error
         except BaseException as exc:  # KeyboardInterrupt/SIGTERM included: never leave a row 'running'

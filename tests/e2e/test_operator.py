@@ -94,7 +94,9 @@ def analytics_db(database_url: str) -> str:
 def project_dir(tmp_path: Path) -> Path:
     """A private copy of the dbt project, so a test can break a model without touching others."""
     copy = tmp_path / "analytics"
-    shutil.copytree(REPO_ROOT / "analytics", copy, ignore=shutil.ignore_patterns("target", "logs"))
+    shutil.copytree(REPO_ROOT / "analytics", copy, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    # packages.yml installs ../dbt-package; the first chunk's runner runs `dbt deps`.
+    shutil.copytree(REPO_ROOT / "dbt-package", tmp_path / "dbt-package")
     return copy
 
 
