@@ -43,8 +43,11 @@ PARAM_END: Final = "__backfill_window_end__"
 
 _IDENT: Final = r"[A-Za-z_][A-Za-z0-9_]*"
 _IDENT_RE: Final = re.compile(_IDENT)
+# The bare macro, or the dbt_backfill package's (``dbt_backfill.backfill_delete_window``).
 _WINDOW_HOOK_RE: Final = re.compile(
-    r"\{\{-?\s*backfill_delete_window\(\s*(?:date_column\s*=\s*)?['\"](?P<date>" + _IDENT + r")['\"]\s*"
+    r"\{\{-?\s*(?:dbt_backfill\.)?backfill_delete_window\(\s*(?:date_column\s*=\s*)?['\"](?P<date>"
+    + _IDENT
+    + r")['\"]\s*"
     r"(?:,\s*(?:tenant_column\s*=\s*)?['\"](?P<tenant>" + _IDENT + r")['\"]\s*)?\)\s*-?\}\}"
 )
 _JINJA_RE: Final = re.compile(r"\{[{%#]")
@@ -127,6 +130,12 @@ def _static_hook(sql: str) -> str | None:
     return text
 
 
+def window_delete_hook(sql: str) -> WindowDelete | None:
+    """The columns of a pre-hook that is exactly one ``backfill_delete_window`` call, else None."""
+    window = _WINDOW_HOOK_RE.fullmatch(sql.strip())
+    return None if window is None else WindowDelete(window["date"], window["tenant"] or "tenant_id")
+
+
 def model_plan(node: ModelNode) -> ModelPlan:
     """The plan for one selected model, or :class:`NotCompilable` saying what breaks the contract."""
     where = f"model {node.name}"
@@ -150,12 +159,12 @@ def model_plan(node: ModelNode) -> ModelPlan:
         raise NotCompilable(f"{where} does not filter its input with backfill_date_range")
     hooks: list[str | WindowDelete] = []
     for hook in node.pre_hooks:
-        window = _WINDOW_HOOK_RE.fullmatch(hook.sql.strip())
+        window = window_delete_hook(hook.sql)
         static = _static_hook(hook.sql)
         if not hook.inside_transaction:
             raise NotCompilable(f"{where} has a pre-hook outside the transaction")
         if window is not None:
-            hooks.append(WindowDelete(window["date"], window["tenant"] or "tenant_id"))
+            hooks.append(window)
         elif static is not None:
             hooks.append(static)
         else:
@@ -196,8 +205,13 @@ def plan_models(nodes: Sequence[ModelNode]) -> list[ModelPlan]:
 
 def window_delete_sql(plan: ModelPlan, hook: WindowDelete, tenant_id: str | None) -> str:
     """``backfill_delete_window``'s statement with the window as ``$1``/``$2`` (same predicate as the macro)."""
+    return f"delete from {plan.relation}\nwhere {window_predicate(hook, tenant_id)}"
+
+
+def window_predicate(hook: WindowDelete, tenant_id: str | None) -> str:
+    """The window (``$1``/``$2``) and tenant of a model's rows, as ``backfill_date_range`` filters them."""
     col = quote_ident(hook.date_column)
-    sql = f"delete from {plan.relation}\nwhere {col} >= $1::date and {col} < $2::date + 1"
+    sql = f"{col} >= $1::date and {col} < $2::date + 1"
     if tenant_id is not None:
         sql += f" and {quote_ident(hook.tenant_column)} = {quote_literal(tenant_id)}"
     return sql

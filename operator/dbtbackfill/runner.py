@@ -217,6 +217,8 @@ class DbtSession:
     quiet: bool = True
     _manifest: Any = None
     _bootstrapped: bool = False
+    #: The last :meth:`compile_params`, kept for the next :meth:`compiled_windows` of the same models.
+    _params_compiled: tuple[tuple[str | None, tuple[str, ...]], list[Any]] | None = None
     base_target: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -347,18 +349,29 @@ class DbtSession:
         hooks = [n.name for n in self._manifest.nodes.values() if n.resource_type == "operation"]
         if hooks:
             raise NotCompilable(f"the project has on-run-start/on-run-end hooks ({', '.join(sorted(hooks))})")
+        cached, self._params_compiled = self._params_compiled, None
+        if cached is not None and cached[0] == (tenant_id, tuple(models)):
+            compiled = cached[1]
+        else:
+            compiled = self.compile_params(tenant_id, models)
+            self._params_compiled = None
+        nodes = [model_node(n, self._manifest.nodes) for n in compiled]
+        return CompiledWindows.open(psycopg_connect_args(self.database_url), plan_models(nodes), tenant_id)
+
+    def compile_params(self, tenant_id: str | None, models: Sequence[str]) -> list[Any]:
+        """The ``models``' dbt nodes compiled once, with the window as ``$1``/``$2``; raises NotCompilable.
+
+        The next :meth:`compiled_windows` of the same models uses them instead of compiling again.
+        """
         # dbt compile prints the SQL of selected nodes even with --quiet; it is for us, not the user.
         args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *models, "--no-write-json"]
         args += ["--log-level", "none"]
         res = self._invoke("compile", *args)
         if not res.success:
             raise NotCompilable(f"dbt could not compile the models once for all windows: {_error_text(res, [])}")
-        nodes = [
-            model_node(r.node, self._manifest.nodes)
-            for r in res.result.results
-            if r.node.resource_type == "model" and r.node.name in models
-        ]
-        return CompiledWindows.open(psycopg_connect_args(self.database_url), plan_models(nodes), tenant_id)
+        nodes = [r.node for r in res.result.results if r.node.resource_type == "model" and r.node.name in models]
+        self._params_compiled = ((tenant_id, tuple(models)), nodes)
+        return nodes
 
     def _relations(self) -> list[tuple[str, str]]:
         nodes = self._manifest.nodes.values() if self._manifest is not None else ()
@@ -485,6 +498,19 @@ def run_windows(
         if compiled is not None:
             compiled.close()
     return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
+
+
+def describe_engine(session: DbtSession, tenant_id: str | None, models: Sequence[str], engine: str = "auto") -> str:
+    """Which engine :func:`run_windows` would use, and why, checked without writing anything."""
+    if engine != "auto" or not models:
+        return f"dbt per window: {'--engine dbt' if engine == 'dbt' else 'no models selected'}"
+    compiled, reason = _try_compiled(session, tenant_id, models)
+    if compiled is not None:
+        compiled.close()
+        return f"compiled: dbt would compile {len(compiled.models)} model(s) once; one transaction per window"
+    if isinstance(reason, TableMissing):
+        return f"dbt for the first window ({reason}), then compiled if the contract holds"
+    return f"dbt per window: {reason}"
 
 
 def _try_compiled(
