@@ -284,6 +284,10 @@ def _significant_tokens(sql: str) -> list[str]:
     return [v for tt, v in lexed if tt not in T.Whitespace and tt not in T.Comment]
 
 
+def _text(tokens: Sequence[str]) -> str:
+    return re.sub(r"\(\s+", "(", re.sub(r"\s+([,)])", r"\1", " ".join(tokens)))
+
+
 def _closing(tokens: Sequence[str], start: int) -> int:
     """The index of the ``)`` that closes the ``(`` at ``start``."""
     depth = 0
@@ -305,10 +309,10 @@ def _partition(clause: Sequence[str]) -> str:
         elif depth == 0 and begin is not None and i >= begin:
             ends = tok in ("order by", "rows", "range", "groups", "exclude")
             if ends or (tok == "order" and low[i + 1 : i + 2] == ["by"]):
-                return " ".join(clause[begin:i])
+                return _text(clause[begin:i])
         depth += tok == "("
         depth -= tok == ")"
-    return "" if begin is None else " ".join(clause[begin:])
+    return "" if begin is None else _text(clause[begin:])
 
 
 def window_calls(sql: str) -> list[WindowCall]:
@@ -342,7 +346,7 @@ def window_calls(sql: str) -> list[WindowCall]:
                 j -= 1
             if j > 0:
                 function = tokens[j - 1] + "()"
-        calls.append(WindowCall(function, _partition(body), "over (" + " ".join(body) + ")"))
+        calls.append(WindowCall(function, _partition(body), f"over ({_text(body)})"))
     return calls
 
 
