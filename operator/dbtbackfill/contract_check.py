@@ -285,7 +285,8 @@ def _significant_tokens(sql: str) -> list[str]:
 
 
 def _text(tokens: Sequence[str]) -> str:
-    return re.sub(r"\(\s+", "(", re.sub(r"\s+([,)])", r"\1", " ".join(tokens)))
+    text = re.sub(r"\s+([,)])", r"\1", " ".join(tokens))
+    return re.sub(r"\s*(::|\.)\s*", r"\1", re.sub(r"\(\s+", "(", text))
 
 
 def _closing(tokens: Sequence[str], start: int) -> int:
