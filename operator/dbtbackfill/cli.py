@@ -22,6 +22,7 @@ from dbtbackfill import audit, contract_check, planner, runner
 from dbtbackfill.compiled import NotCompilable
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
+from dbtbackfill.window_tests import WindowTests
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -95,6 +96,12 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run models whose rows depend on other windows (an outer join onto the window, an aggregate"
         " or window function over groups that cross windows); see dbt-backfill check",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the selected models' data tests on each window's rows before it counts as done"
+        " (compiled engine: inside the window's transaction, so a failure rolls it back)",
     )
     parser.add_argument(
         "--execution-id",
@@ -180,10 +187,18 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
         reporter.plan()
         _check_contract(args, url, session, models, tenant)
+        verify = session.window_tests(tenant, models) if args.verify else None
+        if verify is not None:
+            scoped = len({t.model for t in verify.tests})
+            print(f"verify: {len(verify.tests)} data test(s) of {scoped} model(s), per window", file=sys.stderr)
         if args.dry_run:
             reporter.engine(runner.describe_engine(session, tenant, models, args.engine))
             return _dry_run(session, windows, tenant, args.models, reporter)
-        return _execute(args, url, session, windows, tenant, models, reporter)
+        try:
+            return _execute(args, url, session, windows, tenant, models, reporter, verify)
+        finally:
+            if verify is not None:
+                verify.close()
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
     finally:
@@ -246,6 +261,7 @@ def _execute(
     tenant: str | None,
     models: list[str],
     reporter: Reporter,
+    verify: WindowTests | None,
 ) -> int:
     engine = audit.engine_for(url)
     execution_id = args.execution_id or uuid.uuid4()
@@ -279,6 +295,7 @@ def _execute(
                 engine=args.engine,
                 on_engine=reporter.engine,
                 on_window=reporter.window_done,
+                verify=verify,
             )
             error = outcome.error
         except BaseException as exc:  # KeyboardInterrupt/SIGTERM included: never leave a row 'running'

@@ -27,7 +27,7 @@ The planning half is pure (dataclasses in, SQL text out) and unit-tested directl
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from graphlib import CycleError, TopologicalSorter
@@ -260,6 +260,10 @@ class _Prepared:
     statements: tuple[tuple[str, bool], ...]
 
 
+#: Checks one window on its open transaction: an error text fails (and rolls back) the window.
+Verify = Callable[["psycopg.Connection[Any]", date, date], "str | None"]
+
+
 class CompiledWindows:
     """A connection and every model's per-window statements, checked against the database.
 
@@ -278,17 +282,26 @@ class CompiledWindows:
     #: default); PgBouncer carries those in transaction mode from 1.21 (max_prepared_statements).
     PREPARE_THRESHOLD: int | None = 5
 
-    def __init__(self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared], verify: Verify | None = None
+    ) -> None:
         self._conn = conn
         self._prepared = tuple(prepared)
+        self._verify = verify
 
     @property
     def models(self) -> tuple[str, ...]:
         return tuple(p.plan.name for p in self._prepared)
 
     @classmethod
-    def open(cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None) -> CompiledWindows:
-        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements."""
+    def open(
+        cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None, verify: Verify | None = None
+    ) -> CompiledWindows:
+        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements.
+
+        ``verify`` runs in each window's transaction before it commits: a failure it returns rolls
+        the window back (``--verify``, :mod:`dbtbackfill.window_tests`).
+        """
         import psycopg
         from psycopg.conninfo import make_conninfo
 
@@ -307,7 +320,7 @@ class CompiledWindows:
         except BaseException:
             conn.close()
             raise
-        return cls(conn, prepared)
+        return cls(conn, prepared, verify)
 
     @staticmethod
     def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None) -> _Prepared:
@@ -355,6 +368,13 @@ class CompiledWindows:
                     for sql, takes_window in p.statements:
                         cur = self._conn.execute(sql.encode(), window if takes_window else None)
                         sent.append((p.plan.name, cur))
+                if self._verify is None:
+                    self._conn.commit()
+            if self._verify is not None:
+                failed = self._verify(self._conn, start, end)
+                if failed is not None:
+                    self._rollback()
+                    return [], failed
                 self._conn.commit()
         except Exception as e:  # psycopg.Error; statements after the failing one are aborted
             failed = next((name for name, cur in sent if not _succeeded(cur)), "window")

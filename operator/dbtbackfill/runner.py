@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,6 +32,7 @@ from dbtbackfill.compiled import (
     plan_models,
 )
 from dbtbackfill.planner import Window
+from dbtbackfill.window_tests import WindowTests, attached_tests, scope, window_test
 
 DEFAULT_SCHEMA: Final = "analytics"
 _BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
@@ -279,7 +280,7 @@ class DbtSession:
         base = ["--no-use-colors", "--log-level-file", "none"]
         return ["--quiet", *base] if self.quiet else base
 
-    def _invoke(self, command: str, *args: str) -> Any:
+    def _invoke(self, command: str, *args: str, manifest: Any = None) -> Any:
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()
@@ -288,7 +289,7 @@ class DbtSession:
         # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
         # and flagged as done), so a reused manifest breaks the next window's SQL. Each
         # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
-        runner = dbtRunner(manifest=self._manifest.deepcopy())
+        runner = dbtRunner(manifest=(manifest or self._manifest).deepcopy())
         return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
 
     def parse(self) -> None:
@@ -338,7 +339,9 @@ class DbtSession:
         self._bootstrapped = result.success or not missing
         return result
 
-    def compiled_windows(self, tenant_id: str | None, models: Sequence[str]) -> CompiledWindows:
+    def compiled_windows(
+        self, tenant_id: str | None, models: Sequence[str], verify: WindowTests | None = None
+    ) -> CompiledWindows:
         """Compile ``models`` once for every window and prepare their statements.
 
         Raises :class:`NotCompilable` (with the reason) when a model is outside the backfill
@@ -356,7 +359,8 @@ class DbtSession:
             compiled = self.compile_params(tenant_id, models)
             self._params_compiled = None
         nodes = [model_node(n, self._manifest.nodes) for n in compiled]
-        return CompiledWindows.open(psycopg_connect_args(self.database_url), plan_models(nodes), tenant_id)
+        checks = verify.in_transaction if verify is not None and verify.tests else None
+        return CompiledWindows.open(psycopg_connect_args(self.database_url), plan_models(nodes), tenant_id, checks)
 
     def compile_params(self, tenant_id: str | None, models: Sequence[str]) -> list[Any]:
         """The ``models``' dbt nodes compiled once, with the window as ``$1``/``$2``; raises NotCompilable.
@@ -372,6 +376,35 @@ class DbtSession:
         nodes = [r.node for r in res.result.results if r.node.resource_type == "model" and r.node.name in models]
         self._params_compiled = ((tenant_id, tuple(models)), nodes)
         return nodes
+
+    def window_tests(self, tenant_id: str | None, models: Sequence[str]) -> WindowTests:
+        """The data tests attached to ``models``, compiled once, scoped to the window (``$1``/``$2``) and tenant.
+
+        Raises RunnerError when dbt cannot compile them (see :mod:`dbtbackfill.window_tests`).
+        """
+        if self._manifest is None:
+            raise RunnerError("call parse() first")
+        manifest = self._manifest.deepcopy()
+        selected = {
+            n.unique_id: n
+            for n in manifest.nodes.values()
+            if n.resource_type == "model" and n.name in models and n.config.materialized != "ephemeral"
+        }
+        tests = attached_tests(manifest.nodes.values(), selected)
+        connect = psycopg_connect_args(self.database_url)
+        if not tests:
+            return WindowTests([], connect)
+        for test in tests:  # dbt's own where config: {{ model }} in the test reads the window's rows
+            test.config.where = scope(selected[test.attached_node], tenant_id, test.config.where)
+        args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *sorted({t.name for t in tests})]
+        res = self._invoke("compile", *args, "--no-write-json", "--log-level", "none", manifest=manifest)
+        if not res.success:
+            raise RunnerError(f"dbt could not compile the data tests for --verify: {_error_text(res, [])}")
+        compiled = {r.node.unique_id: r.node for r in res.result.results if r.node.resource_type == "test"}
+        return WindowTests(
+            [window_test(compiled[t.unique_id], selected[t.attached_node]) for t in tests if t.unique_id in compiled],
+            connect,
+        )
 
     def _relations(self) -> list[tuple[str, str]]:
         nodes = self._manifest.nodes.values() if self._manifest is not None else ()
@@ -455,6 +488,7 @@ def run_windows(
     engine: str = "auto",
     on_engine: Callable[[str], None] = lambda _: None,
     on_window: Callable[[WindowResult], None] = lambda _: None,
+    verify: WindowTests | None = None,
 ) -> BackfillOutcome:
     """Run windows in calendar order; stop at the first failure.
 
@@ -463,6 +497,10 @@ def run_windows(
     with ``engine="dbt"``, each window is one in-process dbt invocation. A table that does not
     exist yet is created by dbt in the first window, then the rest run compiled.
     ``on_engine`` hears which one runs, and why when it is dbt.
+
+    ``verify`` (``--verify``) tests each window's rows before the window counts as done: the
+    compiled engine runs the tests inside the window's transaction (a failure rolls it back),
+    the dbt engine right after dbt committed it (a failure marks the window failed).
 
     Later windows are not attempted once one fails: a backfill is retried as a whole
     or per chunk, and running past a failure would leave gaps that look like success.
@@ -473,15 +511,15 @@ def run_windows(
     compiled: CompiledWindows | None = None
     try:
         if engine == "auto" and models:
-            compiled, reason = _try_compiled(session, tenant_id, models)
+            compiled, reason = _try_compiled(session, tenant_id, models, verify)
             if compiled is None and isinstance(reason, TableMissing) and len(pending) > 1:
                 on_engine(f"dbt for the first window: {reason}")
-                first = session.run_window(pending.pop(0), tenant_id, selectors)
+                first = _run_dbt(session, pending.pop(0), tenant_id, selectors, verify)
                 done.append(first)
                 on_window(first)
                 if not first.success:
                     return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
-                compiled, reason = _try_compiled(session, tenant_id, models)
+                compiled, reason = _try_compiled(session, tenant_id, models, verify)
         else:
             reason = NotCompilable("--engine dbt" if engine == "dbt" else "no models selected")
         if compiled is not None:
@@ -489,7 +527,10 @@ def run_windows(
         else:
             on_engine(f"dbt per window: {reason}")
         for window in pending:
-            result = _run_compiled(compiled, window) if compiled else session.run_window(window, tenant_id, selectors)
+            if compiled is not None:
+                result = _run_compiled(compiled, window)
+            else:
+                result = _run_dbt(session, window, tenant_id, selectors, verify)
             done.append(result)
             on_window(result)
             if not result.success:
@@ -513,11 +554,23 @@ def describe_engine(session: DbtSession, tenant_id: str | None, models: Sequence
     return f"dbt per window: {reason}"
 
 
+def _run_dbt(
+    session: DbtSession, window: Window, tenant_id: str | None, selectors: Sequence[str], verify: WindowTests | None
+) -> WindowResult:
+    result = session.run_window(window, tenant_id, selectors)
+    if not result.success or verify is None:
+        return result
+    failed = verify.after_window(window.start, window.end)
+    if failed is None:
+        return result
+    return replace(result, success=False, error=f"{failed} (dbt had committed the window)")
+
+
 def _try_compiled(
-    session: DbtSession, tenant_id: str | None, models: Sequence[str]
+    session: DbtSession, tenant_id: str | None, models: Sequence[str], verify: WindowTests | None = None
 ) -> tuple[CompiledWindows | None, NotCompilable | None]:
     try:
-        return session.compiled_windows(tenant_id, models), None
+        return session.compiled_windows(tenant_id, models, verify), None
     except NotCompilable as e:
         return None, e
 
