@@ -438,7 +438,8 @@ def findings(
                 "has no backfill_delete_window pre-hook: rows that left the window at the source stay",
                 "add pre_hook=\"{{ backfill_delete_window('<window column>') }}\" to its config",
             )
-        indexes = [*shape.declared_indexes, *(table_indexes or ())]
+        # dbt creates declared indexes only with the table: once it exists, the catalog is the truth.
+        indexes = list(shape.declared_indexes if table_indexes is None else table_indexes)
         if shape.unique_key and not _covered(indexes, shape.unique_key):
             add(
                 UNIQUE_KEY_INDEX,

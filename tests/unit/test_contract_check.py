@@ -220,9 +220,11 @@ def test_each_trap_has_its_finding_and_its_override() -> None:
         assert f.override is None and f.fix
 
 
-def test_indexes_found_in_the_catalog_count_and_a_unique_index_on_part_of_the_key_covers_it() -> None:
+def test_an_existing_tables_catalog_decides_and_a_unique_index_on_part_of_the_key_covers_it() -> None:
     bare = shape(declared_indexes=())
     assert codes(bare, table_indexes=[Index(("order_id",), unique=True), Index(("ordered_at", "tenant_id"))]) == []
+    # Declared after the table was created: dbt never added them, so they do not count.
+    assert codes(shape(), table_indexes=[]) == [UNIQUE_KEY_INDEX, WINDOW_COLUMN_INDEX]
 
 
 def test_meta_ignore_silences_only_the_named_codes() -> None:
