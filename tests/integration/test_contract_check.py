@@ -18,6 +18,7 @@ from tests.integration.conftest import (
     copy_analytics_project,
     db_state,
     execute,
+    point_dbt_at,
     query,
     run_cli,
     run_tool,
@@ -143,20 +144,14 @@ def test_check_bad_input_is_one_line_and_exit_2(
 FEB = ("--start-date", "2024-02-01", "--end-date", "2024-02-03")
 
 
-def _trap_env(trap_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(trap_project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+@pytest.fixture
+def in_trap_project(trap_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return point_dbt_at(trap_project, tmp_path, monkeypatch)
 
 
 def test_run_refuses_a_model_that_never_reads_the_window_and_writes_nothing(
-    trap_project: Path,
-    demo_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
+    in_trap_project: Path, demo_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    _trap_env(trap_project, tmp_path, monkeypatch)
     before = db_state(demo_url)
 
     assert run_cli(*FEB, "--models", "bad_no_window", "good_orders", "--database-url", demo_url) == 2
@@ -177,13 +172,8 @@ def test_run_refuses_a_model_that_never_reads_the_window_and_writes_nothing(
 
 
 def test_run_refuses_cross_window_models_unless_allowed_and_warns_on_the_rest(
-    trap_project: Path,
-    demo_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
+    in_trap_project: Path, demo_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    _trap_env(trap_project, tmp_path, monkeypatch)
     before = db_state(demo_url)
     models = ("--models", "bad_left_join", "bad_order_sequence", "bad_no_window_index")
 
@@ -223,8 +213,7 @@ def test_dry_run_with_a_wrong_date_column_fails_with_one_line(
     project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
     stg = project / "models" / "staging" / "stg_orders.sql"
     stg.write_text(stg.read_text().replace("date_column='ordered_at'", "date_column='placed_at'"))
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
+    point_dbt_at(project, tmp_path, monkeypatch)
     before = db_state(pristine_url)
 
     assert run_cli(*FEB, "--dry-run", "--database-url", pristine_url) == 2

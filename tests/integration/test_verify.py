@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import audit_rows, copy_analytics_project, execute, fact_checksums, query, run_cli
+from tests.integration.conftest import (
+    audit_rows,
+    copy_analytics_project,
+    execute,
+    fact_checksums,
+    point_dbt_at,
+    query,
+    run_cli,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +43,7 @@ def verified_project(cli_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     facts.write_text(
         facts.read_text().replace(before, "      - name: ordered_at\n        data_tests: [not_null, unique]\n")
     )
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
-    return project
+    return point_dbt_at(project, tmp_path, monkeypatch)
 
 
 def _break_the_bad_day(url: str, tenant: str = "tenant-001") -> int:
