@@ -192,7 +192,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
             scoped = len({t.model for t in verify.tests})
             print(f"verify: {len(verify.tests)} data test(s) of {scoped} model(s), per window", file=sys.stderr)
         if args.dry_run:
-            reporter.engine(runner.describe_engine(session, tenant, models, args.engine))
+            reporter.engine(runner.describe_engine(session, tenant, models, args.engine, len(windows)))
             return _dry_run(session, windows, tenant, args.models, reporter)
         try:
             return _execute(args, url, session, windows, tenant, models, reporter, verify)

@@ -541,15 +541,17 @@ def run_windows(
     return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
 
 
-def describe_engine(session: DbtSession, tenant_id: str | None, models: Sequence[str], engine: str = "auto") -> str:
-    """Which engine :func:`run_windows` would use, and why, checked without writing anything."""
+def describe_engine(
+    session: DbtSession, tenant_id: str | None, models: Sequence[str], engine: str = "auto", windows: int = 1
+) -> str:
+    """Which engine :func:`run_windows` would use for ``windows`` windows, and why; writes nothing."""
     if engine != "auto" or not models:
         return f"dbt per window: {'--engine dbt' if engine == 'dbt' else 'no models selected'}"
     compiled, reason = _try_compiled(session, tenant_id, models)
     if compiled is not None:
         compiled.close()
         return f"compiled: dbt would compile {len(compiled.models)} model(s) once; one transaction per window"
-    if isinstance(reason, TableMissing):
+    if isinstance(reason, TableMissing) and windows > 1:
         return f"dbt for the first window ({reason}), then compiled if the contract holds"
     return f"dbt per window: {reason}"
 

@@ -201,10 +201,24 @@ def test_run_refuses_cross_window_models_unless_allowed_and_warns_on_the_rest(
 def test_dry_run_names_the_engine(pristine_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(*FEB, "--dry-run", "--database-url", pristine_url) == 0
     err = capsys.readouterr().err
-    # No table exists yet: dbt creates them in the first window, the rest run compiled.
-    assert re.search(r"^engine: dbt for the first window \(table .* does not exist yet\), then compiled", err, re.M)
+    # No table exists yet, and the range is one window: dbt runs it (and creates the tables).
+    assert re.search(r"^engine: dbt per window: table .* does not exist yet$", err, re.M), err
     assert run_cli(*FEB, "--dry-run", "--engine", "dbt", "--database-url", pristine_url) == 0
     assert "engine: dbt per window: --engine dbt" in capsys.readouterr().err.splitlines()
+    assert run_cli(*FEB, "--dry-run", "--chunk", "day", "--database-url", pristine_url) == 0
+    assert re.search(r"^engine: dbt for the first window \(table", capsys.readouterr().err, re.M)
+
+
+def test_dry_run_once_the_tables_exist_names_the_compiled_engine_and_writes_nothing(
+    demo_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("--start-date", "2024-02-01", "--end-date", "2024-02-01", "--database-url", demo_url) == 0
+    before = db_state(demo_url)
+    capsys.readouterr()
+    assert run_cli(*FEB, "--chunk", "day", "--dry-run", "--database-url", demo_url) == 0
+    err = capsys.readouterr().err
+    assert "engine: compiled: dbt would compile 3 model(s) once; one transaction per window" in err.splitlines()
+    assert db_state(demo_url) == before
 
 
 def test_dry_run_with_a_wrong_date_column_fails_with_one_line(
