@@ -27,7 +27,7 @@ The planning half is pure (dataclasses in, SQL text out) and unit-tested directl
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from graphlib import CycleError, TopologicalSorter
@@ -132,6 +132,14 @@ def _static_hook(sql: str) -> str | None:
     return text
 
 
+def window_delete_hook(sql: str) -> WindowDelete | None:
+    """The columns of a pre-hook that is exactly one ``backfill_delete_window`` call, else None."""
+    window = _WINDOW_HOOK_RE.fullmatch(sql.strip())
+    if window is None:
+        return None
+    return WindowDelete(window["date"], None if window["no_tenant"] else window["tenant"] or "tenant_id")
+
+
 def model_plan(node: ModelNode) -> ModelPlan:
     """The plan for one selected model, or :class:`NotCompilable` saying what breaks the contract."""
     where = f"model {node.name}"
@@ -155,13 +163,12 @@ def model_plan(node: ModelNode) -> ModelPlan:
         raise NotCompilable(f"{where} does not filter its input with backfill_date_range")
     hooks: list[str | WindowDelete] = []
     for hook in node.pre_hooks:
-        window = _WINDOW_HOOK_RE.fullmatch(hook.sql.strip())
+        window = window_delete_hook(hook.sql)
         static = _static_hook(hook.sql)
         if not hook.inside_transaction:
             raise NotCompilable(f"{where} has a pre-hook outside the transaction")
         if window is not None:
-            tenant = None if window["no_tenant"] else window["tenant"] or "tenant_id"
-            hooks.append(WindowDelete(window["date"], tenant))
+            hooks.append(window)
         elif static is not None:
             hooks.append(static)
         else:
@@ -202,6 +209,11 @@ def plan_models(nodes: Sequence[ModelNode]) -> list[ModelPlan]:
 
 def window_delete_sql(plan: ModelPlan, hook: WindowDelete, tenant_id: str | None) -> str:
     """``backfill_delete_window``'s statement with the window as ``$1``/``$2`` (same predicate as the macro)."""
+    return f"delete from {plan.relation}\nwhere {window_predicate(hook, tenant_id)}"
+
+
+def window_predicate(hook: WindowDelete, tenant_id: str | None) -> str:
+    """The window (``$1``/``$2``) and tenant of a model's rows, as ``backfill_date_range`` filters them."""
     col = quote_ident(hook.date_column)
     sql = f"delete from {plan.relation}\nwhere {col} >= $1::date and {col} < $2::date + 1"
     if tenant_id is not None and hook.tenant_column is not None:
@@ -252,6 +264,10 @@ class _Prepared:
     statements: tuple[tuple[str, bool], ...]
 
 
+#: Checks one window on its open transaction: an error text fails (and rolls back) the window.
+Verify = Callable[["psycopg.Connection[Any]", date, date], "str | None"]
+
+
 class CompiledWindows:
     """A connection and every model's per-window statements, checked against the database.
 
@@ -270,17 +286,26 @@ class CompiledWindows:
     #: default); PgBouncer carries those in transaction mode from 1.21 (max_prepared_statements).
     PREPARE_THRESHOLD: int | None = 5
 
-    def __init__(self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared], verify: Verify | None = None
+    ) -> None:
         self._conn = conn
         self._prepared = tuple(prepared)
+        self._verify = verify
 
     @property
     def models(self) -> tuple[str, ...]:
         return tuple(p.plan.name for p in self._prepared)
 
     @classmethod
-    def open(cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None) -> CompiledWindows:
-        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements."""
+    def open(
+        cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None, verify: Verify | None = None
+    ) -> CompiledWindows:
+        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements.
+
+        ``verify`` runs in each window's transaction before it commits: a failure it returns rolls
+        the window back (``--verify``, :mod:`dbtbackfill.window_tests`).
+        """
         import psycopg
         from psycopg.conninfo import make_conninfo
 
@@ -299,7 +324,7 @@ class CompiledWindows:
         except BaseException:
             conn.close()
             raise
-        return cls(conn, prepared)
+        return cls(conn, prepared, verify)
 
     @staticmethod
     def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None) -> _Prepared:
@@ -347,6 +372,13 @@ class CompiledWindows:
                     for sql, takes_window in p.statements:
                         cur = self._conn.execute(sql.encode(), window if takes_window else None)
                         sent.append((p.plan.name, cur))
+                if self._verify is None:
+                    self._conn.commit()
+            if self._verify is not None:
+                failed = self._verify(self._conn, start, end)
+                if failed is not None:
+                    self._rollback()
+                    return [], failed
                 self._conn.commit()
         except Exception as e:  # psycopg.Error; statements after the failing one are aborted
             failed = next((name for name, cur in sent if not _succeeded(cur)), "window")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -35,6 +35,7 @@ from dbtbackfill.compiled import (
 )
 from dbtbackfill.planner import Window
 from dbtbackfill.project import ProjectError, Resolved, Target, find_project_dir, resolve
+from dbtbackfill.window_tests import WindowTests, attached_tests, scope, window_test
 
 DEFAULT_SCHEMA: Final = "analytics"
 _BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
@@ -261,6 +262,8 @@ class DbtSession:
     quiet: bool = True
     _manifest: Any = None
     _bootstrapped: bool = False
+    #: The last :meth:`compile_params`, kept for the next :meth:`compiled_windows` of the same models.
+    _params_compiled: tuple[tuple[str | None, tuple[str, ...]], list[Any]] | None = None
     base_target: Path = field(init=False)
     resolved: Resolved = field(init=False)
 
@@ -342,7 +345,9 @@ class DbtSession:
         base = ["--no-use-colors", "--log-level-file", "none"]
         return ["--quiet", *base] if self.quiet else base
 
-    def _invoke(self, command: str, *args: str, callbacks: Sequence[Callable[[Any], None]] = ()) -> Any:
+    def _invoke(
+        self, command: str, *args: str, callbacks: Sequence[Callable[[Any], None]] = (), manifest: Any = None
+    ) -> Any:
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()
@@ -351,7 +356,7 @@ class DbtSession:
         # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
         # and flagged as done), so a reused manifest breaks the next window's SQL. Each
         # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
-        runner = dbtRunner(manifest=copy_manifest(self._manifest), callbacks=list(callbacks))
+        runner = dbtRunner(manifest=copy_manifest(manifest or self._manifest), callbacks=list(callbacks))
         return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
 
     def parse(self) -> None:
@@ -443,7 +448,9 @@ class DbtSession:
         self._bootstrapped = result.success or not missing
         return result
 
-    def compiled_windows(self, tenant_id: str | None, models: Sequence[str]) -> CompiledWindows:
+    def compiled_windows(
+        self, tenant_id: str | None, models: Sequence[str], verify: WindowTests | None = None
+    ) -> CompiledWindows:
         """Compile ``models`` once for every window and prepare their statements.
 
         Raises :class:`NotCompilable` (with the reason) when a model is outside the backfill
@@ -454,19 +461,60 @@ class DbtSession:
         hooks = [n.name for n in self._manifest.nodes.values() if n.resource_type == "operation"]
         if hooks:
             raise NotCompilable(f"the project has on-run-start/on-run-end hooks ({', '.join(sorted(hooks))})")
+        cached, self._params_compiled = self._params_compiled, None
+        if cached is not None and cached[0] == (tenant_id, tuple(models)):
+            compiled = cached[1]
+        else:
+            compiled = self.compile_params(tenant_id, models)
+            self._params_compiled = None
+        nodes = [model_node(n, self._manifest.nodes) for n in compiled]
+        checks = verify.in_transaction if verify is not None and verify.tests else None
+        # The target's database, not DATABASE_URL's: that is where dbt created these tables.
+        return CompiledWindows.open(self.data_target.connect, plan_models(nodes), tenant_id, checks)
+
+    def compile_params(self, tenant_id: str | None, models: Sequence[str]) -> list[Any]:
+        """The ``models``' dbt nodes compiled once, with the window as ``$1``/``$2``; raises NotCompilable.
+
+        The next :meth:`compiled_windows` of the same models uses them instead of compiling again.
+        """
         # dbt compile prints the SQL of selected nodes even with --quiet; it is for us, not the user.
         args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *models, "--no-write-json"]
         args += ["--log-level", "none"]
         res = self._invoke("compile", *args)
         if not res.success:
             raise NotCompilable(f"dbt could not compile the models once for all windows: {_error_text(res, [])}")
-        nodes = [
-            model_node(r.node, self._manifest.nodes)
-            for r in res.result.results
-            if r.node.resource_type == "model" and node_label(r.node) in models
-        ]
-        # The target's database, not DATABASE_URL's: that is where dbt created these tables.
-        return CompiledWindows.open(self.data_target.connect, plan_models(nodes), tenant_id)
+        nodes = [r.node for r in res.result.results if r.node.resource_type == "model" and node_label(r.node) in models]
+        self._params_compiled = ((tenant_id, tuple(models)), nodes)
+        return nodes
+
+    def window_tests(self, tenant_id: str | None, models: Sequence[str]) -> WindowTests:
+        """The data tests attached to ``models``, compiled once, scoped to the window (``$1``/``$2``) and tenant.
+
+        Raises RunnerError when dbt cannot compile them (see :mod:`dbtbackfill.window_tests`).
+        """
+        if self._manifest is None:
+            raise RunnerError("call parse() first")
+        manifest = copy_manifest(self._manifest)
+        selected = {
+            n.unique_id: n
+            for n in manifest.nodes.values()
+            if n.resource_type == "model" and node_label(n) in models and n.config.materialized != "ephemeral"
+        }
+        tests = attached_tests(manifest.nodes.values(), selected)
+        connect = self.data_target.connect
+        if not tests:
+            return WindowTests([], connect)
+        for test in tests:  # dbt's own where config: {{ model }} in the test reads the window's rows
+            test.config.where = scope(selected[test.attached_node], tenant_id, test.config.where)
+        args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *sorted({t.name for t in tests})]
+        res = self._invoke("compile", *args, "--no-write-json", "--log-level", "none", manifest=manifest)
+        if not res.success:
+            raise RunnerError(f"dbt could not compile the data tests for --verify: {_error_text(res, [])}")
+        compiled = {r.node.unique_id: r.node for r in res.result.results if r.node.resource_type == "test"}
+        return WindowTests(
+            [window_test(compiled[t.unique_id], selected[t.attached_node]) for t in tests if t.unique_id in compiled],
+            connect,
+        )
 
     def _relations(self) -> list[tuple[str, str]]:
         nodes = self._manifest.nodes.values() if self._manifest is not None else ()
@@ -563,6 +611,7 @@ def run_windows(
     on_engine: Callable[[str], None] = lambda _: None,
     on_window: Callable[[WindowResult], None] = lambda _: None,
     on_microbatch: Callable[[WindowResult], None] = lambda _: None,
+    verify: WindowTests | None = None,
 ) -> BackfillOutcome:
     """Run windows in calendar order; stop at the first failure.
 
@@ -577,6 +626,10 @@ def run_windows(
     models run compiled, in one dbt run over the whole range after the windows, which dbt splits
     into the models' own batches (``on_microbatch`` hears it). When a compiled model would read
     a microbatch model, every window is one dbt run instead, so dbt keeps them in order.
+
+    ``verify`` (``--verify``) tests each window's rows before the window counts as done: the
+    compiled engine runs the tests inside the window's transaction (a failure rolls it back),
+    the dbt engine right after dbt committed it (a failure marks the window failed).
 
     Later windows are not attempted once one fails: a backfill is retried as a whole
     or per chunk, and running past a failure would leave gaps that look like success.
@@ -595,15 +648,15 @@ def run_windows(
     try:
         reader = session.reader_of(others, micro)
         if engine == "auto" and others and reader is None:
-            compiled, reason = _try_compiled(session, tenant_id, others)
+            compiled, reason = _try_compiled(session, tenant_id, others, verify)
             if compiled is None and isinstance(reason, TableMissing) and len(pending) > 1:
                 on_engine(f"dbt for the first window: {reason}")
-                first = session.run_window(pending.pop(0), tenant_id, selectors, event_time=event_time)
+                first = _run_dbt(session, pending.pop(0), tenant_id, selectors, verify, event_time=event_time)
                 done.append(first)
                 on_window(first)
                 if not first.success:
                     return outcome()
-                compiled, reason = _try_compiled(session, tenant_id, others)
+                compiled, reason = _try_compiled(session, tenant_id, others, verify)
         elif engine == "dbt":
             reason = NotCompilable("--engine dbt")
         elif reader is not None:
@@ -621,7 +674,7 @@ def run_windows(
             if compiled is not None:
                 result = _run_compiled(compiled, window)
             else:
-                result = session.run_window(window, tenant_id, selectors, event_time=event_time)
+                result = _run_dbt(session, window, tenant_id, selectors, verify, event_time=event_time)
             done.append(result)
             on_window(result)
             if not result.success:
@@ -637,11 +690,52 @@ def run_windows(
     return outcome()
 
 
+def describe_engine(
+    session: DbtSession, tenant_id: str | None, models: Sequence[str], engine: str = "auto", windows: int = 1
+) -> str:
+    """Which engine :func:`run_windows` would use for ``windows`` windows, and why; writes nothing."""
+    if engine != "auto" or not models:
+        return f"dbt per window: {'--engine dbt' if engine == 'dbt' else 'no models selected'}"
+    micro = session.microbatch_models(models)
+    others = [m for m in models if m not in micro]
+    if not others:
+        return "dbt per window: only microbatch models selected"
+    reader = session.reader_of(others, micro)
+    if reader is not None:
+        return f"dbt per window: model {reader[0]} reads microbatch model {reader[1]}"
+    compiled, reason = _try_compiled(session, tenant_id, others)
+    if compiled is not None:
+        compiled.close()
+        text = f"compiled: dbt would compile {len(compiled.models)} model(s) once; one transaction per window"
+        return text + (f"; then dbt runs microbatch {', '.join(micro)} once over the range" if micro else "")
+    if isinstance(reason, TableMissing) and windows > 1:
+        return f"dbt for the first window ({reason}), then compiled if the contract holds"
+    return f"dbt per window: {reason}"
+
+
+def _run_dbt(
+    session: DbtSession,
+    window: Window,
+    tenant_id: str | None,
+    selectors: Sequence[str],
+    verify: WindowTests | None,
+    *,
+    event_time: bool = False,
+) -> WindowResult:
+    result = session.run_window(window, tenant_id, selectors, event_time=event_time)
+    if not result.success or verify is None:
+        return result
+    failed = verify.after_window(window.start, window.end)
+    if failed is None:
+        return result
+    return replace(result, success=False, error=f"{failed} (dbt had committed the window)")
+
+
 def _try_compiled(
-    session: DbtSession, tenant_id: str | None, models: Sequence[str]
+    session: DbtSession, tenant_id: str | None, models: Sequence[str], verify: WindowTests | None = None
 ) -> tuple[CompiledWindows | None, NotCompilable | None]:
     try:
-        return session.compiled_windows(tenant_id, models), None
+        return session.compiled_windows(tenant_id, models, verify), None
     except NotCompilable as e:
         return None, e
 

@@ -205,6 +205,14 @@ def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
     return dest
 
 
+def point_dbt_at(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make the runner use ``project``, with target and log dirs of this test's own."""
+    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
+    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
+    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    return project
+
+
 def load_demo(url: str, **overrides: Any) -> str:
     kwargs: dict[str, Any] = {
         "tenants": DEMO_TENANTS,
