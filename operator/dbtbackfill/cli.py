@@ -16,7 +16,6 @@ import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, contract_check, planner, runner
@@ -409,7 +408,9 @@ def _check(args: argparse.Namespace) -> int:
         url = resolve_database_url(args.database_url)
         runner.dbt_env(url)
         check_database(url)
-        session = runner.DbtSession(url, project_dir=args.project_dir or runner.default_project_dir(), quiet=True)
+        session = runner.DbtSession(
+            url, project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target, quiet=True
+        )
         session.parse()
         models = session.select_models(args.models)
         report = _contract_report(session, url, models, None)
@@ -487,8 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="lint models for the backfill contract and silently wrong shapes")
     chk.add_argument(
-        "--project-dir", type=Path, default=None, help="dbt project (default $DBT_PROJECT_DIR or analytics/)"
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
     )
+    chk.add_argument("--profiles-dir", help="directory of the profiles.yml to use (as for run)")
+    chk.add_argument("--target", help="dbt target of the profile (default: $DBT_TARGET, else the profile's)")
     chk.add_argument("--models", nargs="+", default=[], metavar="SELECTOR", help="dbt selection (default: all)")
     chk.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
     chk.set_defaults(func=_check)

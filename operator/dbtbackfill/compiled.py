@@ -215,7 +215,7 @@ def window_delete_sql(plan: ModelPlan, hook: WindowDelete, tenant_id: str | None
 def window_predicate(hook: WindowDelete, tenant_id: str | None) -> str:
     """The window (``$1``/``$2``) and tenant of a model's rows, as ``backfill_date_range`` filters them."""
     col = quote_ident(hook.date_column)
-    sql = f"delete from {plan.relation}\nwhere {col} >= $1::date and {col} < $2::date + 1"
+    sql = f"{col} >= $1::date and {col} < $2::date + 1"
     if tenant_id is not None and hook.tenant_column is not None:
         sql += f" and {quote_ident(hook.tenant_column)} = {quote_literal(tenant_id)}"
     return sql
