@@ -49,7 +49,8 @@ def _isolated(fresh_env: None, dispose_engines: None) -> None:
 
 
 def _macros_into(project: Path) -> Path:
-    shutil.copytree(REPO_ROOT / "analytics" / "macros", project / "macros", dirs_exist_ok=True)
+    """Install the dbt_backfill package into the copy as a user's project does (``packages.yml``)."""
+    (project / "packages.yml").write_text(f"packages:\n  - local: {REPO_ROOT / 'dbt-package'}\n")
     return project
 
 
