@@ -2,10 +2,11 @@
 
 ``python -m benchmarks.operator_api [--chunks 60] [--parallelism 5]``
 
-1. Runs the real operator process against the test HTTP Kubernetes API (kmock + shim from
-   tests/support) with a test kubelet whose Jobs exit at once (``/bin/true`` stands in for
-   the runner: this measures the operator's API traffic, not dbt), and counts the write
-   requests (POST/PUT/PATCH/DELETE) the operator made, per kind and verb, per chunk.
+1. Runs the real operator process, as its ServiceAccount from deploy/, against the local real
+   control plane (`localcluster`: kube-apiserver, the real Job controller, the node agent), with a
+   chunk image whose ``python`` is ``/bin/true`` (this measures the operator's API traffic, not
+   dbt), and counts the write requests (create/update/patch/delete) the operator made, per
+   resource and verb, per chunk, from the API server's audit log.
 2. Builds the status of a 3,650-chunk daily backfill with the real summariser in its
    largest realistic shape (parallelism 32 running, 10 recent failures with 1 KiB messages,
    failed chunks scattered) and reports its JSON size.
@@ -22,17 +23,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from dbtbackfill.kube import USER_AGENT
 from dbtbackfill.planner import plan_windows
 from dbtbackfill.reconcile import ChunkState, Failure
 from dbtbackfill.status import summarise
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "operator_api.json"
+NAMESPACE = "bench"
+OPERATOR_NAMESPACE = "dbt-backfill-system"  # deploy/
+OPERATOR_SERVICE_ACCOUNT = "dbt-backfill-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
 
 
 def status_size() -> dict[str, Any]:
@@ -60,66 +65,74 @@ def status_size() -> dict[str, Any]:
 
 
 def api_writes(chunks: int, parallelism: int) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO_ROOT))
     import kubernetes.client
 
-    from tests.support.kubeapi import KubeAPI, load_crds
-    from tests.support.kubelet import Kubelet
+    from localcluster.audit import WRITE_VERBS
+    from localcluster.cluster import LocalCluster
 
-    with tempfile.TemporaryDirectory() as tmp:
-        api = KubeAPI(crds=list(load_crds(REPO_ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml")),
-                      workdir=Path(tmp)).start()  # fmt: skip
-        kubelet = Kubelet(api.kubeconfig, namespace="default", cwd=REPO_ROOT, python="/bin/true", max_parallel=50)
-        env = os.environ | {"KUBECONFIG": str(api.kubeconfig), "DATABASE_URL": ""}
-        log = (Path(tmp) / "operator.log").open("wb")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "dbtbackfill.cli", "operator", "--namespace", "default",
-             "--liveness-port", "0", "--metrics-port", "0"],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="operator-api-") as tmp:
+        cluster = LocalCluster(Path(tmp) / "cluster", die_with_parent=True)
+        # The chunk image: `python` is /bin/true, so a Job's Pod exits 0 at once.
+        shim = Path(tmp) / "bin"
+        shim.mkdir()
+        (shim / "python").symlink_to("/bin/true")
+        operator: subprocess.Popen[bytes] | None = None
         try:
-            kubelet.start()
-            client = api.api_client()
-            kubernetes.client.CoreV1Api(client).create_namespaced_secret(
-                "default",
-                {"metadata": {"name": "db"}, "stringData": {"DATABASE_URL": "postgresql://unused@127.0.0.1/x"}},
-            )
-            api.reset_counts()
-            end = date(2024, 1, 1) + timedelta(days=chunks - 1)
-            started = time.monotonic()
-            kubernetes.client.CustomObjectsApi(client).create_namespaced_custom_object(
-                "dbt-backfill.io", "v1alpha1", "default", "dbtbackfills",
-                {"apiVersion": "dbt-backfill.io/v1alpha1", "kind": "DbtBackfill",
-                 "metadata": {"name": "bench", "namespace": "default"},
-                 "spec": {"startDate": "2024-01-01", "endDate": end.isoformat(), "parallelism": parallelism,
-                          "databaseSecretRef": {"name": "db"}}},
-            )  # fmt: skip
+            cluster.up()
+            cluster.kubectl("apply", "-k", str(REPO_ROOT / "deploy"))
+            cluster.kubectl("wait", "--for=condition=Established", "crd/dbtbackfills.dbt-backfill.io")
+            kubeconfig = cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
+            cluster.define_image("bench:true", env={"PATH": str(shim)})
+            with cluster.api_client() as client:
+                core = kubernetes.client.CoreV1Api(client)
+                core.create_namespace({"metadata": {"name": NAMESPACE}})
+                secret = {"metadata": {"name": "db"}, "stringData": {"DATABASE_URL": "postgresql://unused@127.0.0.1/x"}}
+                core.create_namespaced_secret(NAMESPACE, secret)
+                core.create_namespaced_service_account(
+                    NAMESPACE, {"metadata": {"name": "dbt-backfill-job"}, "automountServiceAccountToken": False}
+                )
+                env = os.environ | {"KUBECONFIG": str(kubeconfig), "DATABASE_URL": "",
+                                    "DBT_BACKFILL_DEFAULT_IMAGE": "bench:true"}  # fmt: skip
+                log = (Path(tmp) / "operator.log").open("wb")
+                operator = subprocess.Popen(
+                    [sys.executable, "-m", "dbtbackfill.cli", "operator", "--namespace", NAMESPACE,
+                     "--liveness-port", "0", "--metrics-port", "0"],
+                    cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                custom = kubernetes.client.CustomObjectsApi(client)
+                end = date(2024, 1, 1) + timedelta(days=chunks - 1)
+                started = time.monotonic()
+                custom.create_namespaced_custom_object(
+                    "dbt-backfill.io", "v1alpha1", NAMESPACE, "dbtbackfills",
+                    {"apiVersion": "dbt-backfill.io/v1alpha1", "kind": "DbtBackfill",
+                     "metadata": {"name": "bench", "namespace": NAMESPACE},
+                     "spec": {"startDate": "2024-01-01", "endDate": end.isoformat(), "parallelism": parallelism,
+                              "databaseSecretRef": {"name": "db"}}},
+                )  # fmt: skip
 
-            def phase() -> Any:
-                obj = api.get("dbt-backfill.io/v1alpha1/dbtbackfills", "bench") or {}
-                return (obj.get("status") or {}).get("phase") == "Succeeded"
+                def phase() -> str | None:
+                    obj = custom.get_namespaced_custom_object("dbt-backfill.io", "v1alpha1", NAMESPACE,
+                                                              "dbtbackfills", "bench")  # fmt: skip
+                    return (obj.get("status") or {}).get("phase")
 
-            try:
-                api.wait_for(phase, timeout=300, interval=0.2)
-            except TimeoutError:
-                print((Path(tmp) / "operator.log").read_text()[-5000:], file=sys.stderr)
-                raise
-            seconds = time.monotonic() - started
-            writes = api.writes(agents=["kopf/", USER_AGENT])
-            kubernetes.client.CustomObjectsApi(client).delete_namespaced_custom_object(
-                "dbt-backfill.io", "v1alpha1", "default", "dbtbackfills", "bench"
-            )
-            api.wait_for(lambda: api.get("dbt-backfill.io/v1alpha1/dbtbackfills", "bench") is None, timeout=60)
-            calls = api.requests(agents=["kopf/", USER_AGENT])
+                while phase() != "Succeeded":
+                    if time.monotonic() - started > 600:
+                        print((Path(tmp) / "operator.log").read_text()[-5000:], file=sys.stderr)
+                        raise TimeoutError("the benchmark backfill did not succeed in 600 s")
+                    time.sleep(0.2)
+                seconds = time.monotonic() - started
+                time.sleep(2)  # audit lines land after the responses; let the last ones in
+                events = cluster.audit_events(username=OPERATOR_USER)
         finally:
-            operator.terminate()
-            try:
-                operator.wait(30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-                operator.wait()
-            kubelet.stop()
-            api.stop()
+            if operator is not None:
+                operator.terminate()
+                try:
+                    operator.wait(30)
+                except subprocess.TimeoutExpired:
+                    operator.kill()
+                    operator.wait()
+            cluster.down()
+    writes = Counter(_call(e) for e in events if e["verb"] in WRITE_VERBS)
     total = sum(writes.values())
     return {
         "chunks": chunks,
@@ -127,10 +140,19 @@ def api_writes(chunks: int, parallelism: int) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "writes_total": total,
         "writes_per_chunk": round(total / chunks, 2),
-        "writes_by_kind_verb": {f"{k} {v}": n for (k, v), n in sorted(writes.items())},
+        "writes_by_resource_verb": dict(sorted(writes.items())),
         "target_writes_per_chunk": 3,
-        "all_calls_incl_delete": sorted(f"{k} {v}" for k, v in calls),
+        "all_calls": sorted({_call(e) for e in events}),
+        "forbidden": sorted({_call(e) for e in events if e["responseStatus"]["code"] == 403}),
     }
+
+
+def _call(event: dict[str, Any]) -> str:
+    ref = event.get("objectRef") or {}
+    resource = ref.get("resource") or event["requestURI"].split("?")[0]  # a non-resource URL: /version
+    if ref.get("subresource"):
+        resource += "/" + ref["subresource"]
+    return f"{resource} {event['verb']}"
 
 
 def main() -> None:
