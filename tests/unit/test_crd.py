@@ -342,11 +342,47 @@ def test_every_field_has_a_description() -> None:
     assert undocumented == []
 
 
-def test_defaults_are_valid_for_their_fields() -> None:
-    for path, node in walk(SCHEMA):
-        if "default" in node:
-            sub = jsonschema.Draft202012Validator(openapi_to_jsonschema(node), format_checker=FORMAT_CHECKER)
-            assert list(sub.iter_errors(apply_defaults(node, node["default"]))) == [], path
+DEFAULTED = [pytest.param(path, node, id=path) for path, node in walk(SCHEMA) if "default" in node]
+
+
+@pytest.mark.parametrize(("path", "node"), DEFAULTED)
+def test_defaults_are_valid_for_their_fields_as_written(path: str, node: dict[str, Any]) -> None:
+    """At CRD creation the API server validates each ``default`` exactly as written, with
+    the defaults of the fields inside it NOT applied
+    (apiextensions-apiserver/pkg/apiserver/schema/defaulting/validation.go)."""
+    sub = jsonschema.Draft202012Validator(openapi_to_jsonschema(node), format_checker=FORMAT_CHECKER)
+    assert [e.message for e in sub.iter_errors(node["default"])] == []
+
+
+def test_there_are_defaults_with_rules() -> None:
+    """The check below must have something to check: spec.retry has a default and a rule."""
+    with_rules = {
+        path
+        for path, node in (p.values for p in DEFAULTED)
+        if any(sub.get("x-kubernetes-validations") for _, sub in walk(node))
+    }
+    assert "spec.retry" in with_rules
+
+
+@pytest.mark.parametrize(("path", "node"), DEFAULTED)
+def test_object_defaults_agree_with_their_fields_defaults(path: str, node: dict[str, Any]) -> None:
+    """An object's default is spelled out (see the next test), so it must say what its fields'
+    own defaults say: whether ``retry`` is omitted or given as ``{}``, the result is the same."""
+    if node.get("type") != "object" or "properties" not in node:
+        return
+    assert node["default"] == apply_defaults(node, {})
+
+
+@pytest.mark.parametrize(("path", "node"), DEFAULTED)
+def test_cel_rules_hold_on_defaults_as_written(path: str, node: dict[str, Any]) -> None:
+    """The same check for CEL: validation.go runs the rules of the defaulted node and of every
+    node below it on the default as written (no nested defaulting), with ``oldSelf`` set to
+    the default too, and, with CRDValidationRatcheting (on by default), once more as a create.
+    A rule that reads a field the default omits fails with "no such key" and the API server
+    refuses the whole CRD."""
+    default = copy.deepcopy(node["default"])
+    assert cel_failures(node, default, copy.deepcopy(default), path, force_messages=True) == []
+    assert cel_failures(node, default, None, path, force_messages=True) == []
 
 
 def test_spec_fields_are_the_ones_the_operator_reads() -> None:
