@@ -101,8 +101,9 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recent(end: date, now: datetime) -> None:
     # The window covers end_date through 23:59:59 UTC; any of that inside the last 24 hours
     # may still be arriving, so rewriting it would bake in incomplete data.
-    window_end = datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
-    if window_end > now - timedelta(hours=RECENT_HOURS):
+    # (Compared through its first instant, not end + 1 day: that overflows for 9999-12-31.)
+    window_start = datetime.combine(end, datetime.min.time(), UTC)
+    if window_start > now - timedelta(hours=RECENT_HOURS) - timedelta(days=1):
         raise UsageError(
             f"end_date {end} reaches into the last {RECENT_HOURS} hours, whose data may be incomplete; "
             "pass --allow-recent to backfill it anyway"

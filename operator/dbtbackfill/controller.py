@@ -170,23 +170,7 @@ def _enrich(views: list[JobView], owner: Owner, state: ChunkState, auditlog: Aud
 
 
 def _peers(namespace: str) -> list[reconcile.Peer]:
-    peers = []
-    for item in kube.list_backfills(namespace):
-        try:
-            peer_spec = parse_spec(item.get("spec") or {})
-        except SpecError:
-            continue  # an invalid backfill never runs, so it blocks nobody
-        peer_status = item.get("status") or {}
-        peers.append(
-            reconcile.Peer(
-                name=item["metadata"]["name"],
-                created=item["metadata"].get("creationTimestamp") or "",
-                spec=peer_spec,
-                phase=peer_status.get("phase"),
-                started=bool(peer_status.get("startTime")),
-            )
-        )
-    return peers
+    return [peer for item in kube.list_backfills(namespace) if (peer := reconcile.peer_of(item))]
 
 
 def _launch(

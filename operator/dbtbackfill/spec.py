@@ -264,6 +264,10 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         parsed.windows()
     except PlanError as exc:  # pragma: no cover - the range limit above keeps the plan small
         raise SpecError(f"spec.chunk: {exc}") from None
+    except (ArithmeticError, ValueError) as exc:  # pragma: no cover - the planner is total
+        # Whatever slips through must still be a clear InvalidSpec, never a crash that
+        # wedges the reconciler (and, through the overlap guard, the whole namespace).
+        raise SpecError(f"spec.chunk: the chunks of {start_date}..{end_date} cannot be planned: {exc}") from None
     return parsed
 
 

@@ -631,3 +631,38 @@ def test_job_view_ignores_jobs_without_our_labels(labels: dict[str, str] | None)
         job["metadata"]["labels"] = labels
     assert job_view(job) is None
     assert job_view({}) is None
+
+
+@pytest.mark.parametrize("allow_recent", [False, True])
+def test_a_chunk_ending_9999_12_31_is_a_usage_error_or_a_plan_never_a_traceback(allow_recent: bool) -> None:
+    """The runner's recent-data check used to compute end + 1 day, which overflows here."""
+    from dbtbackfill.cli import UsageError, plan_from_args
+
+    spec = make_spec(startDate="9999-12-30", endDate="9999-12-31", allowRecent=allow_recent)
+    args = cli_parse(runner_command(OWNER, spec, spec.windows()[-1], 1))
+    if not allow_recent:
+        with pytest.raises(UsageError, match="reaches into the last 24 hours"):
+            plan_from_args(args, now=datetime(2026, 1, 1, tzinfo=UTC))
+    else:
+        windows, _ = plan_from_args(args, now=datetime(2026, 1, 1, tzinfo=UTC))
+        assert [w.label() for w in windows] == ["9999-12-31..9999-12-31"]
+
+
+@pytest.mark.parametrize(
+    ("end", "now", "recent"),
+    [
+        ("2024-01-30", datetime(2024, 2, 1, 0, 0, 0, tzinfo=UTC), False),  # window ended 24h ago exactly
+        ("2024-01-31", datetime(2024, 2, 1, 23, 59, 59, tzinfo=UTC), True),
+        ("2024-01-31", datetime(2024, 2, 2, 0, 0, 0, tzinfo=UTC), False),
+    ],
+)
+def test_the_recent_check_keeps_its_boundary(end: str, now: datetime, recent: bool) -> None:
+    from dbtbackfill.cli import UsageError, plan_from_args
+
+    spec = make_spec(startDate=end, endDate=end)
+    args = cli_parse(runner_command(OWNER, spec, spec.windows()[0], 1))
+    if recent:
+        with pytest.raises(UsageError):
+            plan_from_args(args, now=now)
+    else:
+        plan_from_args(args, now=now)

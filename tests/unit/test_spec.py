@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbtbackfill.planner import Window
@@ -364,3 +364,38 @@ def test_spec_module_is_pure() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+# --- totality over the CRD's domain ---------------------------------------------------------
+
+
+@st.composite
+def crd_valid_date_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """Specs the CRD admits as far as dates and chunking go: any YYYY-MM-DD up to 9999-12-31
+    (year 0000 too, which Go's date format accepts), a range of at most 3660 days, any unit
+    and size the schema allows."""
+    start = draw(st.one_of(st.dates(), st.sampled_from([dt.date(9999, 1, 1), dt.date(9999, 12, 31)])))
+    days = draw(st.integers(0, 3659))
+    end = start + dt.timedelta(days=min(days, (dt.date.max - start).days))
+    start_text = start.isoformat() if draw(st.integers(0, 19)) else "0000-01-01"
+    return spec_of(
+        startDate=start_text,
+        endDate=end.isoformat(),
+        chunk={"unit": draw(st.sampled_from(["day", "week", "month"])), "size": draw(st.integers(1, 366))},
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(crd_valid_date_specs())
+def test_parse_spec_is_total_over_crd_valid_dates(spec: dict[str, Any]) -> None:
+    """A spec either parses (with a plan that covers its range) or is a one-line SpecError:
+    never an OverflowError or ValueError that would crash the reconciler."""
+    try:
+        parsed = parse_spec(spec)
+    except SpecError as exc:
+        assert "\n" not in str(exc)
+        assert str(exc).startswith("spec.")
+        return
+    windows = parsed.windows()
+    assert windows[0].start == parsed.start_date
+    assert windows[-1].end == parsed.end_date
