@@ -17,9 +17,10 @@ from dateutil.relativedelta import relativedelta
 ChunkUnit = Literal["day", "week", "month"]
 CHUNK_UNITS: Final[tuple[str, ...]] = get_args(ChunkUnit)
 
-# A tenant id reaches SQL (quoted) and Kubernetes label values, so it must fit both:
-# label values allow at most 63 characters of [A-Za-z0-9_.-] and must start alphanumeric.
-# The dot is left out because dbt selectors and schema names treat it specially.
+# A tenant id reaches SQL (quoted) and Kubernetes label values: at most 63 characters of
+# [A-Za-z0-9_-], starting alphanumeric. The dot is left out because dbt selectors and schema
+# names treat it specially. It may end in '-' or '_', which a label value may not: the
+# operator labels such a tenant with a prefix and a hash (jobs.tenant_label).
 TENANT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _TENANT_RE: Final = re.compile(TENANT_ID_PATTERN)
 _DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
