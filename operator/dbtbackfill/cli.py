@@ -370,6 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, default=9102)
     op.add_argument("--peering", default=None, help="kopf peering name for HA; default standalone")
     op.add_argument("--log-format", choices=("text", "json"), default="text")
+    op.add_argument(
+        "--allowed-images",
+        default=None,
+        help="images chunk Jobs may run besides the default image: comma-separated exact images or prefixes "
+        "ending in '*' (overrides DBT_BACKFILL_ALLOWED_IMAGES)",
+    )
+    op.add_argument(
+        "--allowed-service-accounts",
+        default=None,
+        help="ServiceAccounts chunk Jobs may run as besides the default one, comma-separated "
+        "(overrides DBT_BACKFILL_ALLOWED_SERVICE_ACCOUNTS)",
+    )
     op.set_defaults(func=_operator)
     return parser
 

@@ -114,7 +114,12 @@ def kubelet_options() -> dict[str, Any]:
 def operator(kube_api: KubeAPI, kube_client: kubernetes.client.ApiClient, analytics_db: str,
              tmp_path: Path) -> Iterator[OperatorProcess]:  # fmt: skip
     kubernetes.client.CoreV1Api(kube_client).create_namespaced_secret(
-        "default", {"metadata": {"name": SECRET}, "stringData": {"DATABASE_URL": analytics_db}}
+        "default",
+        {
+            # The operator's policy uses only Secrets labelled for backfills.
+            "metadata": {"name": SECRET, "labels": {"dbt-backfill.io/warehouse": "true"}},
+            "stringData": {"DATABASE_URL": analytics_db},
+        },
     )
     proc = OperatorProcess(kube_api, analytics_db, tmp_path)
     proc.start()
@@ -129,6 +134,7 @@ def operator(kube_api: KubeAPI, kube_client: kubernetes.client.ApiClient, analyt
 RBAC_NAMES = {
     "DbtBackfill": (("dbt-backfill.io",), "dbtbackfills"),
     "Job": (("batch",), "jobs"),
+    "Secret": (("",), "secrets"),
     "Event": (("", "events.k8s.io"), "events"),
     "Namespace": (("",), "namespaces"),
     "CustomResourceDefinition": (("apiextensions.k8s.io",), "customresourcedefinitions"),
