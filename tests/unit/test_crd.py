@@ -808,6 +808,7 @@ _SPEC_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "suspend": st.sampled_from([True, False, "yes"]),
     "dryRun": st.booleans(),
     "allowRecent": st.booleans(),
+    "verify": st.booleans(),
     "ttlSecondsAfterFinished": st.sampled_from([-1, 0, 100, 2**31 - 1, 2**31]),
     "threads": st.sampled_from([0, 1, 64, 65]),
     "resources": st.fixed_dictionaries(
