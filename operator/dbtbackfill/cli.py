@@ -132,8 +132,9 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recent(end: date, now: datetime) -> None:
     # The window covers end_date through 23:59:59 UTC; any of that inside the last 24 hours
     # may still be arriving, so rewriting it would bake in incomplete data.
-    window_end = datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
-    if window_end > now - timedelta(hours=RECENT_HOURS):
+    # (Compared through its first instant, not end + 1 day: that overflows for 9999-12-31.)
+    window_start = datetime.combine(end, datetime.min.time(), UTC)
+    if window_start > now - timedelta(hours=RECENT_HOURS) - timedelta(days=1):
         raise UsageError(
             f"end_date {end} reaches into the last {RECENT_HOURS} hours, whose data may be incomplete; "
             "pass --allow-recent to backfill it anyway"
@@ -518,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, default=9102)
     op.add_argument("--peering", default=None, help="kopf peering name for HA; default standalone")
     op.add_argument("--log-format", choices=("text", "json"), default="text")
+    op.add_argument(
+        "--allowed-images",
+        default=None,
+        help="images chunk Jobs may run besides the default image: comma-separated exact images or prefixes "
+        "ending in '*' (overrides DBT_BACKFILL_ALLOWED_IMAGES)",
+    )
+    op.add_argument(
+        "--allowed-service-accounts",
+        default=None,
+        help="ServiceAccounts chunk Jobs may run as besides the default one, comma-separated "
+        "(overrides DBT_BACKFILL_ALLOWED_SERVICE_ACCOUNTS)",
+    )
     op.set_defaults(func=_operator)
     return parser
 

@@ -17,13 +17,16 @@ from typing import Any, Final, cast
 
 import kopf
 
-from dbtbackfill import jobs, kube, metrics, reconcile, status
+from dbtbackfill import jobs, kube, metrics, policy, reconcile, status
 from dbtbackfill.jobs import JobDefaults, Owner
+from dbtbackfill.policy import JobPolicy
 from dbtbackfill.reconcile import ChunkState, Event, JobView
 from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 IDLE_SECONDS: Final = 300.0
+# A missing or unlabelled database Secret can be fixed without touching the backfill.
+SECRET_RECHECK_SECONDS: Final = 60.0
 AUDIT_CONNECT_TIMEOUT: Final = 3
 AUDIT_RETRY_SECONDS: Final = 15.0
 
@@ -32,16 +35,22 @@ AUDIT_RETRY_SECONDS: Final = 15.0
 class OperatorConfig:
     defaults: JobDefaults
     database_url: str | None
+    policy: JobPolicy
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        return cls(
-            JobDefaults(
-                image=os.environ.get("DBT_BACKFILL_DEFAULT_IMAGE", "dbt-backfill-operator:0.1.0"),
-                service_account_name=os.environ.get("DBT_BACKFILL_JOB_SERVICE_ACCOUNT", "dbt-backfill-job"),
-            ),
-            os.environ.get("DATABASE_URL") or None,
+        """Raises :class:`policy.PolicyConfigError` on a malformed policy setting."""
+        defaults = JobDefaults(
+            image=os.environ.get("DBT_BACKFILL_DEFAULT_IMAGE", "dbt-backfill-operator:0.1.0"),
+            service_account_name=os.environ.get("DBT_BACKFILL_JOB_SERVICE_ACCOUNT", "dbt-backfill-job"),
         )
+        job_policy = policy.build_policy(
+            defaults.image,
+            defaults.service_account_name,
+            os.environ.get(policy.ALLOWED_IMAGES_ENV),
+            os.environ.get(policy.ALLOWED_SERVICE_ACCOUNTS_ENV),
+        )
+        return cls(defaults, os.environ.get("DATABASE_URL") or None, job_policy)
 
 
 @dataclass(frozen=True)
@@ -170,23 +179,17 @@ def _enrich(views: list[JobView], owner: Owner, state: ChunkState, auditlog: Aud
 
 
 def _peers(namespace: str) -> list[reconcile.Peer]:
-    peers = []
-    for item in kube.list_backfills(namespace):
-        try:
-            peer_spec = parse_spec(item.get("spec") or {})
-        except SpecError:
-            continue  # an invalid backfill never runs, so it blocks nobody
-        peer_status = item.get("status") or {}
-        peers.append(
-            reconcile.Peer(
-                name=item["metadata"]["name"],
-                created=item["metadata"].get("creationTimestamp") or "",
-                spec=peer_spec,
-                phase=peer_status.get("phase"),
-                started=bool(peer_status.get("startTime")),
-            )
-        )
-    return peers
+    return [peer for item in kube.list_backfills(namespace) if (peer := reconcile.peer_of(item))]
+
+
+def enforce_policy(namespace: str, spec: BackfillSpec, job_policy: JobPolicy) -> None:
+    """Raise :class:`policy.PolicyRefusal` unless the operator may run this spec's Jobs."""
+    refused = policy.spec_refusal(spec, job_policy)
+    if refused:
+        raise policy.PolicyRefusal(refused)
+    refused = policy.secret_refusal(spec, kube.get_secret_labels(namespace, spec.secret_name))
+    if refused:
+        raise policy.SecretRefusal(refused)
 
 
 def _launch(
@@ -221,12 +224,14 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     try:
         spec = parse_spec(body.get("spec") or {})
         windows = spec.windows()
+        enforce_policy(namespace, spec, cfg.policy)
     except SpecError as exc:
         new = status.invalid_spec_status(str(exc), generation, previous, now)
         patch = status.changed(previous, new)
         if patch:
             kube.patch_backfill_status(namespace, name, patch)
-        return Outcome(None, (Event("Warning", "InvalidSpec", str(exc)),) if patch else (), body, "Failed")
+        recheck = SECRET_RECHECK_SECONDS if isinstance(exc, policy.SecretRefusal) else None
+        return Outcome(recheck, (Event("Warning", "InvalidSpec", str(exc)),) if patch else (), body, "Failed")
 
     owner = owner_of(body)
     state = reconcile.state_from_status(previous)

@@ -7,6 +7,7 @@ replayed create after an operator restart gets 409 from the API instead of a twi
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ LABEL_TENANT: Final = f"{GROUP}/tenant"
 LABEL_WINDOW_START: Final = f"{GROUP}/window-start"
 LABEL_WINDOW_END: Final = f"{GROUP}/window-end"
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
+ANNOTATION_TENANT: Final = f"{GROUP}/tenant"
 ALL_TENANTS: Final = "all"
+# Kubernetes' label value shape (k8s.io/apimachinery/pkg/util/validation), at most 63 characters.
+LABEL_VALUE_RE: Final = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 RUNNER_UID: Final = 10001
 WORK_DIR: Final = "/tmp"  # noqa: S108  # an emptyDir in the pod, not the image's /tmp
 # Audit ids are UUIDv5 in this namespace, so the operator and a restarted operator agree.
@@ -55,11 +59,29 @@ def _label_value(text: str) -> str:
     return text[:63].rstrip("-_.")
 
 
+def tenant_label(tenant_id: str | None) -> str:
+    """The tenant as a label value: the tenant id itself whenever it is a valid label value.
+
+    A tenant id may end in '-' or '_' (warehouses allow it, and so do the CLI and the CRD),
+    which a label value may not. Such an id becomes a readable prefix, a dot and a hash of
+    the whole id. Tenant ids never contain a dot, so the result can equal no real tenant id,
+    and the hash keeps two such tenants apart. The exact id is in the Job's annotation.
+    """
+    if tenant_id is None:
+        return ALL_TENANTS
+    if len(tenant_id) <= 63 and LABEL_VALUE_RE.fullmatch(tenant_id):
+        return tenant_id
+    digest = hashlib.sha256(tenant_id.encode()).hexdigest()[:10]
+    return f"{tenant_id[:52].rstrip('-_')}.{digest}"
+
+
 def job_name(owner: Owner, chunk: int, attempt: int) -> str:
     # A short hash of the uid keeps names of a deleted-and-recreated backfill distinct
-    # from the old one's Jobs that may still be terminating.
+    # from the old one's Jobs that may still be terminating. The name is a DNS-1123 label
+    # (no dots), whatever the backfill's name: it becomes each Pod's job-name label and the
+    # prefix of its hostname.
     digest = hashlib.sha256(owner.uid.encode()).hexdigest()[:5]
-    prefix = owner.name[:40].rstrip("-.")
+    prefix = owner.name[:40].replace(".", "-").rstrip("-")
     return f"{prefix}-{digest}-c{chunk}-a{attempt}"
 
 
@@ -74,10 +96,18 @@ def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -
         LABEL_BACKFILL_UID: owner.uid,
         LABEL_CHUNK: str(window.index),
         LABEL_ATTEMPT: str(attempt),
-        LABEL_TENANT: spec.tenant_id or ALL_TENANTS,
+        LABEL_TENANT: tenant_label(spec.tenant_id),
         LABEL_WINDOW_START: window.start.isoformat(),
         LABEL_WINDOW_END: window.end.isoformat(),
     }
+
+
+def job_annotations(spec: BackfillSpec, window: Window) -> dict[str, str]:
+    """What labels cannot hold exactly: the window as a range, and the tenant id as given."""
+    annotations = {f"{GROUP}/window": window.label()}
+    if spec.tenant_id is not None:
+        annotations[ANNOTATION_TENANT] = spec.tenant_id
+    return annotations
 
 
 def runner_command(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -> list[str]:
@@ -193,7 +223,7 @@ def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, de
             "name": job_name(owner, window.index, attempt),
             "namespace": owner.namespace,
             "labels": labels,
-            "annotations": {f"{GROUP}/window": window.label()},
+            "annotations": job_annotations(spec, window),
         },
         "spec": job_spec,
     }

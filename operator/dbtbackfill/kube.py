@@ -28,8 +28,12 @@ API_CALLS: Final = frozenset(
         ("batch", "jobs", "list"),
         ("batch", "jobs", "create"),
         ("batch", "jobs", "delete"),
+        # The policy's label check on spec.databaseSecretRef: metadata only (see below).
+        ("", "secrets", "get"),
     }
 )
+# Ask for a Secret's metadata only, so its data never reaches the operator.
+PARTIAL_METADATA: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 # What kopf does on our behalf, and what admission requires; with API_CALLS, exactly what the
@@ -134,6 +138,29 @@ def delete_job(namespace: str, name: str) -> None:
     except ApiException as exc:
         if _status_of(exc) != 404:
             raise
+
+
+def _core() -> Any:
+    from kubernetes import client
+
+    return client.CoreV1Api(_api_client())
+
+
+def get_secret_labels(namespace: str, name: str) -> dict[str, str] | None:
+    """A Secret's labels, or None if it does not exist. Only its metadata is fetched
+    (PartialObjectMetadata): the operator checks the label, it never sees the data."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        response = _core().read_namespaced_secret(
+            name, namespace, _preload_content=False, _headers={"Accept": PARTIAL_METADATA}
+        )
+    except ApiException as exc:
+        if _status_of(exc) == 404:
+            return None
+        raise
+    labels: dict[str, str] = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+    return labels
 
 
 def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -47,10 +48,33 @@ def configure_logging(fmt: str) -> None:
     root.setLevel(logging.INFO)
 
 
+def apply_policy_flags(args: argparse.Namespace) -> str | None:
+    """Let the CLI flags override the policy's environment variables (the handlers read the
+    environment at import), and check the result. Returns the one-line error, if any."""
+    from dbtbackfill import policy
+    from dbtbackfill.controller import OperatorConfig
+
+    for flag, env in (
+        (args.allowed_images, policy.ALLOWED_IMAGES_ENV),
+        (args.allowed_service_accounts, policy.ALLOWED_SERVICE_ACCOUNTS_ENV),
+    ):
+        if flag is not None:
+            os.environ[env] = flag
+    try:
+        OperatorConfig.from_env()
+    except policy.PolicyConfigError as exc:
+        return str(exc)
+    return None
+
+
 def run_operator(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
 
+    error = apply_policy_flags(args)
+    if error:
+        print(f"dbt-backfill operator: {error}", file=sys.stderr)
+        return 2
     configure_logging(args.log_format)
     # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when it hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

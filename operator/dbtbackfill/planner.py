@@ -17,9 +17,10 @@ from dateutil.relativedelta import relativedelta
 ChunkUnit = Literal["day", "week", "month"]
 CHUNK_UNITS: Final[tuple[str, ...]] = get_args(ChunkUnit)
 
-# A tenant id reaches SQL (quoted) and Kubernetes label values, so it must fit both:
-# label values allow at most 63 characters of [A-Za-z0-9_.-] and must start alphanumeric.
-# The dot is left out because dbt selectors and schema names treat it specially.
+# A tenant id reaches SQL (quoted) and Kubernetes label values: at most 63 characters of
+# [A-Za-z0-9_-], starting alphanumeric. The dot is left out because dbt selectors and schema
+# names treat it specially. It may end in '-' or '_', which a label value may not: the
+# operator labels such a tenant with a prefix and a hash (jobs.tenant_label).
 TENANT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _TENANT_RE: Final = re.compile(TENANT_ID_PATTERN)
 _DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -107,21 +108,34 @@ def plan_windows(start: date, end: date, unit: str = "day", size: int = 1) -> li
     months), ``size`` units at a time, counted from the period that holds ``start``.
     The first and last windows are clipped to the range, so the windows cover it
     exactly, in order, with no gap and no overlap.
+
+    Total over every valid input: a chunk reaching past the last representable day
+    (9999-12-31) simply ends with the range, so nothing but :class:`PlanError` escapes.
     """
     validate_range(start, end)
     checked_unit = validate_unit(unit, size)
     step = _step(checked_unit, size)
     windows: list[Window] = []
     period = _period_start(start, checked_unit)
-    while period <= end:
-        following = period + step
-        windows.append(Window(len(windows), max(period, start), min(following - timedelta(days=1), end)))
+    while True:
+        following = _next_period(period, step)
+        last = end if following is None else min(following - timedelta(days=1), end)
+        windows.append(Window(len(windows), max(period, start), last))
         if len(windows) > MAX_WINDOWS:
             raise PlanError(
                 f"the range {start}..{end} makes more than {MAX_WINDOWS} {unit} chunks; use a larger chunk unit or size"
             )
+        if following is None or following > end:
+            return windows
         period = following
-    return windows
+
+
+def _next_period(period: date, step: relativedelta) -> date | None:
+    """The start of the period after ``period``, or None when it lies past ``date.max``."""
+    try:
+        return period + step
+    except (OverflowError, ValueError):  # datetime raises the one, dateutil the other
+        return None
 
 
 def compress_indices(indices: Iterable[int]) -> list[tuple[int, int]]:

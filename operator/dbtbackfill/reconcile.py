@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
 from dbtbackfill.planner import Window, compress_indices, expand_runs
-from dbtbackfill.spec import BackfillSpec
+from dbtbackfill.spec import BackfillSpec, parse_spec
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled"]
 JobPhase = Literal["active", "succeeded", "failed"]
@@ -346,3 +346,25 @@ def blocking_peer(name: str, created: str, spec: BackfillSpec, peers: Sequence[P
         if holds or ahead:
             return peer.name
     return None
+
+
+def peer_of(item: Mapping[str, Any]) -> Peer | None:
+    """The overlap guard's view of another DbtBackfill, or None when its spec cannot be parsed.
+
+    A backfill with an invalid spec never runs, so it blocks nobody; and whatever is wrong
+    with it must not stop the guard from seeing the others (one bad object would otherwise
+    stall every backfill in its namespace).
+    """
+    try:
+        spec = parse_spec(item.get("spec") or {})
+        meta = item["metadata"]
+        status = item.get("status") or {}
+        return Peer(
+            name=meta["name"],
+            created=meta.get("creationTimestamp") or "",
+            spec=spec,
+            phase=status.get("phase"),
+            started=bool(status.get("startTime")),
+        )
+    except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError):
+        return None  # SpecError is a ValueError

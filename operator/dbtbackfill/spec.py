@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from typing import Any, Final
 
 from dbtbackfill.planner import (
@@ -48,10 +49,28 @@ MAX_MODEL_LENGTH: Final = 200
 _DNS_SUBDOMAIN_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY_RE: Final = re.compile(r"^[-._a-zA-Z0-9]+$")
 _LABEL_VALUE_RE: Final = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+# The CRD's quantity pattern: what the API server's quantity parser and Pod validation accept
+# (no sign but '+', an integral exponent that fits its int32).
 _QUANTITY_RE: Final = re.compile(
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"^\+?(?P<number>([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(?P<suffix>([KMGTPE]i)|[numkMGTPE]|([eE][-+]?[0-9]{1,9}))?$"
 )
+_QUANTITY_SUFFIXES: Final = {
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(10) ** e for s, e in (("n", -9), ("u", -6), ("m", -3), ("k", 3), ("M", 6), ("G", 9))},
+    **{s: Decimal(10) ** e for s, e in (("T", 12), ("P", 15), ("E", 18), ("", 0))},
+}
+# Enough range for every exponent the pattern admits.
+_QUANTITY_CONTEXT: Final = Context(prec=60, Emax=MAX_EMAX, Emin=MIN_EMIN)
+_STANDARD_RESOURCES: Final = frozenset({"cpu", "memory", "ephemeral-storage"})
+_HUGEPAGES_RE: Final = re.compile(r"^hugepages-[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+MAX_RESOURCES: Final = 16
+# A label key (a qualified name): optional DNS subdomain prefix (at most 253) and '/', then a
+# name of at most 63 characters, as k8s.io/apimachinery/pkg/util/validation checks it.
+_QUALIFIED_NAME_RE: Final = re.compile(
+    r"^((?P<prefix>[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+MAX_NODE_SELECTOR: Final = 64
 _MODEL_RE: Final = re.compile(MODEL_SELECTOR_PATTERN)
 _TENANT_RE: Final = re.compile(TENANT_ID_PATTERN)
 _ASCII_DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -91,6 +110,7 @@ _TOLERATION_OPERATORS: Final = ("Exists", "Equal")
 _TAINT_EFFECTS: Final = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 _INT64_MAX: Final = 2**63 - 1
+_INT32_MAX: Final = 2**31 - 1
 # Past this exponent every backoff the schema allows is already capped.
 _MAX_BACKOFF_SHIFT: Final = 40
 
@@ -254,7 +274,7 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         allow_recent=_bool(spec, "allowRecent"),
         verify=_bool(spec, "verify"),
         ttl_seconds_after_finished=_optional_int(
-            spec, "ttlSecondsAfterFinished", "spec.ttlSecondsAfterFinished", low=0, high=_INT64_MAX
+            spec, "ttlSecondsAfterFinished", "spec.ttlSecondsAfterFinished", low=0, high=_INT32_MAX
         ),
         threads=_optional_int(spec, "threads", "spec.threads", low=1, high=64),
         resources=_resources(spec),
@@ -267,6 +287,10 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         parsed.windows()
     except PlanError as exc:  # pragma: no cover - the range limit above keeps the plan small
         raise SpecError(f"spec.chunk: {exc}") from None
+    except (ArithmeticError, ValueError) as exc:  # pragma: no cover - the planner is total
+        # Whatever slips through must still be a clear InvalidSpec, never a crash that
+        # wedges the reconciler (and, through the overlap guard, the whole namespace).
+        raise SpecError(f"spec.chunk: the chunks of {start_date}..{end_date} cannot be planned: {exc}") from None
     return parsed
 
 
@@ -395,34 +419,106 @@ def _resources(spec: Mapping[str, Any]) -> dict[str, dict[str, int | str]] | Non
         return None
     resources = _sub_mapping(spec, "resources", _RESOURCES_FIELDS)
     parsed: dict[str, dict[str, int | str]] = {}
+    amounts_by_kind: dict[str, dict[str, Decimal]] = {}
     for kind in sorted(resources):
         amounts = resources[kind]
         if amounts is None:
             continue
         quantities: dict[str, int | str] = {}
-        for name, quantity in _as_mapping(amounts, f"spec.resources.{kind}").items():
+        values: dict[str, Decimal] = {}
+        mapping = _as_mapping(amounts, f"spec.resources.{kind}")
+        if len(mapping) > MAX_RESOURCES:
+            raise SpecError(f"spec.resources.{kind}: at most {MAX_RESOURCES} resources are allowed, got {len(mapping)}")
+        for name, quantity in mapping.items():
             where = f"spec.resources.{kind}.{name}"
             if not isinstance(name, str) or not name:
                 raise SpecError(f"spec.resources.{kind}: resource names must be non-empty strings")
-            if _is_int(quantity):
-                quantities[name] = int(quantity)
-            elif isinstance(quantity, str) and _QUANTITY_RE.fullmatch(quantity):
-                quantities[name] = quantity
-            else:
-                raise SpecError(f"{where}: must be a quantity such as 500m, 2Gi or 1, got {quantity!r}")
+            if not _is_resource_name(name):
+                raise SpecError(
+                    f"{where}: resource names must be cpu, memory, ephemeral-storage, hugepages-<size>, or an "
+                    "extended resource with a domain, e.g. example.com/gpu (not in kubernetes.io)"
+                )
+            value = _quantity(quantity)
+            if value is None:
+                raise SpecError(f"{where}: must be a non-negative quantity such as 500m, 2Gi or 1, got {quantity!r}")
+            if _is_extended_resource(name) and value != value.to_integral_value():
+                raise SpecError(f"{where}: an extended resource must be a whole number, got {quantity!r}")
+            quantities[name] = int(quantity) if _is_int(quantity) else quantity
+            values[name] = value
         parsed[kind] = quantities
+        amounts_by_kind[kind] = values
+    _check_requests_fit_limits(amounts_by_kind.get("requests", {}), amounts_by_kind.get("limits", {}))
     return parsed
+
+
+def _check_requests_fit_limits(requests: Mapping[str, Decimal], limits: Mapping[str, Decimal]) -> None:
+    """The Pod API's own rules (ValidateResourceRequirements), so that a spec the operator
+    accepts never becomes a Job the API server refuses."""
+    for name, request in sorted(requests.items()):
+        where = f"spec.resources.requests.{name}"
+        overcommit = not _is_extended_resource(name) and not name.startswith("hugepages-")
+        limit = limits.get(name)
+        if limit is None:
+            if not overcommit:
+                raise SpecError(
+                    f"{where}: {name} needs a limit too (spec.resources.limits.{name}), equal to the request"
+                )
+        elif not overcommit and request != limit:
+            raise SpecError(f"{where}: must equal the limit of {name} ({name} cannot be overcommitted)")
+        elif request > limit:
+            raise SpecError(f"{where}: must not be more than the limit of {name}")
+    names = set(requests) | set(limits)
+    if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
+        raise SpecError("spec.resources: hugepages need a cpu or memory request or limit too")
+
+
+def _is_resource_name(name: str) -> bool:
+    if name in _STANDARD_RESOURCES or _HUGEPAGES_RE.fullmatch(name):
+        return True
+    match = _QUALIFIED_NAME_RE.fullmatch(name)
+    prefix = match.group("prefix") if match else None
+    return prefix is not None and len(prefix) <= 253 and _is_extended_resource(name)
+
+
+def _is_extended_resource(name: str) -> bool:
+    return "/" in name and "kubernetes.io/" not in name and not name.startswith("requests.")
+
+
+def _quantity(value: object) -> Decimal | None:
+    """The amount of a resource quantity the CRD admits, or None if it admits none."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value) if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    match = _QUANTITY_RE.fullmatch(value)
+    if match is None:
+        return None
+    number = Decimal(match.group("number"))
+    suffix = match.group("suffix") or ""
+    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+        return _QUANTITY_CONTEXT.scaleb(number, int(suffix[1:]))
+    return _QUANTITY_CONTEXT.multiply(number, _QUANTITY_SUFFIXES[suffix])
 
 
 def _node_selector(spec: Mapping[str, Any]) -> dict[str, str]:
     value = _optional(spec, "nodeSelector")
     if value is None:
         return {}
+    mapping = _as_mapping(value, "spec.nodeSelector")
+    if len(mapping) > MAX_NODE_SELECTOR:
+        raise SpecError(f"spec.nodeSelector: at most {MAX_NODE_SELECTOR} labels are allowed, got {len(mapping)}")
     selector: dict[str, str] = {}
-    for key, label_value in _as_mapping(value, "spec.nodeSelector").items():
+    for key, label_value in mapping.items():
         if not isinstance(key, str) or not key:
             raise SpecError("spec.nodeSelector: label names must be non-empty strings")
         where = f"spec.nodeSelector.{key}"
+        match = _QUALIFIED_NAME_RE.fullmatch(key)
+        if match is None or len(match.group("prefix") or "") > 253:
+            raise SpecError(
+                f"{where}: nodeSelector keys must be label keys: an optional DNS subdomain prefix (at most 253 "
+                "characters) and '/', then 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a "
+                "letter or digit"
+            )
         if not isinstance(label_value, str):
             raise SpecError(f"{where}: must be a string, got {_type_name(label_value)}")
         if len(label_value) > 63 or not _LABEL_VALUE_RE.fullmatch(label_value):

@@ -121,7 +121,12 @@ def operator(
 ) -> Iterator[OperatorProcess]:  # fmt: skip
     core = kubernetes.client.CoreV1Api(kube_client)
     core.create_namespaced_secret(
-        namespace, {"metadata": {"name": SECRET}, "stringData": {"DATABASE_URL": analytics_db}}
+        namespace,
+        {
+            # The operator's policy hands only Secrets labelled for backfills to chunk Jobs.
+            "metadata": {"name": SECRET, "labels": {"dbt-backfill.io/warehouse": "true"}},
+            "stringData": {"DATABASE_URL": analytics_db},
+        },
     )
     # deploy/examples/job-serviceaccount.yaml, in this namespace: no token, no permissions.
     core.create_namespaced_service_account(

@@ -28,6 +28,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from dbtbackfill.kube import API_CALLS, FRAMEWORK_CALLS
+from dbtbackfill.policy import WAREHOUSE_LABEL
 from tests.support.crd_schema import openapi_to_jsonschema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -412,7 +413,7 @@ def all_rules(objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("variant", ["default", "peering"])
-def test_rbac_has_no_wildcards_and_no_secrets(
+def test_rbac_has_no_wildcards_and_only_gets_secrets(
     variant: str, objects: list[dict[str, Any]], peering_objects: list[dict[str, Any]]
 ) -> None:
     rules = all_rules(objects if variant == "default" else peering_objects)
@@ -422,7 +423,9 @@ def test_rbac_has_no_wildcards_and_no_secrets(
             assert not any("*" in item for item in rule.get(field, [])), f"{role}: wildcard in {field}: {rule}"
         assert rule["verbs"], f"{role}: rule without verbs"
         assert "nonResourceURLs" not in rule, f"{role}: {rule}"
-        assert "secrets" not in rule.get("resources", []), f"{role}: the operator must not read Secrets"
+        if "secrets" in rule.get("resources", []):
+            # Only the policy's label check of the one Secret a backfill names: no list, no watch.
+            assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"], f"{role}: {rule}"
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{role}: {rule}"
 
 
@@ -459,7 +462,7 @@ def test_framework_and_application_roles_are_separate(objects: list[dict[str, An
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, "framework rules are read-only"
     # Only namespaced kinds, so the same ClusterRole can be bound per namespace with RoleBindings.
     application_resources = {r.split("/")[0] for rule in application["rules"] for r in rule["resources"]}
-    assert application_resources == {"dbtbackfills", "jobs", "events"}
+    assert application_resources == {"dbtbackfills", "jobs", "events", "secrets"}
     for name in ("dbt-backfill-operator-framework", "dbt-backfill-operator"):
         binding = find(objects, "ClusterRoleBinding", name)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
@@ -519,6 +522,8 @@ def test_examples_fit_together() -> None:
     examples = load_examples()
     (secret,) = examples["secret-database-url.yaml"]
     (sa,) = examples["job-serviceaccount.yaml"]
+    # The operator's policy refuses a database Secret without this label.
+    assert secret["metadata"]["labels"][WAREHOUSE_LABEL] == "true"
     namespace = secret["metadata"]["namespace"]
     assert sa["metadata"]["namespace"] == namespace
     backfills = [d for docs in examples.values() for d in docs if d["kind"] == "DbtBackfill"]
@@ -536,3 +541,19 @@ def test_examples_fit_together() -> None:
         assert end < dt.date.today() - dt.timedelta(days=2) or spec.get("allowRecent")
     tenant = [b for b in backfills if "tenantId" in b["spec"]]
     assert tenant, "backfill-tenant.yaml must show a tenant-scoped backfill"
+
+
+def test_deployment_sets_a_valid_policy_that_allows_only_the_defaults(objects: list[dict[str, Any]]) -> None:
+    from dbtbackfill.policy import ALLOWED_IMAGES_ENV, ALLOWED_SERVICE_ACCOUNTS_ENV, build_policy
+
+    env = {e["name"]: e.get("value") for e in operator_container(objects)["env"]}
+    job_policy = build_policy(
+        env["DBT_BACKFILL_DEFAULT_IMAGE"],
+        env["DBT_BACKFILL_JOB_SERVICE_ACCOUNT"],
+        env[ALLOWED_IMAGES_ENV],
+        env[ALLOWED_SERVICE_ACCOUNTS_ENV],
+    )
+    assert job_policy.allows_image(IMAGE)
+    assert not job_policy.allows_image("registry.example/anything:latest")
+    assert job_policy.allows_service_account(JOB_SA)
+    assert not job_policy.allows_service_account("default")

@@ -12,10 +12,12 @@ import copy
 import re
 import uuid
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +27,9 @@ from dbtbackfill.planner import Window
 from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
 
 K8S_VERSION = "1.32"
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
+# A DNS-1123 label: what a Job name must be for its Pods' job-name label and hostname.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 UID = "3f2b8c4e-1d2a-4b7e-9c1f-5a6b7c8d9e0f"
 OTHER_UID = "0d9e8c7b-6a5f-4c1e-8b2d-a1e4c8b2f3d4"
 OWNER = Owner(name="january-2024", namespace="analytics", uid=UID)
@@ -119,8 +124,7 @@ def test_job_name_fits_a_label_value_even_for_a_253_char_cr_name(name: str) -> N
     for chunk, attempt in [(0, 1), (3659, 1), (3659, 21), (3659, 999)]:
         job = job_name(owner, chunk, attempt)
         # The Job controller copies the name into the pods' batch.kubernetes.io/job-name label.
-        assert len(job) <= 63, job
-        assert DNS_SUBDOMAIN.fullmatch(job), job
+        assert DNS_LABEL.fullmatch(job), job
         assert_label_value(job)
 
 
@@ -129,8 +133,7 @@ def test_job_name_fits_a_label_value_even_for_a_253_char_cr_name(name: str) -> N
 def test_job_name_is_valid_for_any_cr_name(name: str, chunk: int, attempt: int) -> None:
     owner = Owner(name=name, namespace="ns", uid=UID)
     job = job_name(owner, chunk, attempt)
-    assert len(job) <= 63
-    assert DNS_SUBDOMAIN.fullmatch(job), job
+    assert DNS_LABEL.fullmatch(job), job
     assert job.endswith(f"-c{chunk}-a{attempt}")
 
 
@@ -206,6 +209,64 @@ def test_every_label_is_a_valid_label(name: str, tenant: str | None) -> None:
         assert_label_value(value)
     assert labels["dbt-backfill.io/backfill"] == name[:63].rstrip("-_.")
     assert labels["dbt-backfill.io/tenant"] == (tenant or "all")
+
+
+CRD_TENANT = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+    "spec"
+]["properties"]["tenantId"]
+
+
+def crd_tenant_ids() -> st.SearchStrategy[str]:
+    """Every tenant id the CRD schema admits (its pattern and maxLength, read from the CRD),
+    with the awkward ends (a trailing '-' or '_', full length) drawn often."""
+    pattern = CRD_TENANT["pattern"].removeprefix("^").removesuffix("$")
+    admitted = st.from_regex(pattern, fullmatch=True)
+    awkward = st.tuples(
+        st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,61}", fullmatch=True), st.sampled_from(["-", "_", "--", "_-"])
+    ).map("".join)
+    return st.one_of(admitted, awkward).filter(lambda t: len(t) <= CRD_TENANT["maxLength"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(crd_tenant_ids(), dns_subdomains())
+def test_every_tenant_the_crd_admits_makes_valid_labels_and_names(tenant: str, name: str) -> None:
+    """A tenant id ending in '-' used to reach a label value as it was: a 422 on every Job."""
+    spec = make_spec(tenantId=tenant)
+    owner = Owner(name=name, namespace="analytics", uid=UID)
+    job = build_job(owner, spec, window(spec), 1, DEFAULTS)
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        for key, value in labels.items():
+            assert LABEL_NAME.fullmatch(key), key
+            assert_label_value(value)
+    assert DNS_LABEL.fullmatch(job["metadata"]["name"]), job["metadata"]["name"]
+    assert job["metadata"]["annotations"]["dbt-backfill.io/tenant"] == tenant
+    assert spec.tenant_id == tenant
+
+
+def test_a_tenant_that_is_a_label_value_is_its_own_label() -> None:
+    assert jobs.tenant_label("acme") == "acme"
+    assert jobs.tenant_label("T" * 63) == "T" * 63
+    assert jobs.tenant_label(None) == "all"
+
+
+@pytest.mark.parametrize("tenant", ["acme-", "acme_", "acme-_", "a-", "x" * 62 + "-"])
+def test_a_tenant_ending_in_a_separator_gets_a_readable_hashed_label(tenant: str) -> None:
+    label = jobs.tenant_label(tenant)
+    assert_label_value(label)
+    prefix, digest = label.rsplit(".", 1)
+    assert tenant.startswith(prefix)
+    assert re.fullmatch(r"[0-9a-f]{10}", digest)
+    # Deterministic, so kubectl -l finds the same label on every Job of that tenant.
+    assert jobs.tenant_label(tenant) == label
+
+
+def test_tenant_labels_never_collide() -> None:
+    """The dot a hashed label carries can appear in no tenant id, so a tenant literally named
+    like another's hashed label is impossible; and near-identical awkward ids differ."""
+    tenants = ["acme", "acme-", "acme_", "acme--", "acme-_", "acme_-", "acme__", "Acme-"]
+    labels = [jobs.tenant_label(t) for t in tenants]
+    assert len(set(labels)) == len(tenants)
+    assert all(not re.fullmatch(CRD_TENANT["pattern"], label) for label in labels[1:])
 
 
 def test_selector_selects_exactly_this_backfills_jobs() -> None:
@@ -634,3 +695,38 @@ def test_job_view_ignores_jobs_without_our_labels(labels: dict[str, str] | None)
         job["metadata"]["labels"] = labels
     assert job_view(job) is None
     assert job_view({}) is None
+
+
+@pytest.mark.parametrize("allow_recent", [False, True])
+def test_a_chunk_ending_9999_12_31_is_a_usage_error_or_a_plan_never_a_traceback(allow_recent: bool) -> None:
+    """The runner's recent-data check used to compute end + 1 day, which overflows here."""
+    from dbtbackfill.cli import UsageError, plan_from_args
+
+    spec = make_spec(startDate="9999-12-30", endDate="9999-12-31", allowRecent=allow_recent)
+    args = cli_parse(runner_command(OWNER, spec, spec.windows()[-1], 1))
+    if not allow_recent:
+        with pytest.raises(UsageError, match="reaches into the last 24 hours"):
+            plan_from_args(args, now=datetime(2026, 1, 1, tzinfo=UTC))
+    else:
+        windows, _ = plan_from_args(args, now=datetime(2026, 1, 1, tzinfo=UTC))
+        assert [w.label() for w in windows] == ["9999-12-31..9999-12-31"]
+
+
+@pytest.mark.parametrize(
+    ("end", "now", "recent"),
+    [
+        ("2024-01-30", datetime(2024, 2, 1, 0, 0, 0, tzinfo=UTC), False),  # window ended 24h ago exactly
+        ("2024-01-31", datetime(2024, 2, 1, 23, 59, 59, tzinfo=UTC), True),
+        ("2024-01-31", datetime(2024, 2, 2, 0, 0, 0, tzinfo=UTC), False),
+    ],
+)
+def test_the_recent_check_keeps_its_boundary(end: str, now: datetime, recent: bool) -> None:
+    from dbtbackfill.cli import UsageError, plan_from_args
+
+    spec = make_spec(startDate=end, endDate=end)
+    args = cli_parse(runner_command(OWNER, spec, spec.windows()[0], 1))
+    if recent:
+        with pytest.raises(UsageError):
+            plan_from_args(args, now=now)
+    else:
+        plan_from_args(args, now=now)

@@ -6,7 +6,7 @@ import itertools
 from datetime import date, timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbtbackfill import planner
@@ -129,3 +129,56 @@ def test_compress_round_trips(indices: set[int]) -> None:
     assert planner.expand_runs(runs) == indices
     for (_, last), (first, _) in itertools.pairwise(runs):
         assert first > last + 1  # runs are maximal: adjacent runs would have merged
+
+
+# --- the whole domain the CRD admits --------------------------------------------------------
+
+# Every date a DbtBackfill may carry (Python has no year 0, which parse_date refuses), every
+# range the CRD's 3660-day rule admits, every chunk unit and size its schema allows.
+ALL_DATES = st.dates(min_value=date.min, max_value=date.max)
+CRD_SIZES = st.integers(1, 366)
+EDGES = st.sampled_from([date.min, date(1, 1, 7), date(9999, 1, 1), date(9998, 12, 25), date.max])
+
+
+@st.composite
+def crd_ranges(draw: st.DrawFn) -> tuple[date, date]:
+    start = draw(st.one_of(ALL_DATES, EDGES))
+    days = draw(st.one_of(st.integers(0, 3659), st.sampled_from([0, 1, 6, 30, 365, 3659])))
+    end = min(start + timedelta(days=min(days, (date.max - start).days)), date.max)
+    if draw(st.booleans()):  # ranges that end at the calendar's last day are the risky ones
+        end, start = date.max, max(date.max - timedelta(days=days), date.min)
+    return start, end
+
+
+@settings(max_examples=500, deadline=None)
+@given(crd_ranges(), st.sampled_from(planner.CHUNK_UNITS), st.one_of(CRD_SIZES, st.sampled_from([1, 365, 366])))
+def test_planning_is_total_over_the_crd_domain(rng: tuple[date, date], unit: str, size: int) -> None:
+    """No OverflowError or ValueError, whatever the dates and chunking: a plan that covers
+    the range exactly, or a PlanError (too many chunks) the operator reports as InvalidSpec."""
+    start, end = rng
+    try:
+        windows = plan_windows(start, end, unit, size)
+    except PlanError as exc:
+        assert "more than 3660" in str(exc)
+        return
+    assert windows[0].start == start
+    assert windows[-1].end == end
+    for before, after in itertools.pairwise(windows):
+        assert after.start == before.end + timedelta(days=1)
+    assert all(w.start <= w.end for w in windows)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "unit", "size", "last"),
+    [
+        (date(9999, 12, 1), date.max, "day", 1, "9999-12-31..9999-12-31"),
+        (date(9999, 12, 27), date.max, "week", 1, "9999-12-27..9999-12-31"),
+        (date(9999, 1, 1), date.max, "month", 366, "9999-01-01..9999-12-31"),
+        (date(9990, 1, 1), date.max, "day", 366, "9999-01-08..9999-12-31"),
+        (date(9999, 12, 31), date.max, "month", 1, "9999-12-31..9999-12-31"),
+    ],
+)
+def test_chunks_reaching_past_9999_end_with_the_range(start: date, end: date, unit: str, size: int, last: str) -> None:
+    windows = plan_windows(start, end, unit, size)
+    assert windows[-1].label() == last
+    assert windows[-1].end == date.max

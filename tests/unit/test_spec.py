@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbtbackfill.planner import Window
@@ -228,7 +228,7 @@ def test_range_limit() -> None:
         ({"retry": {"limit": 21}}, "spec.retry.limit: must be between 0 and 20"),
         ({"retry": {"backoffSeconds": 901}}, "spec.retry.maxBackoffSeconds: maxBackoffSeconds (900) must be"),
         ({"activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds: must be at least 1, got 0"),
-        ({"ttlSecondsAfterFinished": -5}, "spec.ttlSecondsAfterFinished: must be at least 0, got -5"),
+        ({"ttlSecondsAfterFinished": -5}, "spec.ttlSecondsAfterFinished: must be between 0 and 2147483647, got -5"),
         ({"threads": 65}, "spec.threads: must be between 1 and 64"),
         ({"suspend": "true"}, "spec.suspend: must be true or false"),
         ({"databaseSecretRef": None}, "spec.databaseSecretRef: required"),
@@ -241,8 +241,8 @@ def test_range_limit() -> None:
         ({"databaseUrl": "postgres://u:p@h/d"}, "spec.databaseUrl: unknown field"),
         ({"image": ""}, "spec.image: must not be empty"),
         ({"serviceAccountName": "Bad_Name"}, "spec.serviceAccountName: must be"),
-        ({"resources": {"limits": {"cpu": "lots"}}}, "spec.resources.limits.cpu: must be a quantity"),
-        ({"resources": {"limits": {"cpu": True}}}, "spec.resources.limits.cpu: must be a quantity"),
+        ({"resources": {"limits": {"cpu": "lots"}}}, "spec.resources.limits.cpu: must be a non-negative quantity"),
+        ({"resources": {"limits": {"cpu": True}}}, "spec.resources.limits.cpu: must be a non-negative quantity"),
         ({"nodeSelector": {"zone": "a b"}}, "spec.nodeSelector.zone: must be a label value"),
         (
             {"tolerations": [{"operator": "Exists", "value": "v"}]},
@@ -367,3 +367,85 @@ def test_spec_module_is_pure() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+# --- totality over the CRD's domain ---------------------------------------------------------
+
+
+@st.composite
+def crd_valid_date_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """Specs the CRD admits as far as dates and chunking go: any YYYY-MM-DD up to 9999-12-31
+    (year 0000 too, which Go's date format accepts), a range of at most 3660 days, any unit
+    and size the schema allows."""
+    start = draw(st.one_of(st.dates(), st.sampled_from([dt.date(9999, 1, 1), dt.date(9999, 12, 31)])))
+    days = draw(st.integers(0, 3659))
+    end = start + dt.timedelta(days=min(days, (dt.date.max - start).days))
+    start_text = start.isoformat() if draw(st.integers(0, 19)) else "0000-01-01"
+    return spec_of(
+        startDate=start_text,
+        endDate=end.isoformat(),
+        chunk={"unit": draw(st.sampled_from(["day", "week", "month"])), "size": draw(st.integers(1, 366))},
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(crd_valid_date_specs())
+def test_parse_spec_is_total_over_crd_valid_dates(spec: dict[str, Any]) -> None:
+    """A spec either parses (with a plan that covers its range) or is a one-line SpecError:
+    never an OverflowError or ValueError that would crash the reconciler."""
+    try:
+        parsed = parse_spec(spec)
+    except SpecError as exc:
+        assert "\n" not in str(exc)
+        assert str(exc).startswith("spec.")
+        return
+    windows = parsed.windows()
+    assert windows[0].start == parsed.start_date
+    assert windows[-1].end == parsed.end_date
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}, "spec.resources.requests.cpu: must not be more than"),
+        ({"requests": {"memory": "1Gi"}, "limits": {"memory": "1000Mi"}}, "spec.resources.requests.memory: must not"),
+        (
+            {"requests": {"example.com/gpu": 1}},
+            "spec.resources.requests.example.com/gpu: example.com/gpu needs a",
+        ),
+        ({"requests": {"example.com/gpu": 1}, "limits": {"example.com/gpu": 2}}, "spec.resources.requests.example.com"),
+        ({"limits": {"example.com/gpu": "500m"}}, "spec.resources.limits.example.com/gpu: an extended resource"),
+        ({"limits": {"hugepages-2Mi": "1Gi"}}, "spec.resources: hugepages need a cpu or memory"),
+        ({"limits": {"cpu": "1e2.5"}}, "spec.resources.limits.cpu: must be a non-negative quantity"),
+        ({"limits": {"cpu": -1}}, "spec.resources.limits.cpu: must be a non-negative quantity"),
+        ({"limits": {"gpu": 1}}, "spec.resources.limits.gpu: resource names must be"),
+    ],
+)
+def test_resources_the_pod_api_would_refuse_are_invalid_specs(resources: dict[str, Any], message: str) -> None:
+    """Each of these passes the CRD's per-value checks but would get a 422 on every Job create."""
+    assert error_of(spec_of(resources=resources)).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "0.5", "memory": "1073741824"}},
+        {"requests": {"cpu": "1e-3"}, "limits": {"cpu": "1m"}},
+        {"requests": {"example.com/gpu": 2}, "limits": {"example.com/gpu": "2", "memory": "2Gi"}},
+        {"limits": {"hugepages-1Gi": "2Gi", "memory": "4Gi"}, "requests": {"hugepages-1Gi": "2Gi"}},
+    ],
+)
+def test_resources_the_pod_api_accepts_parse(resources: dict[str, Any]) -> None:
+    assert parse_spec(spec_of(resources=resources)).resources is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "amount"),
+    [("500m", "0.5"), ("2Gi", str(2 * 1024**3)), ("1e3", "1000"), ("+.5", "0.5"), ("1E", "1e18"), ("1.", "1")],
+)
+def test_quantities_mean_what_kubernetes_means(text: str, amount: str) -> None:
+    from decimal import Decimal
+
+    from dbtbackfill.spec import _quantity
+
+    assert _quantity(text) == Decimal(amount)
