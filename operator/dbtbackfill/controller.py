@@ -129,6 +129,40 @@ class AuditLog:
             log.warning("audit: start of %s/%s not written yet, will retry: %s", owner.namespace, owner.name, exc)
             return False
 
+    def unstarted(self, owner: Owner, spec: BackfillSpec, chunk: int, attempt: int, message: str) -> None:
+        """The chunk row of an attempt whose Pod never started (its runner never ran)."""
+        if not self.url:
+            return
+        from dbtbackfill import audit
+
+        window = spec.windows()[chunk]
+        execution_id = jobs.chunk_execution_id(owner, chunk, attempt)
+        try:
+            engine = self._engine()
+            audit.record_start(
+                engine,
+                audit.ExecutionStart(
+                    id=execution_id,
+                    kind="chunk",
+                    parent_id=jobs.backfill_execution_id(owner),
+                    start_date=window.start,
+                    end_date=window.end,
+                    tenant_id=spec.tenant_id,
+                    models=spec.models,
+                    backfill_name=owner.name,
+                    backfill_namespace=owner.namespace,
+                    backfill_uid=owner.uid,
+                    chunk_index=chunk,
+                    attempt=attempt,
+                ),
+            )
+            audit.record_finish(
+                engine, execution_id, "failed", duration_seconds=0.0, records_processed=None, error_message=message
+            )
+        except Exception as exc:  # best effort: the status and the Event carry the reason too
+            metrics.AUDIT_WRITE_FAILURES.inc()
+            log.warning("audit: chunk %d attempt %d row not written: %s", chunk, attempt, exc)
+
     def finish(self, owner: Owner, outcome: str, seconds: float | None, message: str | None) -> bool:
         if not self.url:
             return True
@@ -382,6 +416,8 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     # Deleting comes after the status records why (suspend, a never-started Pod), so an operator
     # killed in between finds the reason written, not a Job that vanished unexplained.
     new_failure = _patched_status(namespace, name, previous, new, failure, generation, now, events)
+    for chunk, attempt, message in decision.unstarted:
+        auditlog.unstarted(owner, spec, chunk, attempt, message)
     for job_name in decision.delete:
         try:
             kube.delete_job(namespace, job_name)

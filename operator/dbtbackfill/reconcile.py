@@ -98,6 +98,9 @@ class Decision:
     events: tuple[Event, ...]
     wake_after: float | None  # seconds until a retry is due, if one is waiting
     blocked_by: str | None = None
+    # (chunk, attempt, reason) of attempts failed now for never starting: no runner wrote
+    # their audit row, so the operator does.
+    unstarted: tuple[tuple[int, int, str], ...] = ()
 
 
 def parse_time(text: Any) -> datetime | None:
@@ -403,7 +406,8 @@ def decide(
     if launch_after is not None and launch_after > now:
         waits.append((launch_after - now).total_seconds())
     wake = min(waits) if waits and not spec.suspend else None
-    return Decision(new_state, phase, tuple(launch), tuple(delete), running, tuple(events), wake, blocked_by)
+    unstarted = tuple((j.chunk, j.attempt, stuck[j.name]) for j in jobs if j.name in stuck and not j.deleting)
+    return Decision(new_state, phase, tuple(launch), tuple(delete), running, tuple(events), wake, blocked_by, unstarted)
 
 
 @dataclass(frozen=True)

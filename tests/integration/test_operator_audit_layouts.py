@@ -152,3 +152,13 @@ def test_an_unreadable_audit_database_holds_a_vanished_chunk() -> None:
     decision = reconcile.decide(SPEC, SPEC.windows(), state, observed.views, NOW, busy=observed.busy)
     assert [i.window.index for i in decision.launch] == [1]  # chunk 0 waits for the audit database
     assert decision.state.succeeded == frozenset() and decision.state.failed == frozenset()
+
+
+def test_the_operator_writes_the_chunk_row_of_an_attempt_that_never_started(database_url: str) -> None:
+    auditlog = controller.AuditLog(register_url(database_url))
+    message = "no Pod started within startDeadlineSeconds=60: CreateContainerConfigError: couldn't find key X"
+    auditlog.unstarted(OWNER, SPEC, 1, 2, message)
+    [row] = audit_rows(database_url)
+    assert row["id"] == jobs.chunk_execution_id(OWNER, 1, 2)
+    assert (row["kind"], row["status"], row["error_message"]) == ("chunk", "failed", message)
+    assert (row["chunk_index"], row["attempt"], row["parent_id"]) == (1, 2, jobs.backfill_execution_id(OWNER))

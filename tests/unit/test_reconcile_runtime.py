@@ -90,6 +90,8 @@ def test_a_pod_that_never_starts_fails_the_attempt_after_the_deadline_with_its_r
     assert reason in due.events[0].message
     assert due.launch == ()  # retried after the backoff, within retry.limit
     assert due.state.retry_at[0] == at(70)
+    assert due.unstarted == ((0, 1, failure.message),)  # the operator writes its audit row
+    assert run(spec, due.state, [replace(waiting, deleting=True)], at(61)).unstarted == ()  # once
 
 
 def test_a_never_started_chunk_fails_the_backfill_once_its_retries_are_spent() -> None:
