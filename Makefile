@@ -24,8 +24,8 @@ test: venv lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check operator scripts tests benchmarks
-	$(BIN)/ruff format --check operator scripts tests benchmarks
+	$(BIN)/ruff check operator scripts tests benchmarks localcluster
+	$(BIN)/ruff format --check operator scripts tests benchmarks localcluster
 
 typecheck: venv
 	$(BIN)/mypy
