@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -108,6 +109,17 @@ def start_operator(operator_kubeconfig: Path, ready_namespace: str, tmp_path: Pa
         proc.stop()
 
 
+@pytest.fixture
+def project_outside_tmp() -> Iterator[Path]:
+    """A directory for the dbt project that is not under /tmp: the node agent maps the Pod's /tmp
+    (an emptyDir) to the Pod's own directory, which would hide a project kept there."""
+    path = Path(tempfile.mkdtemp(prefix="dbt-backfill-e2e-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def shell_image(cluster: LocalCluster, script: str) -> str:
     """A host image whose entrypoint is ``sh -c SCRIPT``; the operator's args follow as ``$@``."""
     name = f"sh-{uuid.uuid4().hex[:8]}:1"
@@ -171,6 +183,11 @@ def chunk_rows(url: str) -> list[tuple[Any, ...]]:
             "select chunk_index, attempt, status, records_processed, error_message from backfill_executions"
             " where kind = 'chunk' order by chunk_index, attempt"
         ).fetchall()
+
+
+def pod_logs(cluster: LocalCluster, namespace: str) -> str:
+    logs = sorted(cluster.node_state_dir.glob(f"pods/{namespace}_*/*/*.log"))
+    return "\n".join(f"{path}:\n{path.read_text(errors='replace')[-3000:]}" for path in logs)
 
 
 # ----------------------------------------------------------------------------- API errors
@@ -302,11 +319,11 @@ def test_a_chunk_whose_job_its_ttl_deleted_while_the_operator_was_down_is_not_ru
     ready_namespace: str,
     start_operator: Any,
     database_url: str,
-    tmp_path: Path,
+    project_outside_tmp: Path,
 ) -> None:
     ns = ready_namespace
     load_demo_data(database_url, tenants=1, start_date=date(2024, 1, 1), days=2, rows_per_day=3)
-    project = tmp_path / "analytics"
+    project = project_outside_tmp / "analytics"
     shutil.copytree(REPO_ROOT / "analytics", project, ignore=shutil.ignore_patterns("target", "logs"))
     image = f"runner-{uuid.uuid4().hex[:8]}:1"
     # The image's environment: the project, and dbt's scratch files in this test's directory.
@@ -328,7 +345,11 @@ def test_a_chunk_whose_job_its_ttl_deleted_while_the_operator_was_down_is_not_ru
 
     wait_for(jobs, timeout=60, interval=0.1)
     operator.stop()  # down before the chunk ends: it never sees the Job finish
-    wait_for(lambda: chunk_rows(database_url) and chunk_rows(database_url)[0][2] != "running", timeout=120)
+    wait_for(
+        lambda: chunk_rows(database_url) and chunk_rows(database_url)[0][2] != "running",
+        timeout=120,
+        message=lambda: f"the chunk did not finish: {chunk_rows(database_url)}\n{pod_logs(cluster, ns)}",
+    )
     wait_for(lambda: not jobs(), timeout=60, message="the TTL controller did not delete the finished Job")
 
     operator.start()
