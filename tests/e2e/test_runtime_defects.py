@@ -159,8 +159,12 @@ def wait_phase(
     operator: OperatorProcess,
     timeout: float = 120,
 ) -> JSON:
+    def reached() -> JSON | None:
+        status = status_of(client, namespace, name)
+        return status if status.get("phase") == phase else None
+
     return wait_for(
-        lambda: (s := status_of(client, namespace, name)).get("phase") == phase and s,
+        reached,
         timeout=timeout,
         interval=0.5,
         message=lambda: f"{name} not {phase}: {status_of(client, namespace, name)}\n{operator.logs()[-3000:]}",
@@ -303,7 +307,12 @@ def test_a_retry_never_starts_while_the_previous_attempts_pod_is_terminating(
     operator = start_operator(shell_image(cluster, script))
     create_backfill(kube_client, ns, backfill("overlap", activeDeadlineSeconds=3))
     wait_phase(kube_client, ns, "overlap", "Failed", operator, timeout=180)
-    lines = wait_for(lambda: (t := trace.read_text().split()) and len(t) == 8 and t, timeout=30)
+
+    def both_ended() -> list[str] | None:
+        words = trace.read_text().split()  # "start PID" / "end PID", in the order they happened
+        return words if len(words) == 8 else None
+
+    lines = wait_for(both_ended, timeout=30)
     events = lines[0::2]
     assert events == ["start", "end", "start", "end"], trace.read_text()
     first, second = lines[1], lines[5]
