@@ -10,12 +10,9 @@ dbt, real PostgreSQL) runs where the audit row matters.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -30,47 +27,14 @@ import pytest
 
 from dbtbackfill.demo import load_demo_data
 from localcluster.cluster import LocalCluster
+from tests.e2e.test_operator import OPERATOR_USER, OperatorProcess, assert_no_request_was_forbidden
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "dbt-backfill.io", "v1alpha1", "dbtbackfills"
-OPERATOR_USER = "system:serviceaccount:dbt-backfill-system:dbt-backfill-operator"
 JSON = dict[str, Any]
-
-
-class OperatorProcess:
-    """``dbt-backfill operator --namespace NS`` with the operator ServiceAccount's kubeconfig."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, env: dict[str, str], log_dir: Path) -> None:
-        inherited = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # no audit DB unless given
-        self.env = inherited | {"KUBECONFIG": str(kubeconfig), "DBT_BACKFILL_WATCH_TIMEOUT_SECONDS": "3"} | env
-        self.namespace = namespace
-        self.log_dir = log_dir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        with (self.log_dir / f"operator-{self.starts}.log").open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dbtbackfill.cli", "operator", "--namespace", self.namespace,
-                 "--liveness-port", "0", "--metrics-port", "0"],
-                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
 
 
 def raw(call: Any, *args: Any, **kwargs: Any) -> JSON:
@@ -93,20 +57,43 @@ def ready_namespace(namespace: str, kube_client: kubernetes.client.ApiClient) ->
 
 
 @pytest.fixture
-def start_operator(operator_kubeconfig: Path, ready_namespace: str, tmp_path: Path) -> Iterator[Any]:
+def start_operator(
+    cluster: LocalCluster,
+    kube_client: kubernetes.client.ApiClient,
+    operator_kubeconfig: Path,
+    ready_namespace: str,
+    database_url: str,
+    tmp_path: Path,
+) -> Iterator[Any]:
+    """Start ``dbt-backfill operator --namespace NS`` (audit log in this test's database); on
+    teardown, delete the backfills while it runs so its finalizer lets them go, as test_operator does."""
     started: list[OperatorProcess] = []
 
-    def start(image: str, **env: str) -> OperatorProcess:
-        proc = OperatorProcess(
-            operator_kubeconfig, ready_namespace, {"DBT_BACKFILL_DEFAULT_IMAGE": image, **env}, tmp_path
-        )
+    def start(image: str) -> OperatorProcess:
+        proc = OperatorProcess(operator_kubeconfig, database_url, image, tmp_path, ["--namespace", ready_namespace])
+        proc.env["DBT_BACKFILL_WATCH_TIMEOUT_SECONDS"] = "3"  # watches end (and are audited) often
         proc.start()
         started.append(proc)
         return proc
 
-    yield start
-    for proc in started:
-        proc.stop()
+    try:
+        yield start
+        live = [p for p in started if p.process is not None and p.process.poll() is None]
+        if live:
+            custom(kube_client).delete_collection_namespaced_custom_object(GROUP, VERSION, ready_namespace, PLURAL)
+            wait_for(
+                lambda: (
+                    not custom(kube_client).list_namespaced_custom_object(GROUP, VERSION, ready_namespace, PLURAL)[
+                        "items"
+                    ]
+                ),
+                timeout=60,
+                message=lambda: live[0].logs()[-3000:],
+            )
+    finally:
+        for proc in started:
+            proc.stop()
+    assert_no_request_was_forbidden(cluster)
 
 
 @pytest.fixture
@@ -197,38 +184,111 @@ def pod_logs(cluster: LocalCluster, namespace: str) -> str:
 # ----------------------------------------------------------------------------- API errors
 
 
+class AdmissionPolicy:
+    """A ValidatingAdmissionPolicy (and its binding) that refuses every Job created in one namespace."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, name: str) -> None:
+        self.api: Any = kubernetes.client.AdmissionregistrationV1Api(client)
+        self.name = name
+
+    def remove(self) -> None:
+        for delete in (
+            self.api.delete_validating_admission_policy_binding,
+            self.api.delete_validating_admission_policy,
+        ):
+            with contextlib.suppress(kubernetes.client.ApiException):
+                delete(self.name)
+
+
+@pytest.fixture
+def admission_policy(kube_client: kubernetes.client.ApiClient) -> Iterator[Any]:
+    made: list[AdmissionPolicy] = []
+
+    def make(client: kubernetes.client.ApiClient, namespace: str, *, message: str) -> AdmissionPolicy:
+        policy = AdmissionPolicy(client, f"refuse-jobs-{namespace}"[:63])
+        rules = [{"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["jobs"]}]
+        policy.api.create_validating_admission_policy(
+            {
+                "metadata": {"name": policy.name},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": rules},
+                    "validations": [
+                        {
+                            "expression": "has(object.metadata.labels) && 'team' in object.metadata.labels",
+                            "message": message,
+                            "reason": "Invalid",
+                        }
+                    ],
+                },
+            }
+        )
+        selector = {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+        policy.api.create_validating_admission_policy_binding(
+            {
+                "metadata": {"name": policy.name},
+                "spec": {
+                    "policyName": policy.name,
+                    "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": selector},
+                },
+            }
+        )
+        made.append(policy)
+        # The API server loads policies asynchronously: wait until a Job is actually refused.
+        container = {"name": "c", "image": "host", "command": ["true"]}
+        probe = {
+            "metadata": {"generateName": "probe-"},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [container]}}},
+        }
+
+        def refused() -> bool:
+            try:
+                batch: Any = kubernetes.client.BatchV1Api(client)
+                batch.create_namespaced_job(namespace, probe, dry_run="All")
+            except kubernetes.client.ApiException as e:
+                return bool(e.status == 422)
+            return False
+
+        wait_for(refused, timeout=30, message="the admission policy never took effect")
+        return policy
+
+    yield make
+    for policy in made:
+        policy.remove()
+
+
 def test_a_job_create_the_api_refuses_shows_as_a_condition_and_a_warning_event(
-    cluster: LocalCluster, kube_client: kubernetes.client.ApiClient, ready_namespace: str, start_operator: Any
+    cluster: LocalCluster,
+    kube_client: kubernetes.client.ApiClient,
+    ready_namespace: str,
+    start_operator: Any,
+    admission_policy: Any,
 ) -> None:
     ns = ready_namespace
-    core(kube_client).create_namespaced_resource_quota(
-        ns, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
-    )
-    # No quota controller runs here: record the usage it would (none), so admission enforces the limit.
-    core(kube_client).patch_namespaced_resource_quota_status(
-        "no-jobs", ns, {"status": {"hard": {"count/jobs.batch": "0"}, "used": {"count/jobs.batch": "0"}}}
-    )
+    # An organisation's admission policy the CRD cannot know about: the API answers 422 Invalid.
+    policy = admission_policy(kube_client, ns, message="Jobs here need a team label")
     secret(kube_client, ns, "warehouse", {"DATABASE_URL": "postgresql://unused@127.0.0.1:1/x"})
     operator = start_operator(shell_image(cluster, "exit 0"))
-    create_backfill(kube_client, ns, backfill("quota"))
+    create_backfill(kube_client, ns, backfill("refused"))
 
     def failing() -> JSON | None:
-        cond = conditions(status_of(kube_client, ns, "quota")).get("ReconcileFailure")
+        cond = conditions(status_of(kube_client, ns, "refused")).get("ReconcileFailure")
         return cond if cond and cond["status"] == "True" else None
 
     cond = wait_for(failing, timeout=60, interval=0.5, message=lambda: operator.logs()[-3000:])
     assert cond["reason"] == "JobCreateFailed"
-    assert "exceeded quota" in cond["message"]
-    status = status_of(kube_client, ns, "quota")
+    assert "Jobs here need a team label" in cond["message"]
+    status = status_of(kube_client, ns, "refused")
     assert status["phase"] in ("Pending", "Running")
     assert conditions(status)["Succeeded"]["status"] == "Unknown"
     assert conditions(status)["Succeeded"]["reason"] == "JobCreateFailed"
-    events = wait_for(lambda: warnings(kube_client, ns, "quota", "JobCreateFailed"), timeout=30)
-    assert "exceeded quota" in events[0]["message"]
+    events = wait_for(lambda: warnings(kube_client, ns, "refused", "JobCreateFailed"), timeout=30)
+    assert "Jobs here need a team label" in events[0]["message"]
 
     # The cause goes away: the retry (after its backoff) creates the Job and the backfill ends.
-    core(kube_client).delete_namespaced_resource_quota("no-jobs", ns)
-    done = wait_phase(kube_client, ns, "quota", "Succeeded", operator)
+    policy.remove()
+    done = wait_phase(kube_client, ns, "refused", "Succeeded", operator)
     recovered = conditions(done)["ReconcileFailure"]
     assert (recovered["status"], recovered["reason"]) == ("False", "Recovered")
 
@@ -266,7 +326,7 @@ def test_a_chunk_whose_secret_key_is_missing_fails_after_the_start_deadline_with
 ) -> None:
     ns = ready_namespace
     secret(kube_client, ns, "warehouse", {"DATABASE_URL": "postgresql://unused@127.0.0.1:1/x"})
-    operator = start_operator(shell_image(cluster, "exit 0"), DATABASE_URL=database_url)
+    operator = start_operator(shell_image(cluster, "exit 0"))
     create_backfill(
         kube_client,
         ns,
@@ -345,7 +405,7 @@ def test_a_chunk_whose_job_its_ttl_deleted_while_the_operator_was_down_is_not_ru
         },
     )
     secret(kube_client, ns, "warehouse", {"DATABASE_URL": database_url})
-    operator = start_operator(image, DATABASE_URL=database_url)
+    operator = start_operator(image)
     create_backfill(kube_client, ns, backfill("expired", ttlSecondsAfterFinished=0))
     batch = kubernetes.client.BatchV1Api(kube_client)
 
