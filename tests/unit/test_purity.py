@@ -12,7 +12,17 @@ import sys
 
 import pytest
 
-PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status", "compiled", "contract_check", "policy")
+PURE_MODULES = (
+    "planner",
+    "spec",
+    "jobs",
+    "reconcile",
+    "status",
+    "compiled",
+    "contract_check",
+    "policy",
+    "pod_start",
+)
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
 PROBE = """
