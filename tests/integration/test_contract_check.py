@@ -28,7 +28,14 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 TRAP_PROJECT = REPO_ROOT / "tests" / "fixtures" / "trap_project"
-GOOD = ("good_orders", "good_daily", "good_order_of_day", "good_customer_orders", "ignored_order_sequence")
+GOOD = (
+    "good_orders",
+    "good_daily",
+    "good_order_of_day",
+    "good_customer_orders",
+    "good_latest_customer",
+    "ignored_order_sequence",
+)
 #: Every finding `check` must report for the trap project, per model; nothing else.
 EXPECTED = {
     "bad_no_window": {"no-window-filter"},
@@ -93,7 +100,7 @@ def test_check_reports_each_trap_on_its_model_and_nothing_on_the_good_ones(
     for i, line in enumerate(lines):
         if _FINDING_RE.match(line):
             assert lines[i + 1].startswith("  fix: "), line
-    assert f"check: {sum(map(len, EXPECTED.values()))} finding(s) in {len(EXPECTED)} of 13 model(s): " in out
+    assert f"check: {sum(map(len, EXPECTED.values()))} finding(s) in {len(EXPECTED)} of 14 model(s): " in out
     assert "the window only through a left join (rows of raw.customers)" in out
     assert "row_number() over (partition by tenant_id, customer_id order by ordered_at, order_id)" in out
     assert db_state(trap_db) == before  # a check writes nothing
@@ -103,7 +110,7 @@ def test_check_of_the_good_models_exits_0(trap_project: Path, trap_db: str, caps
     assert run_tool("check", "--project-dir", str(trap_project), "--models", *GOOD, "--database-url", trap_db) == 0
     out = capsys.readouterr().out
     assert findings(out) == {}
-    assert "check: 5 model(s) follow the backfill contract" in out
+    assert "check: 6 model(s) follow the backfill contract" in out
 
 
 def test_the_analytics_project_passes_the_check(
