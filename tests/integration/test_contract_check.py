@@ -2,7 +2,7 @@
 
 ``tests/fixtures/trap_project`` holds one model per trap next to models that follow the
 contract; each test asserts the exact findings per model, so a trap that goes unreported and a
-good model that gets flagged both fail. The backfill macros are copied in from analytics/.
+good model that gets flagged both fail. The backfill macros are copied in (see ``_macros_into``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ def _isolated(fresh_env: None, dispose_engines: None) -> None:
 
 
 def _macros_into(project: Path) -> Path:
-    shutil.copytree(REPO_ROOT / "analytics" / "macros", project / "macros", dirs_exist_ok=True)
+    """The backfill macros as the project's own (bare calls): from the dbt_backfill package once it exists."""
+    package = REPO_ROOT / "dbt-package" / "macros"
+    source = package if package.is_dir() else REPO_ROOT / "analytics" / "macros"
+    shutil.copytree(source, project / "macros", dirs_exist_ok=True)
     return project
 
 
