@@ -12,16 +12,17 @@ import os
 import re
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, contract_check, planner, runner
 from dbtbackfill.compiled import NotCompilable
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
+from dbtbackfill.project import other_database
 from dbtbackfill.window_tests import WindowTests
 
 if TYPE_CHECKING:
@@ -64,6 +65,16 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
         help="dbt selection, e.g. staging+ facts+ (default: the whole project)",
     )
     parser.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
+    parser.add_argument(
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
+    )
+    parser.add_argument(
+        "--profiles-dir",
+        help="directory of the profiles.yml to use (default: $DBT_PROFILES_DIR, else the project's, the working"
+        " directory's or ~/.dbt's if it defines the project's profile, else one generated from the database URL)",
+    )
+    parser.add_argument("--target", help="dbt target of the profile (default: $DBT_TARGET, else the profile's)")
     parser.add_argument(
         "--chunk",
         choices=planner.CHUNK_UNITS,
@@ -181,10 +192,24 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         url = resolve_database_url(args.database_url)
         runner.dbt_env(url)  # validates the URL's shape before any connection attempt
         check_database(url)
-        session = runner.DbtSession(url, threads=args.threads, quiet=not args.verbose)
+        session = runner.DbtSession(
+            url,
+            project_dir=args.project_dir,
+            profiles_dir=args.profiles_dir,
+            target=args.target,
+            threads=args.threads,
+            quiet=not args.verbose,
+        )
         session.parse()
         models = session.select_models(args.models)
+        micro = session.microbatch_models(models)
+        if tenant and micro:
+            raise UsageError(
+                f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
+                " without --tenant-id, or leave them out of --models"
+            )
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
+        reporter.target(session.data_target, other_database(session.data_target, url))
         reporter.plan()
         _check_contract(args, url, session, models, tenant)
         verify = session.window_tests(tenant, models) if args.verify else None
@@ -201,6 +226,13 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
                 verify.close()
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
+    except Exception as exc:  # a bug or an environment we did not foresee: still one line
+        if args.verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()
+        return _fail(
+            prog, f"unexpected {type(exc).__name__}: {first[0] if first else 'no message'} (--verbose shows where)"
+        )
     finally:
         if session is not None:
             session.close()
@@ -211,7 +243,7 @@ def _contract_report(
 ) -> contract_check.Report:
     """The contract check of ``models`` (compiled once with the window as parameters)."""
     nodes = session.compile_params(tenant, models)
-    return contract_check.check(runner.psycopg_connect_args(url), nodes)
+    return contract_check.check(session.data_target.connect, nodes)
 
 
 def _check_contract(
@@ -281,6 +313,7 @@ def _execute(
             backfill_uid=args.backfill_uid,
             chunk_index=args.chunk_index,
             attempt=args.attempt,
+            target=session.data_target.as_dict(),
         ),
     )
     started = time.monotonic()
@@ -295,6 +328,7 @@ def _execute(
                 engine=args.engine,
                 on_engine=reporter.engine,
                 on_window=reporter.window_done,
+                on_microbatch=reporter.microbatch_done,
                 verify=verify,
             )
             error = outcome.error
@@ -374,7 +408,9 @@ def _check(args: argparse.Namespace) -> int:
         url = resolve_database_url(args.database_url)
         runner.dbt_env(url)
         check_database(url)
-        session = runner.DbtSession(url, project_dir=args.project_dir or runner.default_project_dir(), quiet=True)
+        session = runner.DbtSession(
+            url, project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target, quiet=True
+        )
         session.parse()
         models = session.select_models(args.models)
         report = _contract_report(session, url, models, None)
@@ -452,8 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="lint models for the backfill contract and silently wrong shapes")
     chk.add_argument(
-        "--project-dir", type=Path, default=None, help="dbt project (default $DBT_PROJECT_DIR or analytics/)"
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
     )
+    chk.add_argument("--profiles-dir", help="directory of the profiles.yml to use (as for run)")
+    chk.add_argument("--target", help="dbt target of the profile (default: $DBT_TARGET, else the profile's)")
     chk.add_argument("--models", nargs="+", default=[], metavar="SELECTOR", help="dbt selection (default: all)")
     chk.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
     chk.set_defaults(func=_check)

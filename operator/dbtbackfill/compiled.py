@@ -12,7 +12,7 @@ known in advance:
 4. ``insert into target (target's columns) select those columns from new rows``.
 
 So dbt compiles each model once, with ``backfill_date_range`` rendering the window as the
-typed statement parameters ``$1``/``$2`` (see ``backfill__param_start`` in the macros), and
+typed statement parameters ``$1``/``$2`` (see ``backfill__param_start`` in dbt-package/macros), and
 this module checks those statements on one connection and executes them per window: one
 transaction per window covering every model, so a window is either fully replaced or
 untouched. Anything outside the contract (a view or table model, a hook with Jinja in it,
@@ -37,18 +37,19 @@ if TYPE_CHECKING:
     import psycopg
 
 #: What the runner passes as ``backfill_start_date``/``backfill_end_date`` to compile once for
-#: every window; the macros render them as ``$1``/``$2``. The same text as in macros/backfill.sql.
+#: every window; the macros render them as ``$1``/``$2``. The same text as in dbt-package/macros/backfill.sql.
 PARAM_START: Final = "__backfill_window_start__"
 PARAM_END: Final = "__backfill_window_end__"
 
 _IDENT: Final = r"[A-Za-z_][A-Za-z0-9_]*"
 _IDENT_RE: Final = re.compile(_IDENT)
-# The bare macro, or the dbt_backfill package's (``dbt_backfill.backfill_delete_window``).
+#: The pre-hook, as the package spells it (``dbt_backfill.backfill_delete_window``) or through a
+#: project macro of the same name that forwards to it (analytics/macros/backfill.sql).
 _WINDOW_HOOK_RE: Final = re.compile(
-    r"\{\{-?\s*(?:dbt_backfill\.)?backfill_delete_window\(\s*(?:date_column\s*=\s*)?['\"](?P<date>"
-    + _IDENT
-    + r")['\"]\s*"
-    r"(?:,\s*(?:tenant_column\s*=\s*)?['\"](?P<tenant>" + _IDENT + r")['\"]\s*)?\)\s*-?\}\}"
+    r"\{\{-?\s*(?:dbt_backfill\s*\.\s*)?backfill_delete_window\(\s*(?:date_column\s*=\s*)?"
+    r"['\"](?P<date>" + _IDENT + r")['\"]\s*"
+    r"(?:,\s*(?:tenant_column\s*=\s*)?(?:['\"](?P<tenant>" + _IDENT + r")['\"]|(?P<no_tenant>none|None))\s*)?"
+    r",?\s*\)\s*-?\}\}"
 )
 _JINJA_RE: Final = re.compile(r"\{[{%#]")
 
@@ -86,7 +87,8 @@ class WindowDelete:
     """The ``backfill_delete_window`` pre-hook, as its columns."""
 
     date_column: str
-    tenant_column: str = "tenant_id"
+    #: None for a table without tenants (``tenant_column=none``): the window is deleted for all.
+    tenant_column: str | None = "tenant_id"
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,9 @@ def _static_hook(sql: str) -> str | None:
 def window_delete_hook(sql: str) -> WindowDelete | None:
     """The columns of a pre-hook that is exactly one ``backfill_delete_window`` call, else None."""
     window = _WINDOW_HOOK_RE.fullmatch(sql.strip())
-    return None if window is None else WindowDelete(window["date"], window["tenant"] or "tenant_id")
+    if window is None:
+        return None
+    return WindowDelete(window["date"], None if window["no_tenant"] else window["tenant"] or "tenant_id")
 
 
 def model_plan(node: ModelNode) -> ModelPlan:
@@ -212,7 +216,7 @@ def window_predicate(hook: WindowDelete, tenant_id: str | None) -> str:
     """The window (``$1``/``$2``) and tenant of a model's rows, as ``backfill_date_range`` filters them."""
     col = quote_ident(hook.date_column)
     sql = f"{col} >= $1::date and {col} < $2::date + 1"
-    if tenant_id is not None:
+    if tenant_id is not None and hook.tenant_column is not None:
         sql += f" and {quote_ident(hook.tenant_column)} = {quote_literal(tenant_id)}"
     return sql
 

@@ -168,8 +168,8 @@ def db_state(url: str) -> dict[str, Any]:
     return state
 
 
-def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
-    """A private copy of a dbt project's sources: the files git tracks, as they are in the working tree.
+def copy_tracked(source: Path, dest: Path) -> Path:
+    """The files git tracks under ``source``, as they are in the working tree, copied to ``dest``.
 
     Untracked files are left out on purpose: others work in this checkout concurrently and
     drop temporary models into analytics/models/ (a deliberately broken one, say), which would
@@ -189,6 +189,19 @@ def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
         if name and path.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest / name)
+    return dest
+
+
+def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
+    """A private copy of a dbt project, with the dbt_backfill package beside it.
+
+    analytics/packages.yml installs the package from ``../dbt-package``: the copy keeps that
+    layout, so ``dbt deps`` (which the runner runs on first use) finds it.
+    """
+    copy_tracked(source, dest)
+    package = dest.parent / "dbt-package"
+    if not package.exists():
+        copy_tracked(REPO_ROOT / "dbt-package", package)
     return dest
 
 

@@ -509,7 +509,9 @@ def test_a_failing_model_fails_the_run_names_the_window_and_records_dbts_error(
     assert run_cli(*FEB, "--chunk", "week", "--database-url", demo_url) == 1
 
     err = capsys.readouterr().err
-    assert f"{broken_project}" in err.splitlines()[0]  # the plan lists the model
+    target, plan = err.splitlines()[:2]  # the target the data goes to, then the plan
+    assert target.startswith("target: postgres ") and target.endswith("/analytics/profiles.yml)")
+    assert plan.startswith("plan: ") and broken_project in plan  # the plan lists the model
     # A table model is outside the backfill contract: every window is a dbt run.
     assert f"engine: dbt per window: model {broken_project} is materialized as table" in err
     windows, summary = report(err)
