@@ -1,8 +1,9 @@
 """``dbt-backfill check`` and the runner's contract gate, on real dbt projects and a real PostgreSQL.
 
-``tests/fixtures/trap_project`` holds one model per trap next to models that follow the
+``tests/projects/traps`` holds one model per trap next to models that follow the
 contract; each test asserts the exact findings per model, so a trap that goes unreported and a
-good model that gets flagged both fail. The backfill macros are copied in (see ``_macros_into``).
+good model that gets flagged both fail. Its models call the macros both bare and as
+``dbt_backfill.<macro>``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
     copy_analytics_project,
+    copy_tracked,
     db_state,
     execute,
     point_dbt_at,
@@ -27,7 +29,6 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-TRAP_PROJECT = REPO_ROOT / "tests" / "fixtures" / "trap_project"
 GOOD = (
     "good_orders",
     "good_daily",
@@ -55,19 +56,20 @@ def _isolated(fresh_env: None, dispose_engines: None) -> None:
     """Clean env, private dbt target dir (``cli_env``), engines disposed after."""
 
 
-def _macros_into(project: Path) -> Path:
-    """The backfill macros as the project's own (bare calls): from the dbt_backfill package once it exists."""
-    package = REPO_ROOT / "dbt-package" / "macros"
-    source = package if package.is_dir() else REPO_ROOT / "analytics" / "macros"
-    shutil.copytree(source, project / "macros", dirs_exist_ok=True)
-    return project
-
-
 @pytest.fixture(scope="module")
 def trap_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = tmp_path_factory.mktemp("traps") / "trap_project"
-    shutil.copytree(TRAP_PROJECT, project)
-    return _macros_into(project)
+    """The repository's layout in a private directory: tests/projects/traps beside dbt-package/.
+
+    The project installs the package from ``../../../dbt-package``; the bare macro names come from
+    analytics/'s forwarding macros, as in any project that kept the seed's spelling.
+    """
+    base = tmp_path_factory.mktemp("traps")
+    for part in ("tests/projects/traps", "dbt-package"):
+        copy_tracked(REPO_ROOT / part, base / part)
+    project = base / "tests" / "projects" / "traps"
+    (project / "macros").mkdir(exist_ok=True)
+    shutil.copy2(REPO_ROOT / "analytics" / "macros" / "backfill.sql", project / "macros" / "backfill.sql")
+    return project
 
 
 @pytest.fixture(scope="module")
