@@ -120,6 +120,8 @@ class PlanFacts:
     lost_joins: tuple[str, ...] = ()
     #: Group keys of aggregates over windowed rows, one string per aggregate ("" = no group by).
     group_keys: tuple[str, ...] = ()
+    #: Some window function runs over windowed rows (only then can one restart per window).
+    windowed_window_functions: bool = False
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -168,6 +170,7 @@ class _PlanWalk:
         self.scans: list[Scan] = []
         self.lost: list[str] = []
         self.groups: list[str] = []
+        self.windowed_window_aggs = False
         self.any_param = False
 
     def _subplan(self, name: str) -> bool:
@@ -233,6 +236,8 @@ class _PlanWalk:
                 k for s in node.get("Grouping Sets") or () for k in s.get("Group Keys", ())
             ]
             self.groups.append(", ".join(str(k) for k in keys))
+        if kind == "WindowAgg" and any(self.windowed(c) for c in rows):
+            self.windowed_window_aggs = True
         return own or inner
 
 
@@ -251,6 +256,7 @@ def plan_facts(explain: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Plan
         windowed_scans=tuple(dict.fromkeys(walk.scans)),
         lost_joins=tuple(dict.fromkeys(walk.lost)),
         group_keys=tuple(dict.fromkeys(walk.groups)),
+        windowed_window_functions=walk.windowed_window_aggs,
     )
 
 
@@ -423,7 +429,8 @@ def findings(
                     "group by the window's day too (e.g. the window column cast to date), or compute the"
                     " total from an unwindowed input in a model outside the backfill",
                 )
-        for call in window_calls(shape.compiled_code):
+        # The plan says whether any window function reads windowed rows; the SQL says which partition.
+        for call in window_calls(shape.compiled_code) if plan.windowed_window_functions else ():
             if not day_aligned(call.partition, plan.windowed_columns):
                 add(
                     ACROSS_WINDOWS,

@@ -133,6 +133,10 @@ def runner_command(owner: Owner, spec: BackfillSpec, window: Window, attempt: in
         argv.append("--allow-recent")
     if spec.verify:
         argv.append("--verify")
+    if spec.allow_full_rebuild:
+        argv.append("--allow-full-rebuild")
+    if spec.allow_cross_window:
+        argv.append("--allow-cross-window")
     argv += [
         "--execution-id",
         str(chunk_execution_id(owner, window.index, attempt)),

@@ -98,6 +98,8 @@ SPEC_FIELDS: Final = frozenset(
         "dryRun",
         "allowRecent",
         "verify",
+        "allowFullRebuild",
+        "allowCrossWindow",
         "ttlSecondsAfterFinished",
         "threads",
         "resources",
@@ -152,6 +154,8 @@ class BackfillSpec:
     dry_run: bool = False
     allow_recent: bool = False
     verify: bool = False
+    allow_full_rebuild: bool = False
+    allow_cross_window: bool = False
     ttl_seconds_after_finished: int | None = None
     threads: int | None = None
     resources: Mapping[str, Mapping[str, int | str]] | None = field(default=None, hash=False)
@@ -284,6 +288,8 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         dry_run=_bool(spec, "dryRun"),
         allow_recent=_bool(spec, "allowRecent"),
         verify=_bool(spec, "verify"),
+        allow_full_rebuild=_bool(spec, "allowFullRebuild"),
+        allow_cross_window=_bool(spec, "allowCrossWindow"),
         ttl_seconds_after_finished=_optional_int(
             spec, "ttlSecondsAfterFinished", "spec.ttlSecondsAfterFinished", low=0, high=_INT32_MAX
         ),

@@ -60,7 +60,7 @@ def attached_tests(nodes: Iterable[Any], models: Mapping[str, Any]) -> list[Any]
     ]
 
 
-def test_query(compiled_code: str, fail_calc: str, error_if: str) -> str:
+def failures_query(compiled_code: str, fail_calc: str, error_if: str) -> str:
     """dbt's test materialization around a test's SQL (``get_test_sql``), as one row."""
     return (
         f"select {fail_calc} as failures, {fail_calc} {error_if} as should_error\n"
@@ -70,7 +70,7 @@ def test_query(compiled_code: str, fail_calc: str, error_if: str) -> str:
 
 def window_test(node: Any, model: Any) -> WindowTest:
     """A compiled test node (``model`` is the node it is attached to) as a window test."""
-    sql = test_query(node.compiled_code or "", node.config.fail_calc, node.config.error_if)
+    sql = failures_query(node.compiled_code or "", node.config.fail_calc, node.config.error_if)
     setup = tuple(s for s in (_static_hook(h.sql) for h in model.config.pre_hook) if s is not None)
     return WindowTest(node.name, model.name, sql, "$1" in sql, setup)
 

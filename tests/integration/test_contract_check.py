@@ -1,8 +1,9 @@
 """``dbt-backfill check`` and the runner's contract gate, on real dbt projects and a real PostgreSQL.
 
-``tests/fixtures/trap_project`` holds one model per trap next to models that follow the
+``tests/projects/traps`` holds one model per trap next to models that follow the
 contract; each test asserts the exact findings per model, so a trap that goes unreported and a
-good model that gets flagged both fail. The backfill macros are copied in from analytics/.
+good model that gets flagged both fail. Its models call the macros both bare and as
+``dbt_backfill.<macro>``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
     copy_analytics_project,
+    copy_tracked,
     db_state,
     execute,
     point_dbt_at,
@@ -27,8 +29,14 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-TRAP_PROJECT = REPO_ROOT / "tests" / "fixtures" / "trap_project"
-GOOD = ("good_orders", "good_daily", "good_order_of_day", "good_customer_orders", "ignored_order_sequence")
+GOOD = (
+    "good_orders",
+    "good_daily",
+    "good_order_of_day",
+    "good_customer_orders",
+    "good_latest_customer",
+    "ignored_order_sequence",
+)
 #: Every finding `check` must report for the trap project, per model; nothing else.
 EXPECTED = {
     "bad_no_window": {"no-window-filter"},
@@ -48,17 +56,20 @@ def _isolated(fresh_env: None, dispose_engines: None) -> None:
     """Clean env, private dbt target dir (``cli_env``), engines disposed after."""
 
 
-def _macros_into(project: Path) -> Path:
-    """Install the dbt_backfill package into the copy as a user's project does (``packages.yml``)."""
-    (project / "packages.yml").write_text(f"packages:\n  - local: {REPO_ROOT / 'dbt-package'}\n")
-    return project
-
-
 @pytest.fixture(scope="module")
 def trap_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = tmp_path_factory.mktemp("traps") / "trap_project"
-    shutil.copytree(TRAP_PROJECT, project)
-    return _macros_into(project)
+    """The repository's layout in a private directory: tests/projects/traps beside dbt-package/.
+
+    The project installs the package from ``../../../dbt-package``; the bare macro names come from
+    analytics/'s forwarding macros, as in any project that kept the seed's spelling.
+    """
+    base = tmp_path_factory.mktemp("traps")
+    for part in ("tests/projects/traps", "dbt-package"):
+        copy_tracked(REPO_ROOT / part, base / part)
+    project = base / "tests" / "projects" / "traps"
+    (project / "macros").mkdir(exist_ok=True)
+    shutil.copy2(REPO_ROOT / "analytics" / "macros" / "backfill.sql", project / "macros" / "backfill.sql")
+    return project
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +105,7 @@ def test_check_reports_each_trap_on_its_model_and_nothing_on_the_good_ones(
     for i, line in enumerate(lines):
         if _FINDING_RE.match(line):
             assert lines[i + 1].startswith("  fix: "), line
-    assert f"check: {sum(map(len, EXPECTED.values()))} finding(s) in {len(EXPECTED)} of 13 model(s): " in out
+    assert f"check: {sum(map(len, EXPECTED.values()))} finding(s) in {len(EXPECTED)} of 14 model(s): " in out
     assert "the window only through a left join (rows of raw.customers)" in out
     assert "row_number() over (partition by tenant_id, customer_id order by ordered_at, order_id)" in out
     assert db_state(trap_db) == before  # a check writes nothing
@@ -104,7 +115,7 @@ def test_check_of_the_good_models_exits_0(trap_project: Path, trap_db: str, caps
     assert run_tool("check", "--project-dir", str(trap_project), "--models", *GOOD, "--database-url", trap_db) == 0
     out = capsys.readouterr().out
     assert findings(out) == {}
-    assert "check: 5 model(s) follow the backfill contract" in out
+    assert "check: 6 model(s) follow the backfill contract" in out
 
 
 def test_the_analytics_project_passes_the_check(

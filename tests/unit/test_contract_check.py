@@ -6,6 +6,7 @@ trap project's models (tests/fixtures/trap_project), keeping the keys the check 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -126,6 +127,16 @@ def test_cte_scans_and_unions_follow_their_subplans() -> None:
     assert plan_facts(explain(root)).output_windowed
 
 
+def test_window_functions_count_only_over_windowed_rows() -> None:
+    def window_agg(windowed: bool) -> dict[str, Any]:
+        return {"Node Type": "WindowAgg", "Plans": [child(scan("customers", "c", windowed=windowed), "Outer")]}
+
+    assert plan_facts(explain(window_agg(True))).windowed_window_functions
+    dimension = join("Inner", scan("orders", "o", windowed=True), window_agg(False))
+    facts = plan_facts(explain(dimension))
+    assert facts.output_windowed and not facts.windowed_window_functions
+
+
 def test_group_keys_of_aggregates_over_windowed_rows_are_collected() -> None:
     agg = {
         "Node Type": "Aggregate",
@@ -208,7 +219,8 @@ def test_each_trap_has_its_finding_and_its_override() -> None:
     grouped = PlanFacts(True, True, frozenset({"ordered_at"}), group_keys=("o.customer_id",))
     assert codes(shape(), grouped) == [ACROSS_WINDOWS]
     seq = shape(compiled_code=SEQUENCE_SQL)
-    assert codes(seq) == [ACROSS_WINDOWS]
+    assert codes(seq, replace(GOOD_PLAN, windowed_window_functions=True)) == [ACROSS_WINDOWS]
+    assert codes(seq) == []  # its window functions read only unwindowed rows (a deduplicated dimension)
     assert codes(shape(window_deletes=())) == [NO_DELETE_HOOK]
     assert codes(shape(declared_indexes=(Index(("ordered_at",)),))) == [UNIQUE_KEY_INDEX]
     assert codes(shape(declared_indexes=(Index(("tenant_id", "order_id"), unique=True),))) == [WINDOW_COLUMN_INDEX]
@@ -228,9 +240,10 @@ def test_an_existing_tables_catalog_decides_and_a_unique_index_on_part_of_the_ke
 
 
 def test_meta_ignore_silences_only_the_named_codes() -> None:
-    assert codes(shape(compiled_code=SEQUENCE_SQL, window_deletes=(), ignore=frozenset({ACROSS_WINDOWS}))) == [
-        NO_DELETE_HOOK
-    ]
+    plan = replace(GOOD_PLAN, windowed_window_functions=True)
+    seq = shape(compiled_code=SEQUENCE_SQL, window_deletes=())
+    assert codes(seq, plan) == [ACROSS_WINDOWS, NO_DELETE_HOOK]
+    assert codes(replace(seq, ignore=frozenset({ACROSS_WINDOWS})), plan) == [NO_DELETE_HOOK]
 
 
 def test_ephemeral_models_are_checked_through_their_readers() -> None:

@@ -809,6 +809,8 @@ _SPEC_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "dryRun": st.booleans(),
     "allowRecent": st.booleans(),
     "verify": st.booleans(),
+    "allowFullRebuild": st.booleans(),
+    "allowCrossWindow": st.booleans(),
     "ttlSecondsAfterFinished": st.sampled_from([-1, 0, 100, 2**31 - 1, 2**31]),
     "threads": st.sampled_from([0, 1, 64, 65]),
     "resources": st.fixed_dictionaries(

@@ -49,6 +49,8 @@ FULL_SPEC: dict[str, Any] = {
     "dryRun": True,
     "allowRecent": True,
     "verify": True,
+    "allowFullRebuild": True,
+    "allowCrossWindow": True,
     "databaseSecretRef": {"name": "analytics-warehouse", "key": "url"},
     "image": "ghcr.io/example/dbt@sha256:" + "a" * 64,
     "activeDeadlineSeconds": 7200,
@@ -333,6 +335,8 @@ def test_runner_command_with_every_option() -> None:
         "--dry-run",
         "--allow-recent",
         "--verify",
+        "--allow-full-rebuild",
+        "--allow-cross-window",
         "--execution-id",
         str(jobs.chunk_execution_id(OWNER, 1, 3)),
         "--parent-id",
@@ -370,6 +374,7 @@ def test_the_cli_reads_the_command_as_the_spec_meant_it() -> None:
     assert args.dry_run is True
     assert args.allow_recent is True
     assert args.verify is True
+    assert (args.allow_full_rebuild, args.allow_cross_window) == (True, True)
     assert args.execution_id == jobs.chunk_execution_id(OWNER, 5, 2)
     assert args.parent_id == jobs.backfill_execution_id(OWNER)
     assert (args.chunk_index, args.attempt) == (5, 2)
@@ -381,6 +386,7 @@ def test_the_cli_reads_the_command_as_the_spec_meant_it() -> None:
     assert minimal.tenant_id is None
     assert minimal.models == []
     assert (minimal.dry_run, minimal.allow_recent, minimal.verify, minimal.threads) == (False, False, False, None)
+    assert (minimal.allow_full_rebuild, minimal.allow_cross_window) == (False, False)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ PURE_MODULES = (
     "contract_check",
     "policy",
     "pod_start",
+    "window_tests",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 

@@ -67,6 +67,8 @@ def test_minimal_spec_takes_the_crd_defaults() -> None:
         dry_run=False,
         allow_recent=False,
         verify=False,
+        allow_full_rebuild=False,
+        allow_cross_window=False,
         ttl_seconds_after_finished=None,
         threads=None,
         resources=None,
@@ -89,6 +91,8 @@ def test_crd_defaults_match_the_dataclass_defaults() -> None:
         "dryRun": False,
         "allowRecent": False,
         "verify": False,
+        "allowFullRebuild": False,
+        "allowCrossWindow": False,
     }
     assert parse_spec(defaulted) == parse_spec(MINIMAL)
 
@@ -146,12 +150,15 @@ def test_all_fields() -> None:
             dryRun=True,
             allowRecent=True,
             verify=True,
+            allowFullRebuild=True,
+            allowCrossWindow=True,
             retryFailed="2024-02-02T10:00",
             databaseSecretRef={"name": "db", "key": "url"},
         )
     )
     assert spec.image == "ghcr.io/acme/dbt:1.2"
     assert (spec.suspend, spec.dry_run, spec.allow_recent, spec.verify) == (True, True, True, True)
+    assert (spec.allow_full_rebuild, spec.allow_cross_window) == (True, True)
     assert spec.retry_failed == "2024-02-02T10:00"
     assert spec.secret_key == "url"
 
