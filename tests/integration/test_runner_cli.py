@@ -377,6 +377,30 @@ def test_compiled_windows_write_exactly_what_dbt_writes(
     assert revenue == raw
 
 
+def test_a_row_that_moved_out_of_its_window_is_replaced_compiled(
+    demo_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Built once, then an order moves from 2024-02-09 to 2024-02-12 upstream. Rebuilding only
+    # the 12th must take the order's key from the 9th (delete on the unique key) before it
+    # inserts it again: the unique index on (tenant_id, order_id) holds throughout.
+    url = demo_url
+    assert run_cli(*WEEK, "--database-url", url) == 0
+    [(order_id,)] = query(url, "select min(order_id) from raw.orders where tenant_id = 'tenant-001'"
+                          " and (ordered_at at time zone 'UTC')::date = '2024-02-09'")  # fmt: skip
+    execute(url, "update raw.orders set ordered_at = ordered_at + interval '3 days'"
+            " where tenant_id = 'tenant-001' and order_id = %s", order_id)  # fmt: skip
+    capsys.readouterr()
+
+    for _ in range(2):  # and again, overlapping the same window: still one row per key
+        assert run_cli("--start-date", "2024-02-12", "--end-date", "2024-02-12", "--database-url", url) == 0
+        err = capsys.readouterr().err
+        assert _engine_lines(err) == ["engine: compiled: dbt compiled 3 model(s) once; one transaction per window"]
+        moved = query(url, "select order_date from analytics.fact_orders where tenant_id = 'tenant-001'"
+                      " and order_id = %s", order_id)  # fmt: skip
+        assert moved == [(date(2024, 2, 12),)]
+    assert audit_rows(url)[-1]["status"] == "completed"
+
+
 FRAGILE_MODEL_SQL = """\
 {{ config(materialized='incremental', incremental_strategy='delete+insert', unique_key=['tenant_id', 'order_id'],
           pre_hook="{{ backfill_delete_window('ordered_at') }}") }}
