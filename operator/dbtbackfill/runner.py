@@ -218,6 +218,8 @@ class DbtSession:
     _manifest: Any = None
     _bootstrapped: bool = False
     base_target: Path = field(init=False)
+    #: The ``DBT_PG_*`` values of this session, fixed when it starts.
+    _env: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.project_dir = Path(self.project_dir).resolve()
@@ -231,7 +233,8 @@ class DbtSession:
         self.base_target.mkdir(parents=True, exist_ok=True)
         self.target_path = Path(tempfile.mkdtemp(prefix=".run-", dir=self.base_target))
         self.log_path = Path(self.log_path or env_logs or self.project_dir / "logs")
-        os.environ.update(dbt_env(self.database_url))
+        self._env = dbt_env(self.database_url)
+        os.environ.update(self._env)
         # No usage pings: our machines, and many users', have no route to dbt's tracker.
         os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
         os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -283,6 +286,9 @@ class DbtSession:
         _reset_adapter_behavior_flags()
         if self._manifest is None:
             raise RunnerError("call parse() first")
+        # dbt reads the profile's variables on every invocation: another session in this
+        # process (a test comparing engines, say) may have set them for its own database.
+        os.environ.update(self._env)
         # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
         # and flagged as done), so a reused manifest breaks the next window's SQL. Each
         # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
