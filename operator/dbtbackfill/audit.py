@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -20,6 +20,8 @@ from sqlalchemy.dialects import postgresql as pg
 Status = Literal["running", "completed", "failed", "cancelled"]
 Kind = Literal["run", "backfill", "chunk"]
 STATUSES: Final = ("running", "completed", "failed", "cancelled")
+#: What history shows: the stored statuses, and ``abandoned`` (see ``effective_status``).
+SHOWN_STATUSES: Final = (*STATUSES, "abandoned")
 KINDS: Final = ("run", "backfill", "chunk")
 
 # Our own Alembic version table: the audited database is usually an application
@@ -27,10 +29,19 @@ KINDS: Final = ("run", "backfill", "chunk")
 VERSION_TABLE: Final = "dbt_backfill_alembic_version"
 #: The newest migration in migrations/versions (a unit test keeps the two in step). A database
 #: already there needs no Alembic at all, which saves every backfill process importing it.
-HEAD_REVISION: Final = "0001"
+HEAD_REVISION: Final = "0002"
 # Serialises concurrent first-use migrations from parallel chunk Jobs.
 _MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
 MAX_ERROR_CHARS: Final = 8000
+#: A running execution beats at least this often (and after every window).
+HEARTBEAT_SECONDS: Final = 15.0
+#: A ``running`` row whose last beat is older than this is shown as ``abandoned``: its process
+#: is gone (SIGKILL, a lost database, a deleted node) without closing it.
+STALE_AFTER_SECONDS: Final = 120
+
+
+class ExecutionConflict(ValueError):
+    """An execution id already names a different execution (another range, tenant or models)."""
 
 
 class Base(orm.DeclarativeBase):
@@ -68,6 +79,22 @@ class BackfillExecution(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     updated_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
+    heartbeat_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
+    #: ``status``, except that a ``running`` row whose heartbeat is stale reads ``abandoned``
+    #: (rows written before heartbeats existed count from their last update).
+    effective_status: orm.Mapped[str] = orm.column_property(
+        sa.case(
+            (
+                sa.and_(
+                    status == "running",
+                    sa.func.coalesce(heartbeat_at, updated_at)
+                    < sa.func.now() - sa.literal(timedelta(seconds=STALE_AFTER_SECONDS)),
+                ),
+                "abandoned",
+            ),
+            else_=status,
+        )
+    )
 
 
 _TABLE: Final = sa.Table("backfill_executions", Base.metadata, extend_existing=True)
@@ -177,8 +204,16 @@ class ExecutionStart:
     attempt: int | None = None
 
 
+#: What makes an execution the same one: a replay with another of these is another run.
+_IDENTITY: Final = ("kind", "parent_id", "tenant_id", "start_date", "end_date", "models")
+
+
 def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
-    """Write (or reset to) ``running``. Replaying it for the same id touches one row only."""
+    """Write (or reset to) ``running``. Replaying it for the same id touches one row only.
+
+    Raises :class:`ExecutionConflict`, writing nothing, when the id already belongs to an
+    execution of another kind, parent, tenant, range or models.
+    """
     values: dict[str, Any] = {
         "id": start.id,
         "parent_id": start.parent_id,
@@ -193,6 +228,7 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
         "backfill_uid": start.backfill_uid,
         "chunk_index": start.chunk_index,
         "attempt": start.attempt,
+        "heartbeat_at": sa.func.now(),
     }
     insert = pg.insert(_TABLE).values(**values)
     # A re-run of the same execution id (a restarted pod) starts over in the same row;
@@ -206,10 +242,28 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
             "records_processed": None,
             "finished_at": None,
             "updated_at": sa.func.now(),
+            "heartbeat_at": sa.func.now(),
         },
+        where=sa.and_(*(_TABLE.c[name].is_not_distinct_from(insert.excluded[name]) for name in _IDENTITY)),
+    ).returning(_TABLE.c.id)
+    with engine.begin() as conn:
+        # No row back: the id exists and the WHERE refused the update (rowcount is not reliable here).
+        if conn.execute(upsert).first() is not None:
+            return
+        existing = conn.execute(sa.select(*(_TABLE.c[name] for name in _IDENTITY)).where(_TABLE.c.id == start.id)).one()
+    theirs = ", ".join(f"{name}={value}" for name, value in zip(_IDENTITY, existing, strict=True) if value is not None)
+    raise ExecutionConflict(f"execution id {start.id} already belongs to another execution ({theirs})")
+
+
+def beat(engine: sa.Engine, execution_id: uuid.UUID) -> None:
+    """Mark a running execution as alive now."""
+    update = (
+        sa.update(_TABLE)
+        .where(_TABLE.c.id == execution_id, _TABLE.c.status == "running")
+        .values(heartbeat_at=sa.func.now())
     )
     with engine.begin() as conn:
-        conn.execute(upsert)
+        conn.execute(update)
 
 
 def record_finish(
@@ -243,9 +297,12 @@ def record_finish(
 def history(
     engine: sa.Engine, *, status: str | None = None, limit: int = 20, parent_id: uuid.UUID | None = None
 ) -> list[BackfillExecution]:
+    """Newest first; ``status`` filters on the effective status (``running`` excludes abandoned rows)."""
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
     query = sa.select(BackfillExecution).order_by(BackfillExecution.created_at.desc()).limit(limit)
     if status:
-        query = query.where(BackfillExecution.status == status)
+        query = query.where(BackfillExecution.effective_status == status)
     if parent_id:
         query = query.where(BackfillExecution.parent_id == parent_id)
     with orm.Session(engine, expire_on_commit=False) as session:

@@ -10,14 +10,16 @@ import argparse
 import gc
 import os
 import re
+import signal
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, planner, runner
+from dbtbackfill import audit, lifecycle, planner, runner
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
 
@@ -200,25 +202,41 @@ def _execute(
     engine = audit.engine_for(url)
     execution_id = args.execution_id or uuid.uuid4()
     audit.ensure_schema(engine)
-    audit.record_start(
-        engine,
-        audit.ExecutionStart(
-            id=execution_id,
-            start_date=windows[0].start,
-            end_date=windows[-1].end,
-            tenant_id=tenant,
-            models=args.models or models,
-            kind="chunk" if args.parent_id else "run",
-            parent_id=args.parent_id,
-            backfill_name=args.backfill_name,
-            backfill_namespace=args.backfill_namespace,
-            backfill_uid=args.backfill_uid,
-            chunk_index=args.chunk_index,
-            attempt=args.attempt,
-        ),
-    )
+    try:
+        audit.record_start(
+            engine,
+            audit.ExecutionStart(
+                id=execution_id,
+                start_date=windows[0].start,
+                end_date=windows[-1].end,
+                tenant_id=tenant,
+                models=args.models or models,
+                kind="chunk" if args.parent_id else "run",
+                parent_id=args.parent_id,
+                backfill_name=args.backfill_name,
+                backfill_namespace=args.backfill_namespace,
+                backfill_uid=args.backfill_uid,
+                chunk_index=args.chunk_index,
+                attempt=args.attempt,
+            ),
+        )
+    except audit.ExecutionConflict as exc:
+        raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
     started = time.monotonic()
-    with reporter.running():
+    done: list[runner.WindowResult] = []
+    outcome: runner.BackfillOutcome | None = None
+    crash = ""
+    with (
+        reporter.running(),
+        lifecycle.Heartbeat(engine, execution_id) as heartbeat,
+        lifecycle.stop_on_signals() as stop,
+    ):
+
+        def window_done(result: runner.WindowResult) -> None:
+            done.append(result)
+            heartbeat.beat()
+            reporter.window_done(result)
+
         try:
             outcome = runner.run_windows(
                 session,
@@ -228,29 +246,52 @@ def _execute(
                 models=models,
                 engine=args.engine,
                 on_engine=reporter.engine,
-                on_window=reporter.window_done,
+                on_window=window_done,
             )
-            error = outcome.error
-        except BaseException as exc:  # KeyboardInterrupt/SIGTERM included: never leave a row 'running'
-            audit.record_finish(
-                engine,
-                execution_id,
-                "failed",
-                duration_seconds=time.monotonic() - started,
-                records_processed=None,
-                error_message=f"interrupted: {exc!r}",
-            )
-            raise
-    audit.record_finish(
-        engine,
-        execution_id,
-        "completed" if outcome.success else "failed",
-        duration_seconds=round(time.monotonic() - started, 3),
-        records_processed=outcome.rows,
-        error_message=error,
-    )
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C outside dbt, which reports its own as a failure
+            stop.signum = stop.signum or signal.SIGINT
+        except Exception as exc:  # the database went away under the runner itself, say
+            crash = f"{type(exc).__name__}: {lifecycle.first_line(exc)}"
+            if args.verbose:
+                traceback.print_exc()
+    seconds = round(time.monotonic() - started, 3)
+    rows = sum(w.rows for w in done)
+    if stop.signum is not None:
+        message = f"cancelled by {stop.name} after {sum(w.success for w in done)}/{len(windows)} window(s)"
+        finished = _record_finish(engine, execution_id, "cancelled", seconds, rows, message)
+        reporter.cancelled(message, execution_id)
+        return stop.exit_code if finished else EXIT_FAILED
+    if outcome is None:
+        _record_finish(engine, execution_id, "failed", seconds, rows, crash)
+        print(f"error: the run stopped: {crash}", file=sys.stderr)
+        return EXIT_FAILED
+    status: audit.Status = "completed" if outcome.success else "failed"
+    finished = _record_finish(engine, execution_id, status, seconds, outcome.rows, outcome.error)
     reporter.summary(outcome, execution_id)
-    return EXIT_OK if outcome.success else EXIT_FAILED
+    return EXIT_OK if outcome.success and finished else EXIT_FAILED
+
+
+def _record_finish(
+    engine: sa.Engine,
+    execution_id: uuid.UUID,
+    status: audit.Status,
+    seconds: float,
+    records: int | None,
+    error: str | None,
+) -> bool:
+    """Close the audit row; False (with one line said) when the database is gone."""
+    try:
+        audit.record_finish(
+            engine, execution_id, status, duration_seconds=seconds, records_processed=records, error_message=error
+        )
+    except Exception as exc:  # any driver error: the database went away during the run
+        print(
+            f"error: the run ended {status} but its audit row {execution_id} could not be closed "
+            f"({lifecycle.first_line(exc)}); history shows it as abandoned once its heartbeat is stale",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _exit(code: int) -> NoReturn:
