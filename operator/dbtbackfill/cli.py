@@ -167,8 +167,8 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         session.parse()
         models = session.select_models(args.models)
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
-        reporter.plan()
         if args.dry_run:
+            reporter.plan()
             return _dry_run(session, windows, tenant, args.models, reporter)
         return _execute(args, url, session, windows, tenant, models, reporter)
     except (UsageError, runner.RunnerError) as exc:
@@ -222,6 +222,7 @@ def _execute(
         )
     except audit.ExecutionConflict as exc:
         raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
+    reporter.plan()  # after the checks that can still refuse the run: a refusal is one line
     started = time.monotonic()
     done: list[runner.WindowResult] = []
     outcome: runner.BackfillOutcome | None = None
