@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql as pg
 
+from dbtbackfill import database_url
+
 Status = Literal["running", "completed", "failed", "cancelled"]
 Kind = Literal["run", "backfill", "chunk"]
 STATUSES: Final = ("running", "completed", "failed", "cancelled")
@@ -112,13 +114,21 @@ _engines: dict[tuple[str, int], sa.Engine] = {}
 
 
 def engine_for(url: str, connect_timeout: int = 10) -> sa.Engine:
-    """One pooled engine per (URL, timeout) for the life of the process."""
+    """One pooled engine per (URL, timeout) for the life of the process.
+
+    Every parameter of the URL reaches each connection (``connect_timeout`` in the URL wins over
+    the argument); raises :class:`~dbtbackfill.database_url.DatabaseUrlError` for a URL libpq refuses.
+    """
     key = (url, connect_timeout)
     if key not in _engines:
+        settings = database_url.parse(url)
         _engines[key] = sa.create_engine(
             sqlalchemy_url(url),
             pool_pre_ping=True,
-            connect_args={"connect_timeout": connect_timeout, "application_name": "dbt-backfill"},
+            connect_args={
+                **settings.libpq(),
+                "connect_timeout": settings.given.get("connect_timeout", connect_timeout),
+            },
         )
     return _engines[key]
 

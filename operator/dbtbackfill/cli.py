@@ -161,7 +161,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     try:
         windows, tenant = plan_from_args(args)
         url = resolve_database_url(args.database_url)
-        runner.dbt_env(url)  # validates the URL's shape before any connection attempt
+        runner.connection_settings(url)  # the URL's shape and parameters, before any connection attempt
         check_database(url)
         session = runner.DbtSession(url, threads=args.threads, quiet=not args.verbose)
         session.parse()

@@ -308,7 +308,7 @@ class CompiledWindows:
         from psycopg.conninfo import make_conninfo
 
         conn = psycopg.connect(
-            make_conninfo(**connect, application_name="dbt-backfill"),
+            make_conninfo(**connect),
             autocommit=False,
             cursor_factory=psycopg.RawCursor,
             prepare_threshold=cls.PREPARE_THRESHOLD,

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy.engine import make_url
-
+from dbtbackfill import database_url as database_url_module
 from dbtbackfill.compiled import (
     CompiledWindows,
     Hook,
@@ -31,6 +30,7 @@ from dbtbackfill.compiled import (
     compiled_vars,
     plan_models,
 )
+from dbtbackfill.database_url import ConnectionSettings, DatabaseUrlError
 from dbtbackfill.planner import Window
 
 DEFAULT_SCHEMA: Final = "analytics"
@@ -52,28 +52,21 @@ def default_project_dir() -> Path:
     return Path.cwd() / "analytics"
 
 
+def connection_settings(database_url: str) -> ConnectionSettings:
+    """The URL's connection settings (see :mod:`dbtbackfill.database_url`), or RunnerError."""
+    try:
+        return database_url_module.parse(database_url)
+    except DatabaseUrlError as exc:
+        raise RunnerError(str(exc)) from None
+
+
 def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
     """The ``DBT_PG_*`` variables ``profiles.yml`` reads, derived from one URL.
 
     Users give a single ``DATABASE_URL``; splitting it here keeps credentials out of
     every file and out of dbt's command line.
     """
-    try:
-        url = make_url(database_url)
-    except Exception:
-        raise RunnerError("database URL is not a valid URL (expected postgresql://user:pass@host:port/db)") from None
-    if not url.drivername.startswith("postgres"):
-        raise RunnerError(f"database URL must be a postgresql:// URL, got {url.drivername}://")
-    if not url.host or not url.database:
-        raise RunnerError("database URL must name a host and a database: postgresql://user@host:5432/db")
-    return {
-        "DBT_PG_HOST": url.host,
-        "DBT_PG_PORT": str(url.port or 5432),
-        "DBT_PG_USER": url.username or "postgres",
-        "DBT_PG_PASSWORD": url.password or "",
-        "DBT_PG_DBNAME": url.database,
-        "DBT_PG_SCHEMA": schema or os.environ.get("DBT_PG_SCHEMA") or DEFAULT_SCHEMA,
-    }
+    return connection_settings(database_url).dbt_env(schema or os.environ.get("DBT_PG_SCHEMA") or DEFAULT_SCHEMA)
 
 
 _PRISTINE_BEHAVIOR_FLAGS: list[Any] | None = None
@@ -132,16 +125,8 @@ def window_vars(window: Window, tenant_id: str | None) -> dict[str, Any]:
 
 
 def psycopg_connect_args(database_url: str) -> dict[str, str]:
-    """psycopg keyword arguments for the same server, database and role dbt connects with."""
-    env = dbt_env(database_url)
-    return {
-        "host": env["DBT_PG_HOST"],
-        "port": env["DBT_PG_PORT"],
-        "user": env["DBT_PG_USER"],
-        "password": env["DBT_PG_PASSWORD"],
-        "dbname": env["DBT_PG_DBNAME"],
-        "connect_timeout": "10",  # as profiles.yml
-    }
+    """psycopg keyword arguments for the same server, database, role and parameters dbt connects with."""
+    return connection_settings(database_url).libpq()
 
 
 def model_node(node: Any, nodes: Any) -> ModelNode:
@@ -220,6 +205,8 @@ class DbtSession:
     base_target: Path = field(init=False)
     #: The ``DBT_PG_*`` values of this session, fixed when it starts.
     _env: dict[str, str] = field(init=False, default_factory=dict)
+    #: libpq's ``PG*`` variables for the URL's other parameters, set only while dbt runs.
+    _libpq_env: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.project_dir = Path(self.project_dir).resolve()
@@ -234,6 +221,7 @@ class DbtSession:
         self.target_path = Path(tempfile.mkdtemp(prefix=".run-", dir=self.base_target))
         self.log_path = Path(self.log_path or env_logs or self.project_dir / "logs")
         self._env = dbt_env(self.database_url)
+        self._libpq_env = connection_settings(self.database_url).libpq_env()
         os.environ.update(self._env)
         # No usage pings: our machines, and many users', have no route to dbt's tracker.
         os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
@@ -286,20 +274,39 @@ class DbtSession:
         _reset_adapter_behavior_flags()
         if self._manifest is None:
             raise RunnerError("call parse() first")
-        # dbt reads the profile's variables on every invocation: another session in this
-        # process (a test comparing engines, say) may have set them for its own database.
-        os.environ.update(self._env)
         # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
         # and flagged as done), so a reused manifest breaks the next window's SQL. Each
         # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
         runner = dbtRunner(manifest=self._manifest.deepcopy())
-        return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
+        with self._environment():
+            return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
+
+    @contextmanager
+    def _environment(self) -> Iterator[None]:
+        """This session's connection variables, for one dbt invocation.
+
+        dbt reads the profile's variables on every invocation, and another session in this
+        process (a test comparing engines, say) may have set them for its own database. The
+        libpq ones are undone afterwards: they would reach every other connection too.
+        """
+        os.environ.update(self._env)
+        saved = {k: os.environ.get(k) for k in self._libpq_env}
+        os.environ.update(self._libpq_env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def parse(self) -> None:
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()  # snapshots the list before dbt's first adapter
-        res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
+        with self._environment():
+            res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
         self._manifest = res.result
