@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, lifecycle, planner, runner
+from dbtbackfill import audit, database_url, lifecycle, planner, runner
+from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
 
@@ -103,7 +104,12 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recent(end: date, now: datetime) -> None:
     # The window covers end_date through 23:59:59 UTC; any of that inside the last 24 hours
     # may still be arriving, so rewriting it would bake in incomplete data.
-    window_end = datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
+    # date.max has no next day; it is in the future anyway.
+    window_end = (
+        datetime.max.replace(tzinfo=UTC)
+        if end == date.max
+        else datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
+    )
     if window_end > now - timedelta(hours=RECENT_HOURS):
         raise UsageError(
             f"end_date {end} reaches into the last {RECENT_HOURS} hours, whose data may be incomplete; "
@@ -173,9 +179,19 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         return _execute(args, url, session, windows, tenant, models, reporter)
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
+    except Exception as exc:  # a bug or an environment we did not foresee: still one line
+        return _unexpected(prog, exc, verbose=args.verbose)
     finally:
         if session is not None:
             session.close()
+
+
+def _unexpected(prog: str, exc: Exception, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    hint = "" if verbose else " (run with --verbose for the traceback)"
+    print(f"{prog}: error: {type(exc).__name__}: {lifecycle.first_line(exc)}{hint}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _dry_run(
@@ -199,10 +215,12 @@ def _execute(
     models: list[str],
     reporter: Reporter,
 ) -> int:
+    import sqlalchemy as sa
+
     engine = audit.engine_for(url)
     execution_id = args.execution_id or uuid.uuid4()
-    audit.ensure_schema(engine)
     try:
+        audit.ensure_schema(engine)
         audit.record_start(
             engine,
             audit.ExecutionStart(
@@ -222,6 +240,8 @@ def _execute(
         )
     except audit.ExecutionConflict as exc:
         raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
+    except sa.exc.DBAPIError as exc:  # a read-only role, say: nothing can be recorded, so nothing runs
+        raise UsageError(f"cannot write the audit log backfill_executions: {lifecycle.first_line(exc)}") from None
     reporter.plan()  # after the checks that can still refuse the run: a refusal is one line
     started = time.monotonic()
     done: list[runner.WindowResult] = []
@@ -315,28 +335,49 @@ def main_run_dbt_backfill() -> None:
 def _audit_engine(args: argparse.Namespace) -> sa.Engine:
     """The audit database of a subcommand; raises UsageError when it is missing or down."""
     url = resolve_database_url(args.database_url)
+    database_url.parse(url)  # the URL's own faults first, before blaming the connection
     check_database(url)
     return audit.engine_for(url)
 
 
 def _history(args: argparse.Namespace) -> int:
-    try:
-        engine = _audit_engine(args)
-    except UsageError as exc:
-        return _fail("dbt-backfill history", str(exc))
+    engine = _audit_engine(args)
     audit.ensure_schema(engine)
     print_history(audit.history(engine, status=args.status, limit=args.limit))
     return EXIT_OK
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    try:
-        engine = _audit_engine(args)
-    except UsageError as exc:
-        return _fail("dbt-backfill db upgrade", str(exc))
+    engine = _audit_engine(args)
     audit.upgrade(engine)
     print(f"audit schema at revision {audit.current_revision(engine)}")
     return EXIT_OK
+
+
+def _run_subcommand(args: argparse.Namespace) -> int:
+    """A subcommand's errors as one line: bad input and database refusals exit 2, the rest 1."""
+    import sqlalchemy as sa
+
+    prog = f"dbt-backfill {args.command}" + (f" {args.db_command}" if args.command == "db" else "")
+    try:
+        code: int = args.func(args)
+    except (UsageError, PlanError, DatabaseUrlError) as exc:
+        return _fail(prog, str(exc))
+    except sa.exc.DBAPIError as exc:  # a read-only role, a missing privilege
+        return _fail(prog, f"the database refused: {lifecycle.first_line(exc)}")
+    except Exception as exc:
+        return _unexpected(prog, exc, verbose=getattr(args, "verbose", False))
+    return code
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -349,8 +390,8 @@ def _demo_data(args: argparse.Namespace) -> int:
         counts = load_demo_data(
             url, tenants=args.tenants, start_date=start, days=args.days, rows_per_day=args.rows_per_day
         )
-    except (UsageError, PlanError, ValueError) as exc:
-        return _fail("dbt-backfill demo-data", str(exc))
+    except ValueError as exc:  # the demo's own argument checks
+        raise UsageError(str(exc)) from None
     print(
         f"demo data ready: {counts.customers} customers, {counts.orders} orders "
         f"for {args.tenants} tenants from {start} for {args.days} days"
@@ -371,6 +412,10 @@ def _demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an unexpected error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dbt-backfill", description="Chunked, audited dbt backfills on PostgreSQL.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -379,15 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_backfill_arguments(run)
 
     hist = sub.add_parser("history", help="recent audit rows from backfill_executions")
-    hist.add_argument("--status", choices=("running", "completed", "failed", "cancelled"))
-    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--status", choices=audit.SHOWN_STATUSES, help="abandoned: running, but its heartbeat stopped")
+    hist.add_argument("--limit", type=_limit, default=20)
     hist.add_argument("--database-url")
+    _add_verbose(hist)
     hist.set_defaults(func=_history)
 
     db = sub.add_parser("db", help="audit-log schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
     up = db_sub.add_parser("upgrade", help="apply the audit-log migrations")
     up.add_argument("--database-url")
+    _add_verbose(up)
     up.set_defaults(func=_db_upgrade)
 
     demo_data = sub.add_parser("demo-data", help="load deterministic multi-tenant demo data into raw.*")
@@ -396,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--start-date", required=True)
     demo_data.add_argument("--days", type=int, required=True)
     demo_data.add_argument("--rows-per-day", type=int, default=20)
+    _add_verbose(demo_data)
     demo_data.set_defaults(func=_demo_data)
 
     demo = sub.add_parser("demo", help="local demo: PostgreSQL, demo data, a chunked backfill, history")
@@ -420,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["run"]:
         _exit(run_backfill(argv[1:], prog="dbt-backfill run"))
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    sys.exit(_run_subcommand(args))
 
 
 if __name__ == "__main__":

@@ -113,15 +113,20 @@ def plan_windows(start: date, end: date, unit: str = "day", size: int = 1) -> li
     step = _step(checked_unit, size)
     windows: list[Window] = []
     period = _period_start(start, checked_unit)
-    while period <= end:
-        following = period + step
-        windows.append(Window(len(windows), max(period, start), min(following - timedelta(days=1), end)))
+    while True:
+        try:
+            following: date | None = period + step
+        except (OverflowError, ValueError):  # the next period starts after 9999-12-31: this one is the last
+            following = None
+        last = end if following is None else min(following - timedelta(days=1), end)
+        windows.append(Window(len(windows), max(period, start), last))
         if len(windows) > MAX_WINDOWS:
             raise PlanError(
                 f"the range {start}..{end} makes more than {MAX_WINDOWS} {unit} chunks; use a larger chunk unit or size"
             )
+        if following is None or following > end:
+            return windows
         period = following
-    return windows
 
 
 def compress_indices(indices: Iterable[int]) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,6 +36,8 @@ from dbtbackfill.planner import Window
 
 DEFAULT_SCHEMA: Final = "analytics"
 _BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
+#: dbt's NoNodesForSelectionCriteria, raised as an error (dbt-core 1.11's wording).
+_UNMATCHED_RE: Final = re.compile(r"selection criterion '(.+)' does not match any enabled nodes")
 
 
 class RunnerError(RuntimeError):
@@ -316,10 +319,16 @@ class DbtSession:
         """The models a selection matches; an empty match is an error, not a no-op."""
         # dbt prints ls results even with --quiet; they are for us, not the user.
         args = ["--resource-type", "model", "--output", "name", "--log-level", "none"]
+        # Each selector must match something, not just their union: a typo next to a good
+        # selector would otherwise drop models from the backfill without a word.
+        args += ["--warn-error-options", json.dumps({"error": ["NoNodesForSelectionCriteria"]})]
         if selectors:
             args += ["--select", *selectors]
         res = self._invoke("ls", *args)
         if not res.success:
+            unmatched = _UNMATCHED_RE.search(str(res.exception))
+            if unmatched:
+                raise RunnerError(f"selection matched no models: --models {unmatched[1]} matches nothing")
             raise RunnerError(f"invalid model selection {' '.join(selectors)!r}: {res.exception}")
         names = sorted(str(n) for n in (res.result or []))
         if not names:

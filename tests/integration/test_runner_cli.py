@@ -587,6 +587,12 @@ BAD_INPUTS = [
     ),
     pytest.param([*FEB, "--tenant-id", "tenant 001"], "pristine", "tenant_id must match", id="tenant-space"),
     pytest.param([*FEB, "--models", "does_not_exist"], "pristine", "selection matched no models", id="unknown-model"),
+    pytest.param(
+        [*FEB, "--models", "fact_orders", "fact_ordrs", "staging+"],
+        "pristine",
+        "selection matched no models: --models fact_ordrs matches nothing",
+        id="one-selector-of-three-matches-nothing",
+    ),
     pytest.param([*FEB, "--models", "fact_orders;drop"], "pristine", "selectors never use", id="selector-semicolon"),
     pytest.param([*FEB], UNREACHABLE, "cannot connect", id="unreachable-database"),
     pytest.param([*FEB], "mysql://root@127.0.0.1/x", "postgresql://", id="not-postgres"),
@@ -598,6 +604,25 @@ BAD_INPUTS = [
     pytest.param([*FEB, "--threads", "0"], "pristine", "--threads", id="threads-0"),
     pytest.param([*FEB, "--execution-id", "run-42"], "pristine", "--execution-id", id="execution-id-not-uuid"),
     pytest.param(["--end-date", "2024-02-01"], "pristine", "--start-date", id="missing-start-date"),
+    # The last representable days: planning and the recent-data check must not overflow.
+    *(
+        pytest.param(
+            ["--start-date", "9999-11-01", "--end-date", "9999-12-31", "--chunk", unit],
+            "pristine",
+            "--allow-recent",
+            id=f"year-9999-{unit}",
+        )
+        for unit in ("day", "week", "month")
+    ),
+    pytest.param(
+        ["--start-date", "2024-02-30", "--end-date", "2024-03-01"], "pristine", "start_date", id="no-such-day"
+    ),
+    pytest.param(
+        ["--start-date", "10000-01-01", "--end-date", "10000-01-02"], "pristine", "start_date", id="year-10000"
+    ),
+    pytest.param([*FEB, "--engine", "fast"], "pristine", "invalid choice: 'fast'", id="unknown-engine"),
+    pytest.param([*FEB], "postgresql://", "host and a database", id="url-without-host"),
+    pytest.param([*FEB], "postgresql://u@h/db?nope=1", "invalid URI query parameter", id="url-unknown-parameter"),
 ]
 
 
@@ -793,6 +818,67 @@ def test_history_on_an_unreachable_database_is_one_line(capfd: pytest.CaptureFix
     assert run_tool("history", "--database-url", UNREACHABLE) == 2
     lines = nonempty_lines(capfd.readouterr().err)
     assert len(lines) == 1 and "cannot connect" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["history", "--limit", "-1"], "argument --limit: must be 0 or more, got -1"),
+        (["history", "--limit", "ten"], "argument --limit: must be a whole number"),
+        (["history", "--status", "lost"], "invalid choice: 'lost'"),
+        (["history", "--database-url", "mysql://root@h/x"], "must be a postgresql:// URL"),
+        (["db", "upgrade", "--database-url", "postgresql://u@h/db?nope=1"], "invalid URI query parameter"),
+    ],
+    ids=["negative-limit", "limit-not-a-number", "unknown-status", "not-postgres", "bad-parameter"],
+)
+def test_history_and_db_upgrade_refuse_bad_input_in_one_line(
+    database_url: str, argv: list[str], message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if "--database-url" not in argv:
+        argv = [*argv, "--database-url", database_url]
+    assert run_tool(*argv) == 2
+    out, err = capfd.readouterr()
+    lines = nonempty_lines(err)
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in out + err
+    assert not table_exists(database_url, "public", "backfill_executions")
+
+
+@pytest.fixture
+def read_only_url(demo_url: str) -> str:
+    """The demo database through a role that may read everything and create or write nothing."""
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    execute(demo_url, f"create role {role} login")
+    execute(demo_url, f"grant usage on schema raw to {role}")
+    execute(demo_url, f"grant select on all tables in schema raw to {role}")
+    execute(demo_url, f"revoke create on schema public from public, {role}")
+    return register_url(demo_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1))
+
+
+@pytest.mark.parametrize("audit_table", [False, True], ids=["no-audit-table", "audit-table-not-writable"])
+def test_a_read_only_role_is_one_line_exit_2_and_nothing_written(
+    demo_url: str, read_only_url: str, audit_table: bool, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if audit_table:
+        audit.ensure_schema(audit.engine_for(register_url(demo_url)))
+    before = db_state(demo_url)
+    capfd.readouterr()
+
+    assert run_cli(*FEB, "--database-url", read_only_url) == 2
+    out, err = capfd.readouterr()
+    lines = nonempty_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("run_dbt_backfill: error: cannot write the audit log backfill_executions: ")
+    assert "permission denied" in lines[0]
+    assert "Traceback" not in out + err
+    assert db_state(demo_url) == before
+
+    # It may not even read the audit tables: history says so, in one line.
+    assert run_tool("history", "--database-url", read_only_url) == 2
+    out, err = capfd.readouterr()
+    [line] = nonempty_lines(err)
+    assert line.startswith("dbt-backfill history: error: the database refused: permission denied for "), err
+    assert "Traceback" not in out + err
 
 
 def test_db_upgrade_reports_the_revision(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
