@@ -378,6 +378,13 @@ def test_a_running_row_whose_heartbeat_is_stale_shows_as_abandoned(migrated: sa.
     assert shown == {alive: "running", stale: "abandoned", old_style: "abandoned", done: "completed"}
     assert {r.id for r in audit.history(migrated, status="abandoned")} == {stale, old_style}
     assert [r.id for r in audit.history(migrated, status="running")] == [alive]
+    # The README's query for them, verbatim.
+    readme = (
+        "SELECT id, start_date, end_date, heartbeat_at FROM backfill_executions\n"
+        "WHERE status = 'running' AND coalesce(heartbeat_at, updated_at) < now() - interval '120 seconds';"
+    )
+    assert readme in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert {row[0] for row in query(database_url, readme)} == {stale, old_style}
     # Nothing is rewritten: the stored status stays what the process last wrote.
     assert {r["id"]: r["status"] for r in audit_rows(database_url)}[stale] == "running"
 
