@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import (
-    copy_analytics_project,
     db_state,
     execute,
     nonempty_lines,
+    project_with_model,
     query,
     register_url,
     run_cli,
@@ -45,11 +45,7 @@ def _isolated(fresh_env: None, dispose_engines: None) -> None:
 
 @pytest.fixture
 def witness_project(tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
-    (project / "models" / "facts" / "zz_witness.sql").write_text(WITNESS_MODEL_SQL)
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    project_with_model(tmp_path, cli_env, monkeypatch, "zz_witness", WITNESS_MODEL_SQL)
 
 
 def test_the_urls_parameters_reach_dbt_the_compiled_engine_and_the_audit_log(

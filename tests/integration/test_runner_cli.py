@@ -27,21 +27,21 @@ from psycopg import sql
 from dbtbackfill import audit, planner
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
-    ENV_KEYS,
     FACTS,
     TENANTS,
     WINDOW_DAY,
     audit_rows,
-    copy_analytics_project,
     db_state,
     execute,
     fact_checksums,
     load_demo,
     nonempty_lines,
+    project_with_model,
     query,
     register_url,
     run_cli,
     run_tool,
+    runner_env,
     table_exists,
 )
 
@@ -418,11 +418,7 @@ where status not like '%never%'
 @pytest.fixture
 def fragile_project(tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A copy of analytics/ with one more contract model, which fails on one day; yields its name."""
-    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
-    (project / "models" / "facts" / "zz_fragile.sql").write_text(FRAGILE_MODEL_SQL)
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    project_with_model(tmp_path, cli_env, monkeypatch, "zz_fragile", FRAGILE_MODEL_SQL)
     return "zz_fragile"
 
 
@@ -514,13 +510,8 @@ def broken_project(tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatc
     A copy, not a file in the checkout's analytics/models/: others run dbt on this checkout
     concurrently, and a stray model there would break their runs (and partial parsing).
     """
-    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
     name = f"zz_broken_{uuid.uuid4().hex[:8]}"
-    model = project / "models" / "facts" / f"{name}.sql"
-    model.write_text(BROKEN_MODEL_SQL)
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    model = project_with_model(tmp_path, cli_env, monkeypatch, name, BROKEN_MODEL_SQL)
     try:
         yield name
     finally:
@@ -938,14 +929,7 @@ def test_python_m_scripts_run_dbt_backfill(demo_url: str, cli_env: Path) -> None
     # As the operator's Jobs run it: URL from the environment, ids on the command line. The
     # module's project copy and target dir (for its partial parse) stand in for the image's.
     execution_id, parent_id = uuid.uuid4(), uuid.uuid4()
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    env.update(
-        DATABASE_URL=demo_url,
-        DBT_PROJECT_DIR=str(cli_env / "analytics"),
-        DBT_TARGET_PATH=str(cli_env / "target"),
-        DBT_LOG_PATH=str(cli_env / "logs"),
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-    )
+    env = runner_env(demo_url, cli_env)
     command = [sys.executable, "-m", "scripts.run_dbt_backfill"]
     argv = [
         "--start-date", "2024-02-05", "--end-date", "2024-02-18", "--tenant-id", "tenant-002", "--chunk", "week",

@@ -8,7 +8,6 @@ so the signal or the outage lands mid-run whatever the machine's speed.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
-    ENV_KEYS,
     audit_rows,
     db_state,
     execute,
@@ -30,6 +28,7 @@ from tests.integration.conftest import (
     query,
     run_cli,
     run_tool,
+    runner_env,
 )
 
 pytestmark = pytest.mark.integration
@@ -41,19 +40,6 @@ DAYS = ("--start-date", "2024-02-01", "--end-date", "2024-02-20", "--chunk", "da
 @pytest.fixture(autouse=True)
 def _isolated(fresh_env: None, dispose_engines: None) -> None:
     """Clean env (no DATABASE_URL), private dbt target dir, engines disposed after."""
-
-
-def runner_env(url: str, cli_env: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    env.update(
-        DATABASE_URL=url,
-        DBT_PROJECT_DIR=str(cli_env / "analytics"),
-        DBT_TARGET_PATH=str(cli_env / "target"),
-        DBT_LOG_PATH=str(cli_env / "logs"),
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 @contextmanager
