@@ -76,16 +76,21 @@ ENV VIRTUAL_ENV=/opt/venv \
 COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
+COPY dbt-package/ /app/dbt-package/
 COPY analytics/ /app/analytics/
 COPY scripts/ /app/scripts/
 
-# Parse the dbt project once at build time so target/manifest.json and
-# target/partial_parse.msgpack ship in the image; the runner seeds its emptyDir target path
-# from them. The DBT_PG_* values are dummies for this RUN only (dbt parse opens no
+# Install the project's packages (analytics/packages.yml: the dbt_backfill package from
+# ../dbt-package) and parse the dbt project once at build time, so dbt_packages/,
+# target/manifest.json and target/partial_parse.msgpack ship in the image: the root filesystem
+# is read-only at run time, and the runner seeds its emptyDir target path from the parse. The
+# DBT_PG_* values are dummies for this RUN only (neither dbt deps nor dbt parse opens a
 # connection; profiles.yml reads env_var() only) and are not kept in the image's ENV.
 RUN DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt DBT_PG_DBNAME=analytics \
     DBT_TARGET_PATH=/app/analytics/target DBT_LOG_PATH=/tmp/dbt-build/logs \
-    dbt parse --project-dir /app/analytics --profiles-dir /app/analytics \
+    dbt deps --project-dir /app/analytics \
+    && test -f /app/analytics/dbt_packages/dbt_backfill/macros/backfill.sql \
+    && dbt parse --project-dir /app/analytics --profiles-dir /app/analytics \
     && test -s /app/analytics/target/manifest.json \
     && test -s /app/analytics/target/partial_parse.msgpack \
     && python -m compileall -q /app/scripts \

@@ -7,7 +7,7 @@ replayed audit write updates the same row instead of adding a second one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -31,7 +31,7 @@ KINDS: Final = ("run", "backfill", "chunk")
 VERSION_TABLE: Final = "dbt_backfill_alembic_version"
 #: The newest migration in migrations/versions (a unit test keeps the two in step). A database
 #: already there needs no Alembic at all, which saves every backfill process importing it.
-HEAD_REVISION: Final = "0002"
+HEAD_REVISION: Final = "0003"
 # Serialises concurrent first-use migrations from parallel chunk Jobs.
 _MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
 MAX_ERROR_CHARS: Final = 8000
@@ -78,6 +78,8 @@ class BackfillExecution(Base):
     backfill_uid: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     chunk_index: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
     attempt: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
+    #: The dbt target the data went to: profile, target, adapter, host, port, database, schema.
+    target: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(pg.JSONB)
     created_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     updated_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
@@ -212,6 +214,7 @@ class ExecutionStart:
     backfill_uid: str | None = None
     chunk_index: int | None = None
     attempt: int | None = None
+    target: Mapping[str, Any] | None = None
 
 
 #: What makes an execution the same one: a replay with another of these is another run.
@@ -238,6 +241,7 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
         "backfill_uid": start.backfill_uid,
         "chunk_index": start.chunk_index,
         "attempt": start.attempt,
+        "target": dict(start.target) if start.target is not None else None,
         "heartbeat_at": sa.func.now(),
     }
     insert = pg.insert(_TABLE).values(**values)
@@ -247,6 +251,7 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
         index_elements=[_TABLE.c.id],
         set_={
             "status": "running",
+            "target": insert.excluded.target,
             "error_message": None,
             "duration_seconds": None,
             "records_processed": None,

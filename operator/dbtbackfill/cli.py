@@ -19,10 +19,13 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, database_url, lifecycle, planner, runner
+from dbtbackfill import audit, contract_check, database_url, lifecycle, planner, runner
+from dbtbackfill.compiled import NotCompilable
 from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
+from dbtbackfill.project import other_database
+from dbtbackfill.window_tests import WindowTests
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -65,6 +68,16 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
     parser.add_argument(
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
+    )
+    parser.add_argument(
+        "--profiles-dir",
+        help="directory of the profiles.yml to use (default: $DBT_PROFILES_DIR, else the project's, the working"
+        " directory's or ~/.dbt's if it defines the project's profile, else one generated from the database URL)",
+    )
+    parser.add_argument("--target", help="dbt target of the profile (default: $DBT_TARGET, else the profile's)")
+    parser.add_argument(
         "--chunk",
         choices=planner.CHUNK_UNITS,
         default=None,
@@ -85,6 +98,23 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (default): when every selected model follows the backfill contract, dbt compiles"
         " them once and each window runs that SQL in one transaction; otherwise, or with dbt,"
         " each window is one in-process dbt run",
+    )
+    parser.add_argument(
+        contract_check.ALLOW_FULL_REBUILD,
+        action="store_true",
+        help="run models that never read the window (each window then rebuilds them from all rows)",
+    )
+    parser.add_argument(
+        contract_check.ALLOW_CROSS_WINDOW,
+        action="store_true",
+        help="run models whose rows depend on other windows (an outer join onto the window, an aggregate"
+        " or window function over groups that cross windows); see dbt-backfill check",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the selected models' data tests on each window's rows before it counts as done"
+        " (compiled engine: inside the window's transaction, so a failure rolls it back)",
     )
     parser.add_argument(
         "--execution-id",
@@ -169,14 +199,38 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         url = resolve_database_url(args.database_url)
         runner.connection_settings(url)  # the URL's shape and parameters, before any connection attempt
         check_database(url)
-        session = runner.DbtSession(url, threads=args.threads, quiet=not args.verbose)
+        session = runner.DbtSession(
+            url,
+            project_dir=args.project_dir,
+            profiles_dir=args.profiles_dir,
+            target=args.target,
+            threads=args.threads,
+            quiet=not args.verbose,
+        )
         session.parse()
         models = session.select_models(args.models)
+        micro = session.microbatch_models(models)
+        if tenant and micro:
+            raise UsageError(
+                f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
+                " without --tenant-id, or leave them out of --models"
+            )
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
+        reporter.target(session.data_target, other_database(session.data_target, url))
+        reporter.plan()
+        _check_contract(args, url, session, models, tenant)
+        verify = session.window_tests(tenant, models) if args.verify else None
+        if verify is not None:
+            scoped = len({t.model for t in verify.tests})
+            print(f"verify: {len(verify.tests)} data test(s) of {scoped} model(s), per window", file=sys.stderr)
         if args.dry_run:
-            reporter.plan()
+            reporter.engine(runner.describe_engine(session, tenant, models, args.engine, len(windows)))
             return _dry_run(session, windows, tenant, args.models, reporter)
-        return _execute(args, url, session, windows, tenant, models, reporter)
+        try:
+            return _execute(args, url, session, windows, tenant, models, reporter, verify)
+        finally:
+            if verify is not None:
+                verify.close()
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
     except Exception as exc:  # a bug or an environment we did not foresee: still one line
@@ -192,6 +246,41 @@ def _unexpected(prog: str, exc: Exception, *, verbose: bool) -> int:
     hint = "" if verbose else " (run with --verbose for the traceback)"
     print(f"{prog}: error: {type(exc).__name__}: {lifecycle.first_line(exc)}{hint}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _contract_report(
+    session: runner.DbtSession, url: str, models: Sequence[str], tenant: str | None
+) -> contract_check.Report:
+    """The contract check of ``models`` (compiled once with the window as parameters)."""
+    nodes = session.compile_params(tenant, models)
+    return contract_check.check(session.connect_args(), nodes)
+
+
+def _check_contract(
+    args: argparse.Namespace, url: str, session: runner.DbtSession, models: Sequence[str], tenant: str | None
+) -> None:
+    """Warn about every finding; raise UsageError for the silently wrong ones not allowed by a flag.
+
+    A dry run also fails on SQL the database rejects (a date_column that does not exist).
+    """
+    try:
+        report = _contract_report(session, url, models, tenant)
+    except NotCompilable as exc:  # dbt's own run of each window will report it in full
+        print(f"warning: the backfill contract was not checked: {exc}", file=sys.stderr)
+        return
+    allowed = {flag for flag in OVERRIDE_FLAGS if getattr(args, flag[2:].replace("-", "_"))}
+    refused = [f for f in report.refusals if f.override not in allowed]
+    for finding in report.findings:
+        if finding not in refused:
+            print(f"warning: {finding.line()}", file=sys.stderr)
+    if refused:
+        flags = " / ".join(sorted({str(f.override) for f in refused}))
+        raise UsageError(f"{'; '.join(f.line() for f in refused)}; nothing was run (pass {flags} to run it anyway)")
+    if args.dry_run and report.sql_errors:
+        raise UsageError("; ".join(f.line() for f in report.sql_errors))
+
+
+OVERRIDE_FLAGS: tuple[str, ...] = tuple(sorted(set(contract_check.OVERRIDES.values())))
 
 
 def _dry_run(
@@ -214,6 +303,7 @@ def _execute(
     tenant: str | None,
     models: list[str],
     reporter: Reporter,
+    verify: WindowTests | None,
 ) -> int:
     import sqlalchemy as sa
 
@@ -236,13 +326,13 @@ def _execute(
                 backfill_uid=args.backfill_uid,
                 chunk_index=args.chunk_index,
                 attempt=args.attempt,
+                target=session.data_target.as_dict(),
             ),
         )
     except audit.ExecutionConflict as exc:
         raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
     except sa.exc.DBAPIError as exc:  # a read-only role, say: nothing can be recorded, so nothing runs
         raise UsageError(f"cannot write the audit log backfill_executions: {lifecycle.first_line(exc)}") from None
-    reporter.plan()  # after the checks that can still refuse the run: a refusal is one line
     started = time.monotonic()
     done: list[runner.WindowResult] = []
     outcome: runner.BackfillOutcome | None = None
@@ -268,6 +358,8 @@ def _execute(
                 engine=args.engine,
                 on_engine=reporter.engine,
                 on_window=window_done,
+                on_microbatch=reporter.microbatch_done,
+                verify=verify,
             )
         except KeyboardInterrupt:  # SIGTERM or Ctrl-C outside dbt, which reports its own as a failure
             stop.signum = stop.signum or signal.SIGINT
@@ -380,6 +472,43 @@ def _limit(text: str) -> int:
     return value
 
 
+def _check(args: argparse.Namespace) -> int:
+    prog = "dbt-backfill check"
+    session: runner.DbtSession | None = None
+    try:
+        for selector in args.models:
+            if not SELECTOR_RE.match(selector):
+                raise UsageError(f"model selector {selector!r} has characters dbt selectors never use")
+        url = resolve_database_url(args.database_url)
+        runner.connection_settings(url)
+        check_database(url)
+        session = runner.DbtSession(
+            url, project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target, quiet=True
+        )
+        session.parse()
+        models = session.select_models(args.models)
+        report = _contract_report(session, url, models, None)
+    except (UsageError, runner.RunnerError, NotCompilable) as exc:
+        return _fail(prog, str(exc))
+    finally:
+        if session is not None:
+            session.close()
+    for finding in report.findings:
+        print(finding.line())
+        print(f"  fix: {finding.fix}")
+    for note in report.notes:
+        print(f"note: {note}")
+    broken = sorted({f.model for f in report.findings})
+    if broken:
+        print(
+            f"check: {len(report.findings)} finding(s) in {len(broken)} of {report.checked} model(s):"
+            f" {', '.join(broken)}"
+        )
+        return EXIT_FAILED
+    print(f"check: {report.checked} model(s) follow the backfill contract")
+    return EXIT_OK
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from dbtbackfill.demo import load_demo_data
 
@@ -436,6 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--database-url")
     _add_verbose(up)
     up.set_defaults(func=_db_upgrade)
+
+    chk = sub.add_parser("check", help="lint models for the backfill contract and silently wrong shapes")
+    chk.add_argument(
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
+    )
+    chk.add_argument("--profiles-dir", help="directory of the profiles.yml to use (as for run)")
+    chk.add_argument("--target", help="dbt target of the profile (default: $DBT_TARGET, else the profile's)")
+    chk.add_argument("--models", nargs="+", default=[], metavar="SELECTOR", help="dbt selection (default: all)")
+    chk.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
+    chk.set_defaults(func=_check)
 
     demo_data = sub.add_parser("demo-data", help="load deterministic multi-tenant demo data into raw.*")
     demo_data.add_argument("--database-url")

@@ -13,7 +13,7 @@ known in advance:
 4. ``insert into target (target's columns) select those columns from new rows``.
 
 So dbt compiles each model once, with ``backfill_date_range`` rendering the window as the
-typed statement parameters ``$1``/``$2`` (see ``backfill__param_start`` in the macros), and
+typed statement parameters ``$1``/``$2`` (see ``backfill__param_start`` in dbt-package/macros), and
 this module checks those statements on one connection and executes them per window: one
 transaction per window covering every model, so a window is either fully replaced or
 untouched. Anything outside the contract (a view or table model, a hook with Jinja in it,
@@ -28,7 +28,7 @@ The planning half is pure (dataclasses in, SQL text out) and unit-tested directl
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from graphlib import CycleError, TopologicalSorter
@@ -38,15 +38,19 @@ if TYPE_CHECKING:
     import psycopg
 
 #: What the runner passes as ``backfill_start_date``/``backfill_end_date`` to compile once for
-#: every window; the macros render them as ``$1``/``$2``. The same text as in macros/backfill.sql.
+#: every window; the macros render them as ``$1``/``$2``. The same text as in dbt-package/macros/backfill.sql.
 PARAM_START: Final = "__backfill_window_start__"
 PARAM_END: Final = "__backfill_window_end__"
 
 _IDENT: Final = r"[A-Za-z_][A-Za-z0-9_]*"
 _IDENT_RE: Final = re.compile(_IDENT)
+#: The pre-hook, as the package spells it (``dbt_backfill.backfill_delete_window``) or through a
+#: project macro of the same name that forwards to it (analytics/macros/backfill.sql).
 _WINDOW_HOOK_RE: Final = re.compile(
-    r"\{\{-?\s*backfill_delete_window\(\s*(?:date_column\s*=\s*)?['\"](?P<date>" + _IDENT + r")['\"]\s*"
-    r"(?:,\s*(?:tenant_column\s*=\s*)?['\"](?P<tenant>" + _IDENT + r")['\"]\s*)?\)\s*-?\}\}"
+    r"\{\{-?\s*(?:dbt_backfill\s*\.\s*)?backfill_delete_window\(\s*(?:date_column\s*=\s*)?"
+    r"['\"](?P<date>" + _IDENT + r")['\"]\s*"
+    r"(?:,\s*(?:tenant_column\s*=\s*)?(?:['\"](?P<tenant>" + _IDENT + r")['\"]|(?P<no_tenant>none|None))\s*)?"
+    r",?\s*\)\s*-?\}\}"
 )
 _JINJA_RE: Final = re.compile(r"\{[{%#]")
 
@@ -84,7 +88,8 @@ class WindowDelete:
     """The ``backfill_delete_window`` pre-hook, as its columns."""
 
     date_column: str
-    tenant_column: str = "tenant_id"
+    #: None for a table without tenants (``tenant_column=none``): the window is deleted for all.
+    tenant_column: str | None = "tenant_id"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,14 @@ def _static_hook(sql: str) -> str | None:
     return text
 
 
+def window_delete_hook(sql: str) -> WindowDelete | None:
+    """The columns of a pre-hook that is exactly one ``backfill_delete_window`` call, else None."""
+    window = _WINDOW_HOOK_RE.fullmatch(sql.strip())
+    if window is None:
+        return None
+    return WindowDelete(window["date"], None if window["no_tenant"] else window["tenant"] or "tenant_id")
+
+
 def model_plan(node: ModelNode) -> ModelPlan:
     """The plan for one selected model, or :class:`NotCompilable` saying what breaks the contract."""
     where = f"model {node.name}"
@@ -151,12 +164,12 @@ def model_plan(node: ModelNode) -> ModelPlan:
         raise NotCompilable(f"{where} does not filter its input with backfill_date_range")
     hooks: list[str | WindowDelete] = []
     for hook in node.pre_hooks:
-        window = _WINDOW_HOOK_RE.fullmatch(hook.sql.strip())
+        window = window_delete_hook(hook.sql)
         static = _static_hook(hook.sql)
         if not hook.inside_transaction:
             raise NotCompilable(f"{where} has a pre-hook outside the transaction")
         if window is not None:
-            hooks.append(WindowDelete(window["date"], window["tenant"] or "tenant_id"))
+            hooks.append(window)
         elif static is not None:
             hooks.append(static)
         else:
@@ -197,9 +210,14 @@ def plan_models(nodes: Sequence[ModelNode]) -> list[ModelPlan]:
 
 def window_delete_sql(plan: ModelPlan, hook: WindowDelete, tenant_id: str | None) -> str:
     """``backfill_delete_window``'s statement with the window as ``$1``/``$2`` (same predicate as the macro)."""
+    return f"delete from {plan.relation}\nwhere {window_predicate(hook, tenant_id)}"
+
+
+def window_predicate(hook: WindowDelete, tenant_id: str | None) -> str:
+    """The window (``$1``/``$2``) and tenant of a model's rows, as ``backfill_date_range`` filters them."""
     col = quote_ident(hook.date_column)
-    sql = f"delete from {plan.relation}\nwhere {col} >= $1::date and {col} < $2::date + 1"
-    if tenant_id is not None:
+    sql = f"{col} >= $1::date and {col} < $2::date + 1"
+    if tenant_id is not None and hook.tenant_column is not None:
         sql += f" and {quote_ident(hook.tenant_column)} = {quote_literal(tenant_id)}"
     return sql
 
@@ -275,6 +293,10 @@ class _Prepared:
     statements: tuple[tuple[str, bool], ...]
 
 
+#: Checks one window on its open transaction: an error text fails (and rolls back) the window.
+Verify = Callable[["psycopg.Connection[Any]", date, date], "str | None"]
+
+
 class CompiledWindows:
     """A connection and every model's per-window statements, checked against the database.
 
@@ -293,17 +315,26 @@ class CompiledWindows:
     #: default); PgBouncer carries those in transaction mode from 1.21 (max_prepared_statements).
     PREPARE_THRESHOLD: int | None = 5
 
-    def __init__(self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], prepared: Sequence[_Prepared], verify: Verify | None = None
+    ) -> None:
         self._conn = conn
         self._prepared = tuple(prepared)
+        self._verify = verify
 
     @property
     def models(self) -> tuple[str, ...]:
         return tuple(p.plan.name for p in self._prepared)
 
     @classmethod
-    def open(cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None) -> CompiledWindows:
-        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements."""
+    def open(
+        cls, connect: Mapping[str, str], plans: Sequence[ModelPlan], tenant_id: str | None, verify: Verify | None = None
+    ) -> CompiledWindows:
+        """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements.
+
+        ``verify`` runs in each window's transaction before it commits: a failure it returns rolls
+        the window back (``--verify``, :mod:`dbtbackfill.window_tests`).
+        """
         import psycopg
         from psycopg.conninfo import make_conninfo
 
@@ -322,7 +353,7 @@ class CompiledWindows:
         except BaseException:
             conn.close()
             raise
-        return cls(conn, prepared)
+        return cls(conn, prepared, verify)
 
     @staticmethod
     def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None, ordinal: int) -> _Prepared:
@@ -379,6 +410,13 @@ class CompiledWindows:
                     for sql, takes_window in p.statements:
                         cur = self._conn.execute(sql.encode(), window if takes_window else None)
                         sent.append((p.plan.name, cur))
+                if self._verify is None:
+                    self._conn.commit()
+            if self._verify is not None:
+                failed = self._verify(self._conn, start, end)
+                if failed is not None:
+                    self._rollback()
+                    return [], failed
                 self._conn.commit()
         except Exception as e:  # psycopg.Error; statements after the failing one are aborted
             failed = next((name for name, cur in sent if not _succeeded(cur)), "window")

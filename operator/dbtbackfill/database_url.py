@@ -82,10 +82,14 @@ class ConnectionSettings:
             "DBT_PG_KEEPALIVES_IDLE": params.get("keepalives_idle", "0"),  # 0: dbt passes none
         }
 
+    def beyond_profile(self) -> dict[str, str]:
+        """The URL's parameters that dbt's profile does not carry (``sslmode``, ``options``...)."""
+        return {k: v for k, v in self.given.items() if k not in PROFILE_VARIABLES}
+
     def libpq_env(self) -> dict[str, str]:
-        """libpq's own variables for the URL's parameters that dbt's profile does not carry."""
+        """libpq's own variables for :meth:`beyond_profile`: how they reach dbt's connections."""
         variables = _libpq_environment_variables()
-        return {variables[k]: v for k, v in self.given.items() if k not in PROFILE_VARIABLES}
+        return {variables[k]: v for k, v in self.beyond_profile().items()}
 
 
 def parse(url: str) -> ConnectionSettings:

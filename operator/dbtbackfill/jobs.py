@@ -101,6 +101,8 @@ def runner_command(owner: Owner, spec: BackfillSpec, window: Window, attempt: in
         argv.append("--dry-run")
     if spec.allow_recent:
         argv.append("--allow-recent")
+    if spec.verify:
+        argv.append("--verify")
     argv += [
         "--execution-id",
         str(chunk_execution_id(owner, window.index, attempt)),

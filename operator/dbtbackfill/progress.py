@@ -20,6 +20,7 @@ from dbtbackfill.planner import Window
 
 if TYPE_CHECKING:
     from dbtbackfill.audit import BackfillExecution
+    from dbtbackfill.project import Target
     from dbtbackfill.runner import BackfillOutcome, WindowResult
 
 
@@ -57,6 +58,12 @@ class Reporter:
         if self.dry_run:
             for w in self.windows:
                 self._line(f"  window {w.index + 1}: {w.label()} ({w.days} day(s))")
+
+    def target(self, target: Target, audit: str | None) -> None:
+        """Where the data goes; ``audit`` names the audit database when it is another one."""
+        self._line(f"target: {target.describe()}")
+        if audit is not None:
+            self._line(f"audit: rows go to {audit} (DATABASE_URL), not to the target's database")
 
     def engine(self, text: str) -> None:
         """How the windows run: compiled once, or one dbt invocation each (and why)."""
@@ -99,6 +106,13 @@ class Reporter:
                 self._progress.console.print(text)
         else:
             self._line(text)
+        if not result.success:
+            self._line(f"error: {result.error}")
+
+    def microbatch_done(self, result: WindowResult) -> None:
+        """The microbatch models' one dbt run over the range, after the compiled windows."""
+        status = "ok" if result.success else "FAILED"
+        self._line(f"microbatch {result.window.label()} {status} rows={result.rows} {result.seconds:.2f}s")
         if not result.success:
             self._line(f"error: {result.error}")
 

@@ -5,6 +5,7 @@ against about 0.13 s for an in-process invocation that reuses a parsed manifest)
 a backfill parses the project once. Models that follow the backfill contract are then
 compiled once and every window runs from that SQL (:mod:`dbtbackfill.compiled`); other
 selections run each window as one ``dbtRunner`` invocation on the parsed manifest.
+Which project, profile and target dbt uses is decided by :mod:`dbtbackfill.project`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +35,8 @@ from dbtbackfill.compiled import (
 )
 from dbtbackfill.database_url import ConnectionSettings, DatabaseUrlError
 from dbtbackfill.planner import Window
+from dbtbackfill.project import ProjectError, Resolved, Target, find_project_dir, resolve
+from dbtbackfill.window_tests import WindowTests, attached_tests, scope, window_test
 
 DEFAULT_SCHEMA: Final = "analytics"
 _BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
@@ -42,17 +46,6 @@ _UNMATCHED_RE: Final = re.compile(r"selection criterion '(.+)' does not match an
 
 class RunnerError(RuntimeError):
     """dbt could not be set up for this backfill (bad selection, broken project, ...)."""
-
-
-def default_project_dir() -> Path:
-    """``$DBT_PROJECT_DIR``, else ``analytics/`` at the repository or image root."""
-    env = os.environ.get("DBT_PROJECT_DIR")
-    if env:
-        return Path(env)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / "analytics" / "dbt_project.yml").exists():
-            return root / "analytics"
-    return Path.cwd() / "analytics"
 
 
 def connection_settings(database_url: str) -> ConnectionSettings:
@@ -127,9 +120,64 @@ def window_vars(window: Window, tenant_id: str | None) -> dict[str, Any]:
     }
 
 
-def psycopg_connect_args(database_url: str) -> dict[str, str]:
-    """psycopg keyword arguments for the same server, database, role and parameters dbt connects with."""
-    return connection_settings(database_url).libpq()
+def copy_manifest(manifest: Any) -> Any:
+    """A copy of a parsed manifest that one dbt invocation may mutate.
+
+    dbt compiles into the nodes it is given (ephemeral CTEs injected and flagged as done), so
+    each invocation needs its own nodes. Only those are copied: ``Manifest.deepcopy()`` also
+    round-trips every other part through ``to_dict``/``from_dict``, which fails on real projects
+    (disabled nodes are lists: ``'list' object has no attribute 'from_dict'``; saved queries'
+    ``query_params`` do not survive the round trip) and costs most of its time on macros dbt
+    never changes. Everything but the nodes and unit tests is shared, read-only, with the parse.
+    """
+    from dbt.contracts.graph.manifest import Manifest
+
+    def node_copy(node: Any) -> Any:
+        try:
+            return node.from_dict(node.to_dict(omit_none=True))
+        except Exception:  # a node type whose round trip is lossy: copy it as an object
+            import copy
+
+            return copy.deepcopy(node)
+
+    copied: Any = Manifest(
+        nodes={k: node_copy(v) for k, v in manifest.nodes.items()},
+        sources=manifest.sources,
+        macros=manifest.macros,
+        docs=manifest.docs,
+        exposures=manifest.exposures,
+        functions=manifest.functions,
+        metrics=manifest.metrics,
+        groups=manifest.groups,
+        selectors=manifest.selectors,
+        metadata=manifest.metadata,
+        disabled=manifest.disabled,
+        files=manifest.files,
+        state_check=manifest.state_check,
+        semantic_models=manifest.semantic_models,
+        unit_tests={k: node_copy(v) for k, v in manifest.unit_tests.items()},
+        saved_queries=manifest.saved_queries,
+    )
+    copied.build_flat_graph()
+    return copied
+
+
+def batch_rows(event: Any) -> tuple[str, int] | None:
+    """``(model, rows)`` from dbt's event for one finished microbatch batch (``MERGE 12``)."""
+    if event.info.name != "LogBatchResult":
+        return None
+    words = str(getattr(event.data, "status", "")).split()
+    node = getattr(event.data, "node_info", None)
+    name = getattr(node, "node_name", "") if node is not None else ""
+    if not name or not words or not words[-1].isdigit():
+        return None
+    return name, int(words[-1])
+
+
+def node_label(node: Any) -> str:
+    """A model's name as ``dbt ls --output name`` prints it: ``customers.v2`` for a versioned model."""
+    version = getattr(node, "version", None)
+    return f"{node.name}.v{version}" if version is not None else str(node.name)
 
 
 def model_node(node: Any, nodes: Any) -> ModelNode:
@@ -150,7 +198,7 @@ def model_node(node: Any, nodes: Any) -> ModelNode:
     key = config.unique_key
     return ModelNode(
         unique_id=node.unique_id,
-        name=node.name,
+        name=node_label(node),
         materialized=str(config.materialized),
         compiled_code=node.compiled_code or "",
         relation_name=node.relation_name,
@@ -167,14 +215,16 @@ def model_node(node: Any, nodes: Any) -> ModelNode:
     )
 
 
-def _model_results(result: Any) -> tuple[ModelResult, ...]:
+def _model_results(result: Any, batches: dict[str, int] | None = None) -> tuple[ModelResult, ...]:
     out: list[ModelResult] = []
     for r in getattr(result, "results", None) or ():
         response = r.adapter_response or {}
         rows = response.get("rows_affected")
+        if r.node.name in (batches or {}):  # a microbatch model: the sum of its batches' rows
+            rows = (batches or {})[r.node.name]
         out.append(
             ModelResult(
-                name=r.node.name,
+                name=node_label(r.node),
                 status=str(r.status),
                 rows_affected=int(rows) if isinstance(rows, int) and rows >= 0 else None,
                 seconds=float(r.execution_time or 0.0),
@@ -198,43 +248,76 @@ class DbtSession:
     """One parsed dbt project, ready to run many windows without parsing again."""
 
     database_url: str
-    project_dir: Path = field(default_factory=default_project_dir)
+    #: ``--project-dir``/``--profiles-dir``/``--target``; None: see :mod:`dbtbackfill.project`.
+    project_dir: Path | str | None = None
+    profiles_dir: Path | str | None = None
+    target: str | None = None
     threads: int | None = None
     target_path: Path | None = None
     log_path: Path | None = None
     quiet: bool = True
     _manifest: Any = None
     _bootstrapped: bool = False
+    #: The last :meth:`compile_params`, kept for the next :meth:`compiled_windows` of the same models.
+    _params_compiled: tuple[tuple[str | None, tuple[str, ...]], list[Any]] | None = None
     base_target: Path = field(init=False)
+    resolved: Resolved = field(init=False)
     #: The ``DBT_PG_*`` values of this session, fixed when it starts.
     _env: dict[str, str] = field(init=False, default_factory=dict)
     #: libpq's ``PG*`` variables for the URL's other parameters, set only while dbt runs.
     _libpq_env: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.project_dir = Path(self.project_dir).resolve()
-        if not (self.project_dir / "dbt_project.yml").exists():
-            raise RunnerError(f"no dbt project at {self.project_dir} (set DBT_PROJECT_DIR)")
+        try:
+            project_dir = find_project_dir(str(self.project_dir) if self.project_dir else None, os.environ, Path.cwd())
+        except ProjectError as exc:
+            raise RunnerError(str(exc)) from None
+        self.project_dir = project_dir
         env_target = os.environ.get("DBT_TARGET_PATH")
         env_logs = os.environ.get("DBT_LOG_PATH")
-        self.base_target = Path(self.target_path or env_target or self.project_dir / "target")
+        self.base_target = Path(self.target_path or env_target or project_dir / "target")
         # A private target dir per process: concurrent backfills (parallel chunks on one
         # node, two users on one checkout) would otherwise overwrite each other's manifest.
         self.base_target.mkdir(parents=True, exist_ok=True)
         self.target_path = Path(tempfile.mkdtemp(prefix=".run-", dir=self.base_target))
-        self.log_path = Path(self.log_path or env_logs or self.project_dir / "logs")
+        self.log_path = Path(self.log_path or env_logs or project_dir / "logs")
+        # The DBT_PG_* variables analytics/profiles.yml and a generated profile read, fixed for
+        # this session; libpq's PG* ones for the URL's other parameters, set only while dbt runs.
         self._env = dbt_env(self.database_url)
         self._libpq_env = connection_settings(self.database_url).libpq_env()
         os.environ.update(self._env)
         # No usage pings: our machines, and many users', have no route to dbt's tracker.
         os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
         os.environ.setdefault("DO_NOT_TRACK", "1")
+        try:
+            self.resolved = resolve(
+                project_dir=str(project_dir),
+                profiles_dir=str(self.profiles_dir) if self.profiles_dir else None,
+                target=self.target,
+                generated_dir=self.target_path / "profile",
+            )
+        except ProjectError as exc:
+            self.close()
+            raise RunnerError(str(exc)) from None
         self._seed_partial_parse()
+
+    def connect_args(self) -> dict[str, str]:
+        """psycopg keyword arguments for the connection dbt's target makes.
+
+        The profile's fields, and the URL's other parameters, which reach dbt's own connections
+        through libpq's environment (:meth:`_environment`); the profile wins, as it does for dbt.
+        """
+        return {**connection_settings(self.database_url).beyond_profile(), **self.data_target.connect}
+
+    @property
+    def data_target(self) -> Target:
+        """Where dbt writes: the resolved profile target (not necessarily DATABASE_URL's database)."""
+        return self.resolved.target
 
     def _seed_partial_parse(self) -> None:
         """Start from the last parse saved in the shared target dir (or the image's)."""
         assert self.target_path is not None
-        for candidate in (self.base_target, self.project_dir / "target"):
+        for candidate in (self.base_target, self.resolved.project.directory / "target"):
             saved = candidate / "partial_parse.msgpack"
             if saved.exists():
                 shutil.copy2(saved, self.target_path / "partial_parse.msgpack")
@@ -258,12 +341,14 @@ class DbtSession:
             "--project-dir",
             str(self.project_dir),
             "--profiles-dir",
-            os.environ.get("DBT_PROFILES_DIR", str(self.project_dir)),
+            str(self.resolved.profiles_dir),
             "--target-path",
             str(self.target_path),
             "--log-path",
             str(self.log_path),
         ]
+        if self.resolved.target_name:
+            args += ["--target", self.resolved.target_name]
         return args
 
     def _global_args(self) -> list[str]:
@@ -271,7 +356,9 @@ class DbtSession:
         base = ["--no-use-colors", "--log-level-file", "none"]
         return ["--quiet", *base] if self.quiet else base
 
-    def _invoke(self, command: str, *args: str) -> Any:
+    def _invoke(
+        self, command: str, *args: str, callbacks: Sequence[Callable[[Any], None]] = (), manifest: Any = None
+    ) -> Any:
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()
@@ -280,7 +367,7 @@ class DbtSession:
         # dbt mutates the manifest while compiling (ephemeral models get their CTEs injected
         # and flagged as done), so a reused manifest breaks the next window's SQL. Each
         # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
-        runner = dbtRunner(manifest=self._manifest.deepcopy())
+        runner = dbtRunner(manifest=copy_manifest(manifest or self._manifest), callbacks=list(callbacks))
         with self._environment():
             return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
 
@@ -335,30 +422,74 @@ class DbtSession:
             raise RunnerError(f"selection matched no models: {' '.join(selectors) or '(all)'}")
         return names
 
-    def _window_args(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> list[str]:
+    def microbatch_models(self, models: Sequence[str]) -> list[str]:
+        """Those of ``models`` dbt runs as microbatch (``incremental_strategy='microbatch'``)."""
+        nodes = self._manifest.nodes.values() if self._manifest is not None else ()
+        return sorted(
+            {
+                node_label(n)
+                for n in nodes
+                if n.resource_type == "model"
+                and node_label(n) in models
+                and n.config.incremental_strategy == "microbatch"
+            }
+        )
+
+    def reader_of(self, models: Sequence[str], sources: Sequence[str]) -> tuple[str, str] | None:
+        """``(model, source)``: one of ``models`` that reads one of ``sources``, directly or not."""
+        if self._manifest is None or not sources:
+            return None
+        nodes = self._manifest.nodes
+        ids = {uid: node_label(n) for uid, n in nodes.items() if n.resource_type == "model"}
+        for uid, name in ids.items():
+            if name not in models:
+                continue
+            seen: set[str] = set()
+            pending = list(nodes[uid].depends_on.nodes)
+            while pending:
+                dep = pending.pop()
+                if dep in seen or dep not in ids:
+                    continue
+                seen.add(dep)
+                if ids[dep] in sources:
+                    return name, ids[dep]
+                pending.extend(nodes[dep].depends_on.nodes)
+        return None
+
+    def _window_args(
+        self, window: Window, tenant_id: str | None, selectors: Sequence[str], *, event_time: bool = False
+    ) -> list[str]:
         args = ["--vars", json.dumps(window_vars(window, tenant_id))]
         if selectors:
             args += ["--select", *selectors]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if event_time:  # microbatch models: the window's batches, end exclusive
+            args += ["--event-time-start", window.start.isoformat()]
+            args += ["--event-time-end", (window.end + timedelta(days=1)).isoformat()]
         return args
 
     def compile(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
         """Render every selected model for one window, touching no data."""
         return self._execute("compile", window, tenant_id, selectors)
 
-    def run_window(self, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
+    def run_window(
+        self, window: Window, tenant_id: str | None, selectors: Sequence[str], *, event_time: bool = False
+    ) -> WindowResult:
+        """One dbt run of ``selectors`` for ``window``; ``event_time`` bounds microbatch models by it."""
         if self._bootstrapped:
-            return self._execute("run", window, tenant_id, selectors)
+            return self._execute("run", window, tenant_id, selectors, event_time=event_time)
         # The first run against a database creates the fact tables. Parallel chunks would race
         # to create the same table (and all but one would fail), so until every table exists,
         # runs take turns under a database-wide advisory lock.
         with self._bootstrap_lock() as missing:
-            result = self._execute("run", window, tenant_id, selectors)
+            result = self._execute("run", window, tenant_id, selectors, event_time=event_time)
         self._bootstrapped = result.success or not missing
         return result
 
-    def compiled_windows(self, tenant_id: str | None, models: Sequence[str]) -> CompiledWindows:
+    def compiled_windows(
+        self, tenant_id: str | None, models: Sequence[str], verify: WindowTests | None = None
+    ) -> CompiledWindows:
         """Compile ``models`` once for every window and prepare their statements.
 
         Raises :class:`NotCompilable` (with the reason) when a model is outside the backfill
@@ -369,18 +500,60 @@ class DbtSession:
         hooks = [n.name for n in self._manifest.nodes.values() if n.resource_type == "operation"]
         if hooks:
             raise NotCompilable(f"the project has on-run-start/on-run-end hooks ({', '.join(sorted(hooks))})")
+        cached, self._params_compiled = self._params_compiled, None
+        if cached is not None and cached[0] == (tenant_id, tuple(models)):
+            compiled = cached[1]
+        else:
+            compiled = self.compile_params(tenant_id, models)
+            self._params_compiled = None
+        nodes = [model_node(n, self._manifest.nodes) for n in compiled]
+        checks = verify.in_transaction if verify is not None and verify.tests else None
+        # The target's database, not DATABASE_URL's: that is where dbt created these tables.
+        return CompiledWindows.open(self.connect_args(), plan_models(nodes), tenant_id, checks)
+
+    def compile_params(self, tenant_id: str | None, models: Sequence[str]) -> list[Any]:
+        """The ``models``' dbt nodes compiled once, with the window as ``$1``/``$2``; raises NotCompilable.
+
+        The next :meth:`compiled_windows` of the same models uses them instead of compiling again.
+        """
         # dbt compile prints the SQL of selected nodes even with --quiet; it is for us, not the user.
         args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *models, "--no-write-json"]
         args += ["--log-level", "none"]
         res = self._invoke("compile", *args)
         if not res.success:
             raise NotCompilable(f"dbt could not compile the models once for all windows: {_error_text(res, [])}")
-        nodes = [
-            model_node(r.node, self._manifest.nodes)
-            for r in res.result.results
-            if r.node.resource_type == "model" and r.node.name in models
-        ]
-        return CompiledWindows.open(psycopg_connect_args(self.database_url), plan_models(nodes), tenant_id)
+        nodes = [r.node for r in res.result.results if r.node.resource_type == "model" and node_label(r.node) in models]
+        self._params_compiled = ((tenant_id, tuple(models)), nodes)
+        return nodes
+
+    def window_tests(self, tenant_id: str | None, models: Sequence[str]) -> WindowTests:
+        """The data tests attached to ``models``, compiled once, scoped to the window (``$1``/``$2``) and tenant.
+
+        Raises RunnerError when dbt cannot compile them (see :mod:`dbtbackfill.window_tests`).
+        """
+        if self._manifest is None:
+            raise RunnerError("call parse() first")
+        manifest = copy_manifest(self._manifest)
+        selected = {
+            n.unique_id: n
+            for n in manifest.nodes.values()
+            if n.resource_type == "model" and node_label(n) in models and n.config.materialized != "ephemeral"
+        }
+        tests = attached_tests(manifest.nodes.values(), selected)
+        connect = self.connect_args()
+        if not tests:
+            return WindowTests([], connect)
+        for test in tests:  # dbt's own where config: {{ model }} in the test reads the window's rows
+            test.config.where = scope(selected[test.attached_node], tenant_id, test.config.where)
+        args = ["--vars", json.dumps(compiled_vars(tenant_id)), "--select", *sorted({t.name for t in tests})]
+        res = self._invoke("compile", *args, "--no-write-json", "--log-level", "none", manifest=manifest)
+        if not res.success:
+            raise RunnerError(f"dbt could not compile the data tests for --verify: {_error_text(res, [])}")
+        compiled = {r.node.unique_id: r.node for r in res.result.results if r.node.resource_type == "test"}
+        return WindowTests(
+            [window_test(compiled[t.unique_id], selected[t.attached_node]) for t in tests if t.unique_id in compiled],
+            connect,
+        )
 
     def _relations(self) -> list[tuple[str, str]]:
         nodes = self._manifest.nodes.values() if self._manifest is not None else ()
@@ -392,40 +565,47 @@ class DbtSession:
 
     @contextmanager
     def _bootstrap_lock(self) -> Iterator[bool]:
-        import sqlalchemy as sa
-
-        from dbtbackfill.audit import engine_for
+        import psycopg
+        from psycopg.conninfo import make_conninfo
 
         relations = self._relations()
-        with engine_for(self.database_url).connect() as conn:
+        schemas = [schema for schema, _ in relations]
+        tables = [table for _, table in relations]
+        # The target's database: where dbt creates the tables (and parallel chunks would race).
+        with psycopg.connect(make_conninfo(**self.connect_args()), autocommit=True) as conn:
 
             def missing() -> bool:
-                tables = sa.table("pg_tables", sa.column("schemaname"), sa.column("tablename"))
-                query = (
-                    sa.select(sa.func.count())
-                    .select_from(tables)
-                    .where(sa.tuple_(tables.c.schemaname, tables.c.tablename).in_(relations))
-                )
-                found: int = conn.execute(query).scalar_one()
-                conn.commit()
-                return bool(relations) and found < len(relations)
+                row = conn.execute(
+                    "select count(*) from unnest(%s::text[], %s::text[]) as r(s, t)"
+                    " where exists (select 1 from pg_tables where schemaname = r.s and tablename = r.t)",
+                    (schemas, tables),
+                ).fetchone()
+                return bool(relations) and (row[0] if row else 0) < len(relations)
 
             if not missing():
                 yield False
                 return
-            conn.execute(sa.select(sa.func.pg_advisory_lock(_BOOTSTRAP_LOCK_KEY)))
-            conn.commit()
+            conn.execute("select pg_advisory_lock(%s)", (_BOOTSTRAP_LOCK_KEY,))
             try:
                 yield missing()
             finally:
-                conn.execute(sa.select(sa.func.pg_advisory_unlock(_BOOTSTRAP_LOCK_KEY)))
-                conn.commit()
+                conn.execute("select pg_advisory_unlock(%s)", (_BOOTSTRAP_LOCK_KEY,))
 
-    def _execute(self, command: str, window: Window, tenant_id: str | None, selectors: Sequence[str]) -> WindowResult:
+    def _execute(
+        self, command: str, window: Window, tenant_id: str | None, selectors: Sequence[str], *, event_time: bool = False
+    ) -> WindowResult:
         started = time.monotonic()
         extra = ["--no-write-json"] if command == "run" else []
-        res = self._invoke(command, *self._window_args(window, tenant_id, selectors), *extra)
-        models = _model_results(res.result)
+        batches: dict[str, int] = {}
+
+        def count_batch(event: Any) -> None:
+            found = batch_rows(event)
+            if found is not None:
+                batches[found[0]] = batches.get(found[0], 0) + found[1]
+
+        args = self._window_args(window, tenant_id, selectors, event_time=event_time)
+        res = self._invoke(command, *args, *extra, callbacks=[count_batch] if event_time else [])
+        models = _model_results(res.result, batches)
         seconds = time.monotonic() - started
         if res.success:
             return WindowResult(window, True, seconds, models)
@@ -437,20 +617,25 @@ class BackfillOutcome:
     windows: tuple[WindowResult, ...]
     planned: int
     seconds: float
+    #: The microbatch models' one dbt run over the whole range, when the others ran compiled.
+    microbatch: WindowResult | None = None
 
     @property
     def success(self) -> bool:
-        return len(self.windows) == self.planned and all(w.success for w in self.windows)
+        windows_ok = len(self.windows) == self.planned and all(w.success for w in self.windows)
+        return windows_ok and (self.microbatch is None or self.microbatch.success)
 
     @property
     def rows(self) -> int:
-        return sum(w.rows for w in self.windows)
+        return sum(w.rows for w in self.windows) + (self.microbatch.rows if self.microbatch else 0)
 
     @property
     def error(self) -> str | None:
         for w in self.windows:
             if not w.success:
                 return f"window {w.window.label()}: {w.error}"
+        if self.microbatch is not None and not self.microbatch.success:
+            return f"microbatch {self.microbatch.window.label()}: {self.microbatch.error}"
         return None
 
 
@@ -464,6 +649,8 @@ def run_windows(
     engine: str = "auto",
     on_engine: Callable[[str], None] = lambda _: None,
     on_window: Callable[[WindowResult], None] = lambda _: None,
+    on_microbatch: Callable[[WindowResult], None] = lambda _: None,
+    verify: WindowTests | None = None,
 ) -> BackfillOutcome:
     """Run windows in calendar order; stop at the first failure.
 
@@ -473,6 +660,16 @@ def run_windows(
     exist yet is created by dbt in the first window, then the rest run compiled.
     ``on_engine`` hears which one runs, and why when it is dbt.
 
+    Microbatch models (``incremental_strategy='microbatch'``) always run through dbt, bounded by
+    ``--event-time-start``/``--event-time-end``: in each window's dbt run, or, when the other
+    models run compiled, in one dbt run over the whole range after the windows, which dbt splits
+    into the models' own batches (``on_microbatch`` hears it). When a compiled model would read
+    a microbatch model, every window is one dbt run instead, so dbt keeps them in order.
+
+    ``verify`` (``--verify``) tests each window's rows before the window counts as done: the
+    compiled engine runs the tests inside the window's transaction (a failure rolls it back),
+    the dbt engine right after dbt committed it (a failure marks the window failed).
+
     Later windows are not attempted once one fails: a backfill is retried as a whole
     or per chunk, and running past a failure would leave gaps that look like success.
     """
@@ -480,40 +677,104 @@ def run_windows(
     done: list[WindowResult] = []
     pending = list(windows)
     compiled: CompiledWindows | None = None
+    micro = session.microbatch_models(models)
+    others = [m for m in models if m not in micro]
+    event_time = bool(micro)
+
+    def outcome(batched: WindowResult | None = None) -> BackfillOutcome:
+        return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started, batched)
+
     try:
-        if engine == "auto" and models:
-            compiled, reason = _try_compiled(session, tenant_id, models)
+        reader = session.reader_of(others, micro)
+        if engine == "auto" and others and reader is None:
+            compiled, reason = _try_compiled(session, tenant_id, others, verify)
             if compiled is None and isinstance(reason, TableMissing) and len(pending) > 1:
                 on_engine(f"dbt for the first window: {reason}")
-                first = session.run_window(pending.pop(0), tenant_id, selectors)
+                first = _run_dbt(session, pending.pop(0), tenant_id, selectors, verify, event_time=event_time)
                 done.append(first)
                 on_window(first)
                 if not first.success:
-                    return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
-                compiled, reason = _try_compiled(session, tenant_id, models)
+                    return outcome()
+                compiled, reason = _try_compiled(session, tenant_id, others, verify)
+        elif engine == "dbt":
+            reason = NotCompilable("--engine dbt")
+        elif reader is not None:
+            reason = NotCompilable(f"model {reader[0]} reads microbatch model {reader[1]}")
         else:
-            reason = NotCompilable("--engine dbt" if engine == "dbt" else "no models selected")
+            reason = NotCompilable("only microbatch models selected" if models else "no models selected")
         if compiled is not None:
-            on_engine(f"compiled: dbt compiled {len(compiled.models)} model(s) once; one transaction per window")
+            text = f"compiled: dbt compiled {len(compiled.models)} model(s) once; one transaction per window"
+            if micro:
+                text += f"; then dbt runs microbatch {', '.join(micro)} once over the range, batch by batch"
+            on_engine(text)
         else:
             on_engine(f"dbt per window: {reason}")
         for window in pending:
-            result = _run_compiled(compiled, window) if compiled else session.run_window(window, tenant_id, selectors)
+            if compiled is not None:
+                result = _run_compiled(compiled, window)
+            else:
+                result = _run_dbt(session, window, tenant_id, selectors, verify, event_time=event_time)
             done.append(result)
             on_window(result)
             if not result.success:
-                break
+                return outcome()
+        if compiled is not None and micro and pending:
+            span = Window(pending[0].index, pending[0].start, pending[-1].end)
+            batched = session.run_window(span, tenant_id, micro, event_time=True)
+            on_microbatch(batched)
+            return outcome(batched)
     finally:
         if compiled is not None:
             compiled.close()
-    return BackfillOutcome(tuple(done), len(windows), time.monotonic() - started)
+    return outcome()
+
+
+def describe_engine(
+    session: DbtSession, tenant_id: str | None, models: Sequence[str], engine: str = "auto", windows: int = 1
+) -> str:
+    """Which engine :func:`run_windows` would use for ``windows`` windows, and why; writes nothing."""
+    if engine != "auto" or not models:
+        return f"dbt per window: {'--engine dbt' if engine == 'dbt' else 'no models selected'}"
+    micro = session.microbatch_models(models)
+    others = [m for m in models if m not in micro]
+    if not others:
+        return "dbt per window: only microbatch models selected"
+    reader = session.reader_of(others, micro)
+    if reader is not None:
+        return f"dbt per window: model {reader[0]} reads microbatch model {reader[1]}"
+    compiled, reason = _try_compiled(session, tenant_id, others)
+    if compiled is not None:
+        compiled.close()
+        text = f"compiled: dbt would compile {len(compiled.models)} model(s) once; one transaction per window"
+        return text + (f"; then dbt runs microbatch {', '.join(micro)} once over the range" if micro else "")
+    if isinstance(reason, TableMissing) and windows > 1:
+        return f"dbt for the first window ({reason}), then compiled if the contract holds"
+    return f"dbt per window: {reason}"
+
+
+def _run_dbt(
+    session: DbtSession,
+    window: Window,
+    tenant_id: str | None,
+    selectors: Sequence[str],
+    verify: WindowTests | None,
+    *,
+    event_time: bool = False,
+) -> WindowResult:
+    result = session.run_window(window, tenant_id, selectors, event_time=event_time)
+    if not result.success or verify is None:
+        return result
+    failed = verify.after_window(window.start, window.end)
+    if failed is None:
+        return result
+    return replace(result, success=False, error=f"{failed} (dbt had committed the window)")
 
 
 def _try_compiled(
-    session: DbtSession, tenant_id: str | None, models: Sequence[str]
+    session: DbtSession, tenant_id: str | None, models: Sequence[str], verify: WindowTests | None = None
 ) -> tuple[CompiledWindows | None, NotCompilable | None]:
     try:
-        return session.compiled_windows(tenant_id, models), None
+        return session.compiled_windows(tenant_id, models, verify), None
     except NotCompilable as e:
         return None, e
 

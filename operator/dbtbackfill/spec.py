@@ -72,6 +72,7 @@ SPEC_FIELDS: Final = frozenset(
         "suspend",
         "dryRun",
         "allowRecent",
+        "verify",
         "ttlSecondsAfterFinished",
         "threads",
         "resources",
@@ -123,6 +124,7 @@ class BackfillSpec:
     suspend: bool = False
     dry_run: bool = False
     allow_recent: bool = False
+    verify: bool = False
     ttl_seconds_after_finished: int | None = None
     threads: int | None = None
     resources: Mapping[str, Mapping[str, int | str]] | None = field(default=None, hash=False)
@@ -250,6 +252,7 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         suspend=_bool(spec, "suspend"),
         dry_run=_bool(spec, "dryRun"),
         allow_recent=_bool(spec, "allowRecent"),
+        verify=_bool(spec, "verify"),
         ttl_seconds_after_finished=_optional_int(
             spec, "ttlSecondsAfterFinished", "spec.ttlSecondsAfterFinished", low=0, high=_INT64_MAX
         ),

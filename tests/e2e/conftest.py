@@ -1,77 +1,103 @@
-"""Fixtures for end-to-end tests: an HTTP Kubernetes API (kmock-based emulator) and a test kubelet.
+"""Fixtures for end-to-end tests on a real Kubernetes control plane (see `localcluster`).
 
-- ``kube_api``: a started `KubeAPI` (``.url``, ``.kubeconfig``, ``.get/.list/.events/.history``,
-  ``.writes()``/``.reset_counts()``, ``.api_client()``...). Its CRDs come from ``kube_api_crds``.
-  Teardown fails the test if the emulator itself crashed on a request (a 5xx from a bug).
-- ``kube_client``: an official-client ``ApiClient`` logged in via ``kube_api.kubeconfig``.
-- ``kubelet``: a started `Kubelet` running the Jobs of ``default`` as subprocesses in the repo
-  root, with ``kubelet_env`` added to their environment and ``kubelet_options`` as its options.
+- ``cluster`` (session): a started `localcluster.cluster.LocalCluster` (etcd, kube-apiserver,
+  kube-controller-manager, kube-scheduler from the pinned build, and the node agent that runs Pods
+  as host processes in the repo root with this venv's ``python`` first on ``PATH``), with the
+  project's CRD installed. It offers ``.kubeconfig`` (admin), ``.server``, ``.audit_log``,
+  ``.kubectl(*args, check=True, input=None)``, ``.api_client()``,
+  ``.service_account_kubeconfig(ns, name)``, ``.audit_events(username=None, verbs=None)``,
+  ``.define_image(name, env=...)`` and ``.pod_logs(ns, pod)``.
+- ``kube_client`` (session): an admin ``kubernetes.client.ApiClient``.
+- ``namespace``: a fresh namespace per test (its ``default`` ServiceAccount exists), deleted after.
+
+One cluster serves the whole session (it starts in a few seconds); tests isolate by namespace.
+Its state lives in a temporary directory of its own, not under pytest's temp root, which another
+pytest session on the machine may prune while this one runs. ``LOCALCLUSTER_KEEP=1`` keeps it.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import kubernetes.client
 import pytest
 
-from tests.support.kubeapi import MINIMAL_DBT_BACKFILL_CRD, CRDSource, KubeAPI, load_crds
-from tests.support.kubelet import Kubelet
+from localcluster.cluster import LocalCluster
+from localcluster.controlplane import MissingBinariesError, check_binaries, default_bin_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
+_namespace_counter = itertools.count()
 
 
-@pytest.fixture
-def kube_api_crds() -> list[CRDSource]:
-    """The CRDs registered in ``kube_api``: the project's CRD file, or a minimal one if absent."""
-    if CRD_PATH.exists():
-        crds = load_crds(CRD_PATH)
-        assert crds, f"{CRD_PATH} holds no CustomResourceDefinition"
-        return list(crds)
-    return [MINIMAL_DBT_BACKFILL_CRD]
-
-
-@pytest.fixture
-def kube_api(kube_api_crds: list[CRDSource], tmp_path: Path) -> Iterator[KubeAPI]:
-    workdir = tmp_path / "kubeapi"
-    workdir.mkdir()
-    api = KubeAPI(crds=kube_api_crds, workdir=workdir).start()
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
     try:
-        yield api
-        errors = api.server_errors()
-    finally:
-        api.stop()
-    if errors:
-        pytest.fail(f"the Kubernetes API emulator failed internally: {errors!r}")
-
-
-@pytest.fixture
-def kube_client(kube_api: KubeAPI) -> kubernetes.client.ApiClient:
-    return kube_api.api_client()  # closed when kube_api stops
-
-
-@pytest.fixture
-def kubelet_env() -> dict[str, str]:
-    """Extra environment for the Jobs' subprocesses (e.g. DATABASE_URL); override as needed."""
-    return {}
-
-
-@pytest.fixture
-def kubelet_options() -> dict[str, Any]:
-    """Options for `Kubelet` (max_parallel, poll_interval, namespace...); override as needed."""
-    return {}
-
-
-@pytest.fixture
-def kubelet(kube_api: KubeAPI, kubelet_env: dict[str, str], kubelet_options: dict[str, Any]) -> Iterator[Kubelet]:
-    options: dict[str, Any] = {"namespace": "default", "cwd": REPO_ROOT, "max_parallel": 4} | kubelet_options
-    kubelet = Kubelet(kube_api.kubeconfig, env=kubelet_env, **options).start()
+        check_binaries(default_bin_dir())
+    except MissingBinariesError as e:
+        pytest.fail(f"{e} (run `make cluster-bin`)", pytrace=False)
+    state_dir = Path(tempfile.mkdtemp(prefix="localcluster-"))
+    local = LocalCluster(state_dir, die_with_parent=True, agent_options=("--restart-backoff-seconds=1",))
     try:
-        yield kubelet
+        local.up()
+        local.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
+        local.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_PATH))
+        yield local
     finally:
-        kubelet.stop()
-    if kubelet.errors:
-        pytest.fail(f"the test kubelet failed: {kubelet.errors!r}")
+        local.down()
+        if os.environ.get("LOCALCLUSTER_KEEP") != "1":
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kube_client(cluster: LocalCluster) -> Iterator[kubernetes.client.ApiClient]:
+    with cluster.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def namespace(
+    cluster: LocalCluster, kube_client: kubernetes.client.ApiClient, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A namespace of its own, named after the test; deleted (without waiting) afterwards."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:45].rstrip("-")
+    name = f"{slug}-{next(_namespace_counter)}"
+    core = kubernetes.client.CoreV1Api(kube_client)
+    core.create_namespace({"metadata": {"name": name}})
+    # Pods need the namespace's `default` ServiceAccount, which the controller manager adds.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except kubernetes.client.ApiException as e:
+            if e.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
+
+
+OPERATOR_NAMESPACE = "dbt-backfill-system"
+OPERATOR_SERVICE_ACCOUNT = "dbt-backfill-operator"
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(cluster: LocalCluster) -> Path:
+    """``deploy/`` installed as documented (``kubectl apply -k deploy/``), and a kubeconfig for the
+    operator's ServiceAccount in it: the operator then has exactly the RBAC it ships with.
+
+    No Deployment controller runs here, so the operator Deployment stays without Pods; tests run
+    the operator as a process with this kubeconfig instead.
+    """
+    cluster.kubectl("apply", "-k", str(REPO_ROOT / "deploy"))
+    return cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)

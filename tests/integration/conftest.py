@@ -171,8 +171,8 @@ def db_state(url: str) -> dict[str, Any]:
     return state
 
 
-def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
-    """A private copy of a dbt project's sources: the files git tracks, as they are in the working tree.
+def copy_tracked(source: Path, dest: Path) -> Path:
+    """The files git tracks under ``source``, as they are in the working tree, copied to ``dest``.
 
     Untracked files are left out on purpose: others work in this checkout concurrently and
     drop temporary models into analytics/models/ (a deliberately broken one, say), which would
@@ -195,6 +195,27 @@ def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
     return dest
 
 
+def copy_analytics_project(dest: Path, source: Path = PROJECT_DIR) -> Path:
+    """A private copy of a dbt project, with the dbt_backfill package beside it.
+
+    analytics/packages.yml installs the package from ``../dbt-package``: the copy keeps that
+    layout, so ``dbt deps`` (which the runner runs on first use) finds it.
+    """
+    copy_tracked(source, dest)
+    package = dest.parent / "dbt-package"
+    if not package.exists():
+        copy_tracked(REPO_ROOT / "dbt-package", package)
+    return dest
+
+
+def point_dbt_at(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make the runner use ``project``, with target and log dirs of this test's own."""
+    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
+    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
+    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    return project
+
+
 def project_with_model(
     tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch, name: str, model_sql: str
 ) -> Path:
@@ -202,9 +223,7 @@ def project_with_model(
     project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
     model = project / "models" / "facts" / f"{name}.sql"
     model.write_text(model_sql)
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    point_dbt_at(project, tmp_path, monkeypatch)
     return model
 
 

@@ -21,6 +21,7 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from dbtbackfill.demo import CUSTOMER_LOOKBACK_DAYS, load_demo_data
+from dbtbackfill.project import install_packages, read_project
 
 pytestmark = pytest.mark.integration
 
@@ -174,6 +175,13 @@ def selected(rows: Iterable[tuple[Any, ...]], vars: Vars, ts_index: int) -> set[
             continue
         out.add(row)
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed_packages() -> None:
+    """``dbt deps`` for the checkout's analytics/ (its packages.yml installs ../dbt-package), as the runner does."""
+    install_packages(read_project(PROJECT_DIR))
+    assert (PROJECT_DIR / "dbt_packages" / "dbt_backfill" / "macros" / "backfill.sql").is_file()
 
 
 @pytest.fixture

@@ -524,7 +524,9 @@ def test_a_failing_model_fails_the_run_names_the_window_and_records_dbts_error(
     assert run_cli(*FEB, "--chunk", "week", "--database-url", demo_url) == 1
 
     err = capsys.readouterr().err
-    assert f"{broken_project}" in err.splitlines()[0]  # the plan lists the model
+    target, plan = err.splitlines()[:2]  # the target the data goes to, then the plan
+    assert target.startswith("target: postgres ") and target.endswith("/analytics/profiles.yml)")
+    assert plan.startswith("plan: ") and broken_project in plan  # the plan lists the model
     # A table model is outside the backfill contract: every window is a dbt run.
     assert f"engine: dbt per window: model {broken_project} is materialized as table" in err
     windows, summary = report(err)
@@ -858,9 +860,12 @@ def test_a_read_only_role_is_one_line_exit_2_and_nothing_written(
     assert run_cli(*FEB, "--database-url", read_only_url) == 2
     out, err = capfd.readouterr()
     lines = nonempty_lines(err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("run_dbt_backfill: error: cannot write the audit log backfill_executions: ")
-    assert "permission denied" in lines[0]
+    # The target and plan lines, then the refusal, before any window.
+    [error] = [line for line in lines if "error" in line.lower()]
+    assert error == lines[-1], err
+    assert error.startswith("run_dbt_backfill: error: cannot write the audit log backfill_executions: ")
+    assert "permission denied" in error
+    assert not any(line.startswith(("window ", "engine: ")) for line in lines), err
     assert "Traceback" not in out + err
     assert db_state(demo_url) == before
 

@@ -1,1 +1,1 @@
-"""Test infrastructure: an HTTP Kubernetes API emulator (kmock-based) and a test Job controller."""
+"""Test infrastructure shared by the suites: CRD schema, merge patch, polling."""

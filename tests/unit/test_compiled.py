@@ -59,6 +59,9 @@ def test_a_contract_model_plans_its_hooks_in_order() -> None:
         ("{{ backfill_delete_window('day', tenant_column='org_id') }}", WindowDelete("day", "org_id")),
         ("{{ backfill_delete_window('day', 'org_id') }}", WindowDelete("day", "org_id")),
         ("{{ backfill_delete_window(date_column='day') }}", WindowDelete("day")),
+        ("{{ dbt_backfill.backfill_delete_window('ordered_at') }}", WindowDelete("ordered_at")),
+        ("{{ dbt_backfill.backfill_delete_window('day', tenant_column='store_id') }}", WindowDelete("day", "store_id")),
+        ("{{ dbt_backfill.backfill_delete_window('date_day', tenant_column=none) }}", WindowDelete("date_day", None)),
     ],
 )
 def test_the_window_delete_hook_is_read_in_each_spelling(hook: str, expected: WindowDelete) -> None:
@@ -133,6 +136,8 @@ def test_the_window_delete_is_the_macros_predicate_with_parameters() -> None:
     )
     # Quoting holds even for input the CLI would have refused.
     assert window_delete_sql(plan, hook, "o'hara").endswith("""= 'o''hara'""")
+    # A table without tenants (tenant_column=none) loses the window for every tenant.
+    assert window_delete_sql(plan, WindowDelete("date_day", None), "acme-1").endswith("< $2::date + 1")
 
 
 def test_delete_insert_is_dbts_two_statements_over_a_temporary_table() -> None:

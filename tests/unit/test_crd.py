@@ -627,9 +627,10 @@ def test_range_limit_is_3660_days_inclusive() -> None:
     at_limit = start + dt.timedelta(days=3659)
     assert spec_failures(manifest(startDate=start.isoformat(), endDate=at_limit.isoformat())) == []
     too_long = manifest(startDate=start.isoformat(), endDate=(at_limit + dt.timedelta(days=1)).isoformat())
+    # A static message: the real API server refuses a messageExpression with string(int) as too
+    # costly (kubernetes/kubernetes#124234), so the count is not in it.
     assert spec_failures(too_long) == [
-        "the range spans 3661 days; at most 3660 days (3660 daily chunks) are allowed, "
-        "split it into several DbtBackfills"
+        "the range spans more than 3660 days (3660 daily chunks); split it into several DbtBackfills"
     ]
 
 
@@ -645,7 +646,7 @@ def test_range_rule_matches_the_planner_limit() -> None:
 
 def test_retry_backoff_bounds_rule() -> None:
     assert spec_failures(manifest(retry={"backoffSeconds": 1000})) == [
-        "maxBackoffSeconds (900) must be at least backoffSeconds (1000)"
+        "maxBackoffSeconds must be at least backoffSeconds"
     ]
     assert spec_failures(manifest(retry={"backoffSeconds": 1000, "maxBackoffSeconds": 1000})) == []
 
@@ -764,6 +765,7 @@ _SPEC_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "suspend": st.sampled_from([True, False, "yes"]),
     "dryRun": st.booleans(),
     "allowRecent": st.booleans(),
+    "verify": st.booleans(),
     "ttlSecondsAfterFinished": st.sampled_from([-1, 0, 100]),
     "threads": st.sampled_from([0, 1, 64, 65]),
     "resources": st.fixed_dictionaries(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -239,6 +240,17 @@ def test_dbt_parse_runs_at_build_time_into_the_shipped_target() -> None:
         i for i, item in enumerate(stage) if item["instruction"] == "COPY" and "analytics" in item["value"]
     )
     assert copy_index < parse_index
+
+
+def test_the_projects_packages_are_installed_at_build_time_before_the_parse() -> None:
+    # analytics/packages.yml installs ../dbt-package; the root filesystem is read-only at run time.
+    local = yaml.safe_load((REPO / "analytics" / "packages.yml").read_text())["packages"]
+    assert {"local": "../dbt-package"} in local
+    copies = [copy_args(i) for i in final_stage() if i["instruction"] == "COPY"]
+    assert any(sources == ["dbt-package/"] and dest == "/app/dbt-package/" for _, sources, dest in copies)
+    (line,) = [run for run in run_lines(final_stage()) if "dbt parse" in run]
+    assert "dbt deps --project-dir /app/analytics" in line
+    assert line.index("dbt deps") < line.index("dbt parse")
 
 
 def test_runtime_environment() -> None:

@@ -43,6 +43,7 @@ FULL_SPEC: dict[str, Any] = {
     "threads": 4,
     "dryRun": True,
     "allowRecent": True,
+    "verify": True,
     "databaseSecretRef": {"name": "analytics-warehouse", "key": "url"},
     "image": "ghcr.io/example/dbt@sha256:" + "a" * 64,
     "activeDeadlineSeconds": 7200,
@@ -270,6 +271,7 @@ def test_runner_command_with_every_option() -> None:
         "4",
         "--dry-run",
         "--allow-recent",
+        "--verify",
         "--execution-id",
         str(jobs.chunk_execution_id(OWNER, 1, 3)),
         "--parent-id",
@@ -306,6 +308,7 @@ def test_the_cli_reads_the_command_as_the_spec_meant_it() -> None:
     assert args.threads == 4
     assert args.dry_run is True
     assert args.allow_recent is True
+    assert args.verify is True
     assert args.execution_id == jobs.chunk_execution_id(OWNER, 5, 2)
     assert args.parent_id == jobs.backfill_execution_id(OWNER)
     assert (args.chunk_index, args.attempt) == (5, 2)
@@ -316,7 +319,7 @@ def test_the_cli_reads_the_command_as_the_spec_meant_it() -> None:
     minimal = cli_parse(runner_command(OWNER, make_spec(), window(make_spec()), 1))
     assert minimal.tenant_id is None
     assert minimal.models == []
-    assert (minimal.dry_run, minimal.allow_recent, minimal.threads) == (False, False, None)
+    assert (minimal.dry_run, minimal.allow_recent, minimal.verify, minimal.threads) == (False, False, False, None)
 
 
 @pytest.mark.parametrize(

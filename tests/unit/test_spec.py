@@ -66,6 +66,7 @@ def test_minimal_spec_takes_the_crd_defaults() -> None:
         suspend=False,
         dry_run=False,
         allow_recent=False,
+        verify=False,
         ttl_seconds_after_finished=None,
         threads=None,
         resources=None,
@@ -87,6 +88,7 @@ def test_crd_defaults_match_the_dataclass_defaults() -> None:
         "suspend": False,
         "dryRun": False,
         "allowRecent": False,
+        "verify": False,
     }
     assert parse_spec(defaulted) == parse_spec(MINIMAL)
 
@@ -143,12 +145,13 @@ def test_all_fields() -> None:
             suspend=True,
             dryRun=True,
             allowRecent=True,
+            verify=True,
             retryFailed="2024-02-02T10:00",
             databaseSecretRef={"name": "db", "key": "url"},
         )
     )
     assert spec.image == "ghcr.io/acme/dbt:1.2"
-    assert (spec.suspend, spec.dry_run, spec.allow_recent) == (True, True, True)
+    assert (spec.suspend, spec.dry_run, spec.allow_recent, spec.verify) == (True, True, True, True)
     assert spec.retry_failed == "2024-02-02T10:00"
     assert spec.secret_key == "url"
 

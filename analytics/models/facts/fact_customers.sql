@@ -7,7 +7,7 @@
             {'columns': ['tenant_id', 'customer_id'], 'unique': true},
             {'columns': ['created_at']},
         ],
-        pre_hook="{{ backfill_delete_window('created_at') }}",
+        pre_hook="{{ dbt_backfill.backfill_delete_window('created_at') }}",
     )
 }}
 

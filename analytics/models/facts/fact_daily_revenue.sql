@@ -7,7 +7,7 @@
             {'columns': ['tenant_id', 'order_date'], 'unique': true},
             {'columns': ['order_date']},
         ],
-        pre_hook="{{ backfill_delete_window('order_date') }}",
+        pre_hook="{{ dbt_backfill.backfill_delete_window('order_date') }}",
     )
 }}
 
@@ -18,7 +18,7 @@ with orders as (
 
     select * from {{ ref('fact_orders') }}
     where 1=1
-      {{ backfill_date_range(var('backfill_start_date'), var('backfill_end_date'), var('tenant_id'), date_column='order_date') }}
+      {{ dbt_backfill.backfill_date_range(date_column='order_date') }}
 
 ),
 

@@ -8,7 +8,7 @@
             {'columns': ['ordered_at']},
             {'columns': ['order_date']},
         ],
-        pre_hook="{{ backfill_delete_window('ordered_at') }}",
+        pre_hook="{{ dbt_backfill.backfill_delete_window('ordered_at') }}",
     )
 }}
 

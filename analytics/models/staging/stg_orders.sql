@@ -3,7 +3,7 @@ with source as (
 
     select * from {{ source('raw', 'orders') }}
     where 1=1
-      {{ backfill_date_range(var('backfill_start_date'), var('backfill_end_date'), var('tenant_id'), date_column='ordered_at') }}
+      {{ dbt_backfill.backfill_date_range(date_column='ordered_at') }}
 
 ),
 

@@ -3,8 +3,8 @@
 A process killed with SIGKILL, or that lost its database, cannot close its row; a ``running``
 row whose heartbeat is stale is shown as abandoned instead of running for ever.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,34 @@
+"""Waiting for a real cluster to get somewhere: poll a function until it returns something truthy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from kubernetes.client.exceptions import ApiException
+
+T = TypeVar("T")
+
+
+def wait_for(
+    check: Callable[[], T | None], *, timeout: float = 30, interval: float = 0.1, message: str | Callable[[], str] = ""
+) -> T:
+    """``check()``'s first truthy result; TimeoutError (with ``message``) after ``timeout`` seconds.
+
+    An API error inside ``check`` (an object not created yet) counts as "not yet" until the deadline;
+    any other exception is a bug in the check and propagates.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except ApiException as e:  # not there yet
+            last_error = e
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise TimeoutError(f"not reached in {timeout:.0f} s: {text} (last error: {last_error!r})")
+        time.sleep(interval)
