@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -17,9 +17,13 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql as pg
 
+from dbtbackfill import database_url
+
 Status = Literal["running", "completed", "failed", "cancelled"]
 Kind = Literal["run", "backfill", "chunk"]
 STATUSES: Final = ("running", "completed", "failed", "cancelled")
+#: What history shows: the stored statuses, and ``abandoned`` (see ``effective_status``).
+SHOWN_STATUSES: Final = (*STATUSES, "abandoned")
 KINDS: Final = ("run", "backfill", "chunk")
 
 # Our own Alembic version table: the audited database is usually an application
@@ -27,10 +31,19 @@ KINDS: Final = ("run", "backfill", "chunk")
 VERSION_TABLE: Final = "dbt_backfill_alembic_version"
 #: The newest migration in migrations/versions (a unit test keeps the two in step). A database
 #: already there needs no Alembic at all, which saves every backfill process importing it.
-HEAD_REVISION: Final = "0002"
+HEAD_REVISION: Final = "0003"
 # Serialises concurrent first-use migrations from parallel chunk Jobs.
 _MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
 MAX_ERROR_CHARS: Final = 8000
+#: A running execution beats at least this often (and after every window).
+HEARTBEAT_SECONDS: Final = 15.0
+#: A ``running`` row whose last beat is older than this is shown as ``abandoned``: its process
+#: is gone (SIGKILL, a lost database, a deleted node) without closing it.
+STALE_AFTER_SECONDS: Final = 120
+
+
+class ExecutionConflict(ValueError):
+    """An execution id already names a different execution (another range, tenant or models)."""
 
 
 class Base(orm.DeclarativeBase):
@@ -70,6 +83,22 @@ class BackfillExecution(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     updated_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
+    heartbeat_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
+    #: ``status``, except that a ``running`` row whose heartbeat is stale reads ``abandoned``
+    #: (rows written before heartbeats existed count from their last update).
+    effective_status: orm.Mapped[str] = orm.column_property(
+        sa.case(
+            (
+                sa.and_(
+                    status == "running",
+                    sa.func.coalesce(heartbeat_at, updated_at)
+                    < sa.func.now() - sa.literal(timedelta(seconds=STALE_AFTER_SECONDS)),
+                ),
+                "abandoned",
+            ),
+            else_=status,
+        )
+    )
 
 
 _TABLE: Final = sa.Table("backfill_executions", Base.metadata, extend_existing=True)
@@ -87,13 +116,21 @@ _engines: dict[tuple[str, int], sa.Engine] = {}
 
 
 def engine_for(url: str, connect_timeout: int = 10) -> sa.Engine:
-    """One pooled engine per (URL, timeout) for the life of the process."""
+    """One pooled engine per (URL, timeout) for the life of the process.
+
+    Every parameter of the URL reaches each connection (``connect_timeout`` in the URL wins over
+    the argument); raises :class:`~dbtbackfill.database_url.DatabaseUrlError` for a URL libpq refuses.
+    """
     key = (url, connect_timeout)
     if key not in _engines:
+        settings = database_url.parse(url)
         _engines[key] = sa.create_engine(
             sqlalchemy_url(url),
             pool_pre_ping=True,
-            connect_args={"connect_timeout": connect_timeout, "application_name": "dbt-backfill"},
+            connect_args={
+                **settings.libpq(),
+                "connect_timeout": settings.given.get("connect_timeout", connect_timeout),
+            },
         )
     return _engines[key]
 
@@ -180,8 +217,16 @@ class ExecutionStart:
     target: Mapping[str, Any] | None = None
 
 
+#: What makes an execution the same one: a replay with another of these is another run.
+_IDENTITY: Final = ("kind", "parent_id", "tenant_id", "start_date", "end_date", "models")
+
+
 def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
-    """Write (or reset to) ``running``. Replaying it for the same id touches one row only."""
+    """Write (or reset to) ``running``. Replaying it for the same id touches one row only.
+
+    Raises :class:`ExecutionConflict`, writing nothing, when the id already belongs to an
+    execution of another kind, parent, tenant, range or models.
+    """
     values: dict[str, Any] = {
         "id": start.id,
         "parent_id": start.parent_id,
@@ -197,6 +242,7 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
         "chunk_index": start.chunk_index,
         "attempt": start.attempt,
         "target": dict(start.target) if start.target is not None else None,
+        "heartbeat_at": sa.func.now(),
     }
     insert = pg.insert(_TABLE).values(**values)
     # A re-run of the same execution id (a restarted pod) starts over in the same row;
@@ -211,10 +257,28 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
             "records_processed": None,
             "finished_at": None,
             "updated_at": sa.func.now(),
+            "heartbeat_at": sa.func.now(),
         },
+        where=sa.and_(*(_TABLE.c[name].is_not_distinct_from(insert.excluded[name]) for name in _IDENTITY)),
+    ).returning(_TABLE.c.id)
+    with engine.begin() as conn:
+        # No row back: the id exists and the WHERE refused the update (rowcount is not reliable here).
+        if conn.execute(upsert).first() is not None:
+            return
+        existing = conn.execute(sa.select(*(_TABLE.c[name] for name in _IDENTITY)).where(_TABLE.c.id == start.id)).one()
+    theirs = ", ".join(f"{name}={value}" for name, value in zip(_IDENTITY, existing, strict=True) if value is not None)
+    raise ExecutionConflict(f"execution id {start.id} already belongs to another execution ({theirs})")
+
+
+def beat(engine: sa.Engine, execution_id: uuid.UUID) -> None:
+    """Mark a running execution as alive now."""
+    update = (
+        sa.update(_TABLE)
+        .where(_TABLE.c.id == execution_id, _TABLE.c.status == "running")
+        .values(heartbeat_at=sa.func.now())
     )
     with engine.begin() as conn:
-        conn.execute(upsert)
+        conn.execute(update)
 
 
 def record_finish(
@@ -248,9 +312,12 @@ def record_finish(
 def history(
     engine: sa.Engine, *, status: str | None = None, limit: int = 20, parent_id: uuid.UUID | None = None
 ) -> list[BackfillExecution]:
+    """Newest first; ``status`` filters on the effective status (``running`` excludes abandoned rows)."""
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
     query = sa.select(BackfillExecution).order_by(BackfillExecution.created_at.desc()).limit(limit)
     if status:
-        query = query.where(BackfillExecution.status == status)
+        query = query.where(BackfillExecution.effective_status == status)
     if parent_id:
         query = query.where(BackfillExecution.parent_id == parent_id)
     with orm.Session(engine, expire_on_commit=False) as session:

@@ -10,6 +10,7 @@ import argparse
 import gc
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -18,8 +19,9 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, contract_check, planner, runner
+from dbtbackfill import audit, contract_check, database_url, lifecycle, planner, runner
 from dbtbackfill.compiled import NotCompilable
+from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.jobs import AUDIT_URL_ENV
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
@@ -198,7 +200,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     try:
         windows, tenant = plan_from_args(args)
         url = resolve_database_url(args.database_url)
-        runner.dbt_env(url)  # validates the URL's shape before any connection attempt
+        runner.connection_settings(url)  # the URL's shape and parameters, before any connection attempt
         check_database(url)
         audit_url = resolve_audit_url(url)
         if audit_url != url:
@@ -238,15 +240,18 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
     except Exception as exc:  # a bug or an environment we did not foresee: still one line
-        if args.verbose:
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()
-        return _fail(
-            prog, f"unexpected {type(exc).__name__}: {first[0] if first else 'no message'} (--verbose shows where)"
-        )
+        return _unexpected(prog, exc, verbose=args.verbose)
     finally:
         if session is not None:
             session.close()
+
+
+def _unexpected(prog: str, exc: Exception, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    hint = "" if verbose else " (run with --verbose for the traceback)"
+    print(f"{prog}: error: {type(exc).__name__}: {lifecycle.first_line(exc)}{hint}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _contract_report(
@@ -254,7 +259,7 @@ def _contract_report(
 ) -> contract_check.Report:
     """The contract check of ``models`` (compiled once with the window as parameters)."""
     nodes = session.compile_params(tenant, models)
-    return contract_check.check(session.data_target.connect, nodes)
+    return contract_check.check(session.connect_args(), nodes)
 
 
 def _check_contract(
@@ -306,29 +311,49 @@ def _execute(
     reporter: Reporter,
     verify: WindowTests | None,
 ) -> int:
+    import sqlalchemy as sa
+
     engine = audit.engine_for(audit_url)
     execution_id = args.execution_id or uuid.uuid4()
-    audit.ensure_schema(engine)
-    audit.record_start(
-        engine,
-        audit.ExecutionStart(
-            id=execution_id,
-            start_date=windows[0].start,
-            end_date=windows[-1].end,
-            tenant_id=tenant,
-            models=args.models or models,
-            kind="chunk" if args.parent_id else "run",
-            parent_id=args.parent_id,
-            backfill_name=args.backfill_name,
-            backfill_namespace=args.backfill_namespace,
-            backfill_uid=args.backfill_uid,
-            chunk_index=args.chunk_index,
-            attempt=args.attempt,
-            target=session.data_target.as_dict(),
-        ),
-    )
+    try:
+        audit.ensure_schema(engine)
+        audit.record_start(
+            engine,
+            audit.ExecutionStart(
+                id=execution_id,
+                start_date=windows[0].start,
+                end_date=windows[-1].end,
+                tenant_id=tenant,
+                models=args.models or models,
+                kind="chunk" if args.parent_id else "run",
+                parent_id=args.parent_id,
+                backfill_name=args.backfill_name,
+                backfill_namespace=args.backfill_namespace,
+                backfill_uid=args.backfill_uid,
+                chunk_index=args.chunk_index,
+                attempt=args.attempt,
+                target=session.data_target.as_dict(),
+            ),
+        )
+    except audit.ExecutionConflict as exc:
+        raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
+    except sa.exc.DBAPIError as exc:  # a read-only role, say: nothing can be recorded, so nothing runs
+        raise UsageError(f"cannot write the audit log backfill_executions: {lifecycle.first_line(exc)}") from None
     started = time.monotonic()
-    with reporter.running():
+    done: list[runner.WindowResult] = []
+    outcome: runner.BackfillOutcome | None = None
+    crash = ""
+    with (
+        reporter.running(),
+        lifecycle.Heartbeat(engine, execution_id) as heartbeat,
+        lifecycle.stop_on_signals() as stop,
+    ):
+
+        def window_done(result: runner.WindowResult) -> None:
+            done.append(result)
+            heartbeat.beat()
+            reporter.window_done(result)
+
         try:
             outcome = runner.run_windows(
                 session,
@@ -338,31 +363,54 @@ def _execute(
                 models=models,
                 engine=args.engine,
                 on_engine=reporter.engine,
-                on_window=reporter.window_done,
+                on_window=window_done,
                 on_microbatch=reporter.microbatch_done,
                 verify=verify,
             )
-            error = outcome.error
-        except BaseException as exc:  # KeyboardInterrupt/SIGTERM included: never leave a row 'running'
-            audit.record_finish(
-                engine,
-                execution_id,
-                "failed",
-                duration_seconds=time.monotonic() - started,
-                records_processed=None,
-                error_message=f"interrupted: {exc!r}",
-            )
-            raise
-    audit.record_finish(
-        engine,
-        execution_id,
-        "completed" if outcome.success else "failed",
-        duration_seconds=round(time.monotonic() - started, 3),
-        records_processed=outcome.rows,
-        error_message=error,
-    )
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C outside dbt, which reports its own as a failure
+            stop.signum = stop.signum or signal.SIGINT
+        except Exception as exc:  # the database went away under the runner itself, say
+            crash = f"{type(exc).__name__}: {lifecycle.first_line(exc)}"
+            if args.verbose:
+                traceback.print_exc()
+    seconds = round(time.monotonic() - started, 3)
+    rows = sum(w.rows for w in done)
+    if stop.signum is not None:
+        message = f"cancelled by {stop.name} after {sum(w.success for w in done)}/{len(windows)} window(s)"
+        finished = _record_finish(engine, execution_id, "cancelled", seconds, rows, message)
+        reporter.cancelled(message, execution_id)
+        return stop.exit_code if finished else EXIT_FAILED
+    if outcome is None:
+        _record_finish(engine, execution_id, "failed", seconds, rows, crash)
+        print(f"error: the run stopped: {crash}", file=sys.stderr)
+        return EXIT_FAILED
+    status: audit.Status = "completed" if outcome.success else "failed"
+    finished = _record_finish(engine, execution_id, status, seconds, outcome.rows, outcome.error)
     reporter.summary(outcome, execution_id)
-    return EXIT_OK if outcome.success else EXIT_FAILED
+    return EXIT_OK if outcome.success and finished else EXIT_FAILED
+
+
+def _record_finish(
+    engine: sa.Engine,
+    execution_id: uuid.UUID,
+    status: audit.Status,
+    seconds: float,
+    records: int | None,
+    error: str | None,
+) -> bool:
+    """Close the audit row; False (with one line said) when the database is gone."""
+    try:
+        audit.record_finish(
+            engine, execution_id, status, duration_seconds=seconds, records_processed=records, error_message=error
+        )
+    except Exception as exc:  # any driver error: the database went away during the run
+        print(
+            f"error: the run ended {status} but its audit row {execution_id} could not be closed "
+            f"({lifecycle.first_line(exc)}); history shows it as abandoned once its heartbeat is stale",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _exit(code: int) -> NoReturn:
@@ -385,28 +433,49 @@ def main_run_dbt_backfill() -> None:
 def _audit_engine(args: argparse.Namespace) -> sa.Engine:
     """The audit database of a subcommand; raises UsageError when it is missing or down."""
     url = resolve_database_url(args.database_url)
+    database_url.parse(url)  # the URL's own faults first, before blaming the connection
     check_database(url)
     return audit.engine_for(url)
 
 
 def _history(args: argparse.Namespace) -> int:
-    try:
-        engine = _audit_engine(args)
-    except UsageError as exc:
-        return _fail("dbt-backfill history", str(exc))
+    engine = _audit_engine(args)
     audit.ensure_schema(engine)
     print_history(audit.history(engine, status=args.status, limit=args.limit))
     return EXIT_OK
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    try:
-        engine = _audit_engine(args)
-    except UsageError as exc:
-        return _fail("dbt-backfill db upgrade", str(exc))
+    engine = _audit_engine(args)
     audit.upgrade(engine)
     print(f"audit schema at revision {audit.current_revision(engine)}")
     return EXIT_OK
+
+
+def _run_subcommand(args: argparse.Namespace) -> int:
+    """A subcommand's errors as one line: bad input and database refusals exit 2, the rest 1."""
+    import sqlalchemy as sa
+
+    prog = f"dbt-backfill {args.command}" + (f" {args.db_command}" if args.command == "db" else "")
+    try:
+        code: int = args.func(args)
+    except (UsageError, PlanError, DatabaseUrlError) as exc:
+        return _fail(prog, str(exc))
+    except sa.exc.DBAPIError as exc:  # a read-only role, a missing privilege
+        return _fail(prog, f"the database refused: {lifecycle.first_line(exc)}")
+    except Exception as exc:
+        return _unexpected(prog, exc, verbose=getattr(args, "verbose", False))
+    return code
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -417,7 +486,7 @@ def _check(args: argparse.Namespace) -> int:
             if not SELECTOR_RE.match(selector):
                 raise UsageError(f"model selector {selector!r} has characters dbt selectors never use")
         url = resolve_database_url(args.database_url)
-        runner.dbt_env(url)
+        runner.connection_settings(url)
         check_database(url)
         session = runner.DbtSession(
             url, project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target, quiet=True
@@ -456,8 +525,8 @@ def _demo_data(args: argparse.Namespace) -> int:
         counts = load_demo_data(
             url, tenants=args.tenants, start_date=start, days=args.days, rows_per_day=args.rows_per_day
         )
-    except (UsageError, PlanError, ValueError) as exc:
-        return _fail("dbt-backfill demo-data", str(exc))
+    except ValueError as exc:  # the demo's own argument checks
+        raise UsageError(str(exc)) from None
     print(
         f"demo data ready: {counts.customers} customers, {counts.orders} orders "
         f"for {args.tenants} tenants from {start} for {args.days} days"
@@ -478,6 +547,10 @@ def _demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an unexpected error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dbt-backfill", description="Chunked, audited dbt backfills on PostgreSQL.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -486,15 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_backfill_arguments(run)
 
     hist = sub.add_parser("history", help="recent audit rows from backfill_executions")
-    hist.add_argument("--status", choices=("running", "completed", "failed", "cancelled"))
-    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--status", choices=audit.SHOWN_STATUSES, help="abandoned: running, but its heartbeat stopped")
+    hist.add_argument("--limit", type=_limit, default=20)
     hist.add_argument("--database-url")
+    _add_verbose(hist)
     hist.set_defaults(func=_history)
 
     db = sub.add_parser("db", help="audit-log schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
     up = db_sub.add_parser("upgrade", help="apply the audit-log migrations")
     up.add_argument("--database-url")
+    _add_verbose(up)
     up.set_defaults(func=_db_upgrade)
 
     chk = sub.add_parser("check", help="lint models for the backfill contract and silently wrong shapes")
@@ -514,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--start-date", required=True)
     demo_data.add_argument("--days", type=int, required=True)
     demo_data.add_argument("--rows-per-day", type=int, default=20)
+    _add_verbose(demo_data)
     demo_data.set_defaults(func=_demo_data)
 
     demo = sub.add_parser("demo", help="local demo: PostgreSQL, demo data, a chunked backfill, history")
@@ -550,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["run"]:
         _exit(run_backfill(argv[1:], prog="dbt-backfill run"))
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    sys.exit(_run_subcommand(args))
 
 
 if __name__ == "__main__":

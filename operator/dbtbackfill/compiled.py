@@ -8,7 +8,8 @@ known in advance:
 
 1. the model's pre-hooks, the window delete among them;
 2. the model's SQL for that window into a temporary relation;
-3. ``delete from target where (unique key) in (select distinct (unique key) from new rows)``;
+3. ``delete from target where (unique key) in (select distinct (unique key) from new rows)``,
+   as a statement of its own;
 4. ``insert into target (target's columns) select those columns from new rows``.
 
 So dbt compiles each model once, with ``backfill_date_range`` rendering the window as the
@@ -221,22 +222,50 @@ def window_predicate(hook: WindowDelete, tenant_id: str | None) -> str:
     return sql
 
 
-def replace_rows_sql(plan: ModelPlan, columns: Sequence[str]) -> str:
-    """dbt's delete+insert for one window, as one statement over the model's compiled SQL.
+#: PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are silently truncated.
+MAX_IDENTIFIER: Final = 63
+TEMP_SUFFIX: Final = "__dbt_tmp"
 
-    The same statements as dbt-adapters' ``default__get_delete_insert_merge_sql``: rows whose
-    unique key the window produces are deleted, then the window's rows are inserted into the
-    table's columns. The CTE is materialized so the model's SQL runs once, as dbt's temp table.
+
+def temp_relation(plan: ModelPlan, ordinal: int) -> str:
+    """The window's temporary relation for a model, named as dbt-postgres' ``make_temp_relation``.
+
+    dbt appends a timestamp to ``__dbt_tmp``; the model's position in the window does the same
+    job here (two models of one window never share a name), and the base name is cut as dbt
+    cuts it so the whole stays within :data:`MAX_IDENTIFIER`.
+    """
+    suffix = f"{TEMP_SUFFIX}{ordinal}"
+    return quote_ident(plan.table[: MAX_IDENTIFIER - len(suffix)] + suffix)
+
+
+def temp_table_sql(plan: ModelPlan, temp: str) -> str:
+    """dbt-postgres' ``create_table_as(temporary=True)`` for the window's rows.
+
+    ``on commit drop``: dbt's temporary table lives until its session ends, and each dbt run is
+    its own session; the compiled windows share one session, so each window's table goes with
+    its transaction and the next window can create it again.
+    """
+    return f"create temporary table {temp} on commit drop as (\n{plan.compiled_code.rstrip()}\n)"
+
+
+def delete_insert_sql(plan: ModelPlan, temp: str, columns: Sequence[str]) -> tuple[str, str]:
+    """dbt-adapters' ``default__get_delete_insert_merge_sql`` (dbt 1.11): the delete, then the insert.
+
+    Two statements, run in this order. PostgreSQL runs a data-modifying CTE on the same
+    snapshot as the statement around it, and may run it after the insert: ``with d as (delete
+    ...) insert ...`` fails on the unique index whenever a window's key already exists outside
+    the window (a row that moved to another day). dbt sends the delete as its own statement
+    first, and so does this.
     """
     keys = ", ".join(plan.unique_key)
     cols = ", ".join(quote_ident(c) for c in columns)
     # SQL from dbt's compiler and the catalog; dbt builds the same statements the same way.
-    return (
-        f"with new_rows as materialized (\n{plan.compiled_code.rstrip()}\n),\n"
-        f"replaced as (\n    delete from {plan.relation}\n"
-        f"    where ({keys}) in (select distinct {keys} from new_rows)\n)\n"
-        f"insert into {plan.relation} ({cols})\nselect {cols} from new_rows"
+    delete = (
+        f"delete from {plan.relation} as DBT_INTERNAL_DEST\n"
+        f"where ({keys}) in (\n    select distinct {keys}\n    from {temp} as DBT_INTERNAL_SOURCE\n)"
     )
+    insert = f"insert into {plan.relation} ({cols})\n(\n    select {cols}\n    from {temp}\n)"
+    return delete, insert
 
 
 def probe_sql(plan: ModelPlan) -> str:
@@ -310,13 +339,13 @@ class CompiledWindows:
         from psycopg.conninfo import make_conninfo
 
         conn = psycopg.connect(
-            make_conninfo(**connect, application_name="dbt-backfill"),
+            make_conninfo(**connect),
             autocommit=False,
             cursor_factory=psycopg.RawCursor,
             prepare_threshold=cls.PREPARE_THRESHOLD,
         )
         try:
-            prepared = [cls._prepare(conn, plan, tenant_id) for plan in plans]
+            prepared = [cls._prepare(conn, plan, tenant_id, n) for n, plan in enumerate(plans)]
             conn.rollback()  # the checks wrote nothing; end their transaction
         except psycopg.Error as e:  # SQL the server rejects: dbt reports it in its own words
             conn.close()
@@ -327,7 +356,7 @@ class CompiledWindows:
         return cls(conn, prepared, verify)
 
     @staticmethod
-    def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None) -> _Prepared:
+    def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None, ordinal: int) -> _Prepared:
         table_columns = [
             str(row[0])
             for row in conn.execute(
@@ -351,10 +380,19 @@ class CompiledWindows:
                 statements.append((window_delete_sql(plan, hook, tenant_id), True))
             else:
                 statements.append((hook, False))
-        statements.append((replace_rows_sql(plan, table_columns), True))
+        temp = temp_relation(plan, ordinal)
+        create = temp_table_sql(plan, temp)
+        delete, insert = delete_insert_sql(plan, temp, table_columns)
+        statements += [(create, True), (delete, False), (insert, False)]
+        window = (probe, probe)
         for sql, takes_window in statements:
-            if takes_window:  # parsed and planned, not run: a bad column or type fails here
-                conn.execute(f"explain {sql}".encode(), (probe, probe))
+            if takes_window:  # planned, not run: a bad column or type fails here
+                conn.execute(f"explain {sql}".encode(), window)
+        # The delete and the insert read the temporary table: create it empty to check them too
+        # (open() rolls this transaction back).
+        conn.execute(f"{create} with no data".encode(), window)
+        for sql in (delete, insert):
+            conn.execute(f"explain {sql}".encode())
         return _Prepared(plan, tuple(statements))
 
     def run(self, start: date, end: date) -> tuple[list[tuple[str, int]], str | None]:

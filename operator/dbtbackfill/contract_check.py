@@ -578,7 +578,7 @@ def check(connect: Mapping[str, str], nodes: Sequence[Any]) -> Report:
     report = Report()
     shapes = [model_shape(n) for n in nodes]
     with psycopg.connect(
-        make_conninfo(**connect, application_name="dbt-backfill check"),
+        make_conninfo(**connect),  # the target's application_name, as every connection of a run
         cursor_factory=psycopg.RawCursor,
         autocommit=False,
     ) as conn:

@@ -132,6 +132,9 @@ class Reporter:
             f"{outcome.rows} row(s), {outcome.seconds:.1f}s (execution {execution_id})"
         )
 
+    def cancelled(self, message: str, execution_id: uuid.UUID) -> None:
+        self._line(f"backfill cancelled: {message} (execution {execution_id})")
+
 
 def print_history(rows: Sequence[BackfillExecution], stream: TextIO | None = None) -> None:
     console = Console(file=stream or sys.stdout, highlight=False, width=160)
@@ -156,7 +159,7 @@ def print_history(rows: Sequence[BackfillExecution], stream: TextIO | None = Non
             r.tenant_id or "*",
             str(r.start_date),
             str(r.end_date),
-            r.status,
+            r.effective_status,
             f"{r.duration_seconds:.2f}" if r.duration_seconds is not None else "",
             str(r.records_processed) if r.records_processed is not None else "",
             r.created_at.strftime("%Y-%m-%d %H:%M:%S"),

@@ -40,8 +40,9 @@ GENERATED_PROFILE: Final = """\
       dbname: "{{{{ env_var('DBT_PG_DBNAME') }}}}"
       schema: "{{{{ env_var('DBT_PG_SCHEMA', 'analytics') }}}}"
       threads: "{{{{ env_var('DBT_THREADS', '4') | as_number }}}}"
-      connect_timeout: 10
-      application_name: dbt-backfill
+      connect_timeout: "{{{{ env_var('DBT_PG_CONNECT_TIMEOUT', '10') | as_number }}}}"
+      keepalives_idle: "{{{{ env_var('DBT_PG_KEEPALIVES_IDLE', '0') | as_number }}}}"
+      application_name: "{{{{ env_var('DBT_PG_APPLICATION_NAME', 'dbt-backfill') }}}}"
 """
 
 
@@ -194,6 +195,12 @@ def load_target(profiles_dir: Path, profile: str, target: str | None, *, generat
         "dbname": str(creds.database),
         "connect_timeout": str(creds.connect_timeout or 10),
     }
+    # What dbt-postgres passes to libpq when set (its connections.py), so the compiled engine's
+    # connection is the one dbt makes.
+    if getattr(creds, "application_name", None):
+        connect["application_name"] = str(creds.application_name)
+    if getattr(creds, "keepalives_idle", 0):
+        connect["keepalives_idle"] = str(creds.keepalives_idle)
     for key in ("sslmode", "sslcert", "sslkey", "sslrootcert"):
         value = getattr(creds, key, None)
         if value:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,8 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy.engine import make_url
-
+from dbtbackfill import database_url as database_url_module
 from dbtbackfill.compiled import (
     CompiledWindows,
     Hook,
@@ -33,16 +33,27 @@ from dbtbackfill.compiled import (
     compiled_vars,
     plan_models,
 )
+from dbtbackfill.database_url import ConnectionSettings, DatabaseUrlError
 from dbtbackfill.planner import Window
 from dbtbackfill.project import ProjectError, Resolved, Target, find_project_dir, resolve
 from dbtbackfill.window_tests import WindowTests, attached_tests, scope, window_test
 
 DEFAULT_SCHEMA: Final = "analytics"
 _BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
+#: dbt's NoNodesForSelectionCriteria, raised as an error (dbt-core 1.11's wording).
+_UNMATCHED_RE: Final = re.compile(r"selection criterion '(.+)' does not match any enabled nodes")
 
 
 class RunnerError(RuntimeError):
     """dbt could not be set up for this backfill (bad selection, broken project, ...)."""
+
+
+def connection_settings(database_url: str) -> ConnectionSettings:
+    """The URL's connection settings (see :mod:`dbtbackfill.database_url`), or RunnerError."""
+    try:
+        return database_url_module.parse(database_url)
+    except DatabaseUrlError as exc:
+        raise RunnerError(str(exc)) from None
 
 
 def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
@@ -51,22 +62,7 @@ def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
     Users give a single ``DATABASE_URL``; splitting it here keeps credentials out of
     every file and out of dbt's command line.
     """
-    try:
-        url = make_url(database_url)
-    except Exception:
-        raise RunnerError("database URL is not a valid URL (expected postgresql://user:pass@host:port/db)") from None
-    if not url.drivername.startswith("postgres"):
-        raise RunnerError(f"database URL must be a postgresql:// URL, got {url.drivername}://")
-    if not url.host or not url.database:
-        raise RunnerError("database URL must name a host and a database: postgresql://user@host:5432/db")
-    return {
-        "DBT_PG_HOST": url.host,
-        "DBT_PG_PORT": str(url.port or 5432),
-        "DBT_PG_USER": url.username or "postgres",
-        "DBT_PG_PASSWORD": url.password or "",
-        "DBT_PG_DBNAME": url.database,
-        "DBT_PG_SCHEMA": schema or os.environ.get("DBT_PG_SCHEMA") or DEFAULT_SCHEMA,
-    }
+    return connection_settings(database_url).dbt_env(schema or os.environ.get("DBT_PG_SCHEMA") or DEFAULT_SCHEMA)
 
 
 _PRISTINE_BEHAVIOR_FLAGS: list[Any] | None = None
@@ -266,6 +262,10 @@ class DbtSession:
     _params_compiled: tuple[tuple[str | None, tuple[str, ...]], list[Any]] | None = None
     base_target: Path = field(init=False)
     resolved: Resolved = field(init=False)
+    #: The ``DBT_PG_*`` values of this session, fixed when it starts.
+    _env: dict[str, str] = field(init=False, default_factory=dict)
+    #: libpq's ``PG*`` variables for the URL's other parameters, set only while dbt runs.
+    _libpq_env: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -281,8 +281,11 @@ class DbtSession:
         self.base_target.mkdir(parents=True, exist_ok=True)
         self.target_path = Path(tempfile.mkdtemp(prefix=".run-", dir=self.base_target))
         self.log_path = Path(self.log_path or env_logs or project_dir / "logs")
-        # The DBT_PG_* variables analytics/profiles.yml and a generated profile read.
-        os.environ.update(dbt_env(self.database_url))
+        # The DBT_PG_* variables analytics/profiles.yml and a generated profile read, fixed for
+        # this session; libpq's PG* ones for the URL's other parameters, set only while dbt runs.
+        self._env = dbt_env(self.database_url)
+        self._libpq_env = connection_settings(self.database_url).libpq_env()
+        os.environ.update(self._env)
         # No usage pings: our machines, and many users', have no route to dbt's tracker.
         os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
         os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -297,6 +300,14 @@ class DbtSession:
             self.close()
             raise RunnerError(str(exc)) from None
         self._seed_partial_parse()
+
+    def connect_args(self) -> dict[str, str]:
+        """psycopg keyword arguments for the connection dbt's target makes.
+
+        The profile's fields, and the URL's other parameters, which reach dbt's own connections
+        through libpq's environment (:meth:`_environment`); the profile wins, as it does for dbt.
+        """
+        return {**connection_settings(self.database_url).beyond_profile(), **self.data_target.connect}
 
     @property
     def data_target(self) -> Target:
@@ -357,13 +368,35 @@ class DbtSession:
         # and flagged as done), so a reused manifest breaks the next window's SQL. Each
         # invocation gets a fresh copy of the parsed one: far cheaper than parsing again.
         runner = dbtRunner(manifest=copy_manifest(manifest or self._manifest), callbacks=list(callbacks))
-        return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
+        with self._environment():
+            return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
+
+    @contextmanager
+    def _environment(self) -> Iterator[None]:
+        """This session's connection variables, for one dbt invocation.
+
+        dbt reads the profile's variables on every invocation, and another session in this
+        process (a test comparing engines, say) may have set them for its own database. The
+        libpq ones are undone afterwards: they would reach every other connection too.
+        """
+        os.environ.update(self._env)
+        saved = {k: os.environ.get(k) for k in self._libpq_env}
+        os.environ.update(self._libpq_env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def parse(self) -> None:
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()  # snapshots the list before dbt's first adapter
-        res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
+        with self._environment():
+            res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
         self._manifest = res.result
@@ -373,10 +406,16 @@ class DbtSession:
         """The models a selection matches; an empty match is an error, not a no-op."""
         # dbt prints ls results even with --quiet; they are for us, not the user.
         args = ["--resource-type", "model", "--output", "name", "--log-level", "none"]
+        # Each selector must match something, not just their union: a typo next to a good
+        # selector would otherwise drop models from the backfill without a word.
+        args += ["--warn-error-options", json.dumps({"error": ["NoNodesForSelectionCriteria"]})]
         if selectors:
             args += ["--select", *selectors]
         res = self._invoke("ls", *args)
         if not res.success:
+            unmatched = _UNMATCHED_RE.search(str(res.exception))
+            if unmatched:
+                raise RunnerError(f"selection matched no models: --models {unmatched[1]} matches nothing")
             raise RunnerError(f"invalid model selection {' '.join(selectors)!r}: {res.exception}")
         names = sorted(str(n) for n in (res.result or []))
         if not names:
@@ -470,7 +509,7 @@ class DbtSession:
         nodes = [model_node(n, self._manifest.nodes) for n in compiled]
         checks = verify.in_transaction if verify is not None and verify.tests else None
         # The target's database, not DATABASE_URL's: that is where dbt created these tables.
-        return CompiledWindows.open(self.data_target.connect, plan_models(nodes), tenant_id, checks)
+        return CompiledWindows.open(self.connect_args(), plan_models(nodes), tenant_id, checks)
 
     def compile_params(self, tenant_id: str | None, models: Sequence[str]) -> list[Any]:
         """The ``models``' dbt nodes compiled once, with the window as ``$1``/``$2``; raises NotCompilable.
@@ -501,7 +540,7 @@ class DbtSession:
             if n.resource_type == "model" and node_label(n) in models and n.config.materialized != "ephemeral"
         }
         tests = attached_tests(manifest.nodes.values(), selected)
-        connect = self.data_target.connect
+        connect = self.connect_args()
         if not tests:
             return WindowTests([], connect)
         for test in tests:  # dbt's own where config: {{ model }} in the test reads the window's rows
@@ -533,7 +572,7 @@ class DbtSession:
         schemas = [schema for schema, _ in relations]
         tables = [table for _, table in relations]
         # The target's database: where dbt creates the tables (and parallel chunks would race).
-        with psycopg.connect(make_conninfo(**self.data_target.connect), autocommit=True) as conn:
+        with psycopg.connect(make_conninfo(**self.connect_args()), autocommit=True) as conn:
 
             def missing() -> bool:
                 row = conn.execute(

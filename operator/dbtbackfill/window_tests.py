@@ -121,7 +121,7 @@ class WindowTests:
             return None
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(
-                make_conninfo(**self._connect, application_name="dbt-backfill verify"),
+                make_conninfo(**self._connect),  # the target's application_name, as every connection
                 autocommit=False,
                 cursor_factory=psycopg.RawCursor,
             )

@@ -54,6 +54,9 @@ ENV_KEYS = (
     "DBT_PG_PASSWORD",
     "DBT_PG_DBNAME",
     "DBT_PG_SCHEMA",
+    "DBT_PG_APPLICATION_NAME",
+    "DBT_PG_CONNECT_TIMEOUT",
+    "DBT_PG_KEEPALIVES_IDLE",
     "DBT_PROJECT_DIR",
     "DBT_PROFILES_DIR",
     "DBT_TARGET_PATH",
@@ -211,6 +214,32 @@ def point_dbt_at(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
     monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
     return project
+
+
+def project_with_model(
+    tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch, name: str, model_sql: str
+) -> Path:
+    """A private copy of the module's analytics/ with one more fact model, made the project in use."""
+    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
+    model = project / "models" / "facts" / f"{name}.sql"
+    model.write_text(model_sql)
+    point_dbt_at(project, tmp_path, monkeypatch)
+    return model
+
+
+def runner_env(url: str, cli_env: Path) -> dict[str, str]:
+    """The environment of a runner subprocess, as a chunk Job has it: URL from the environment,
+    the module's project copy and target dir (for its partial parse) in place of the image's."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    env.update(
+        DATABASE_URL=url,
+        DBT_PROJECT_DIR=str(cli_env / "analytics"),
+        DBT_TARGET_PATH=str(cli_env / "target"),
+        DBT_LOG_PATH=str(cli_env / "logs"),
+        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
 
 
 def load_demo(url: str, **overrides: Any) -> str:

@@ -309,3 +309,117 @@ def test_ensure_schema_migrates_a_database_behind_head_and_skips_one_at_head(
     with pytest.raises(Exception, match="older"):  # not at head: Alembic runs (and knows no 'older')
         audit.ensure_schema(engine)
     assert upgrades == ["head", "head"]
+
+
+# ------------------------------------------------------------------ one id, one execution
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"tenant_id": "tenant-002"},
+        {"tenant_id": None},
+        {"start_date": date(2024, 2, 2)},
+        {"end_date": date(2024, 3, 31)},
+        {"models": ["fact_orders"]},
+        {"kind": "chunk", "parent_id": uuid.UUID(int=7)},
+    ],
+    ids=["tenant", "all-tenants", "start", "end", "models", "parent"],
+)
+def test_an_execution_id_of_another_run_is_refused_and_its_row_kept(
+    migrated: sa.Engine, database_url: str, other: dict[str, object]
+) -> None:
+    execution_id = uuid.uuid4()
+    audit.record_start(migrated, start(execution_id))
+    audit.record_finish(migrated, execution_id, "completed", duration_seconds=3.0, records_processed=99)
+    [before] = audit_rows(database_url)
+
+    with pytest.raises(audit.ExecutionConflict, match=f"execution id {execution_id} already belongs to another"):
+        audit.record_start(migrated, start(execution_id, **other))
+
+    assert audit_rows(database_url) == [before]
+
+
+def test_replaying_the_same_run_under_its_id_still_restarts_it(migrated: sa.Engine, database_url: str) -> None:
+    # The operator's retry of one chunk attempt (a restarted pod) replays exactly the same start.
+    execution_id, parent = uuid.uuid4(), uuid.uuid4()
+    chunk = start(execution_id, kind="chunk", parent_id=parent, tenant_id=None, chunk_index=2, attempt=1)
+    audit.record_start(migrated, chunk)
+    audit.record_finish(migrated, execution_id, "failed", duration_seconds=1.0, records_processed=None)
+    audit.record_start(migrated, chunk)
+    [row] = audit_rows(database_url)
+    assert (row["status"], row["tenant_id"], row["parent_id"]) == ("running", None, parent)
+
+
+# ------------------------------------------------------------------ heartbeats
+
+
+def set_heartbeat(url: str, execution_id: uuid.UUID, ago: str | None) -> None:
+    execute(
+        url,
+        "update backfill_executions set heartbeat_at = now() - %s::interval, updated_at = now() - %s::interval"
+        " where id = %s",
+        ago,
+        ago or "1 hour",
+        execution_id,
+    )
+
+
+def test_a_running_row_whose_heartbeat_is_stale_shows_as_abandoned(migrated: sa.Engine, database_url: str) -> None:
+    alive, stale, old_style, done = (uuid.uuid4() for _ in range(4))
+    for execution_id in (alive, stale, old_style, done):
+        audit.record_start(migrated, start(execution_id))
+    audit.record_finish(migrated, done, "completed", duration_seconds=1.0, records_processed=1)
+    set_heartbeat(database_url, stale, f"{audit.STALE_AFTER_SECONDS + 5} seconds")
+    set_heartbeat(database_url, old_style, None)  # a row from before heartbeats: its last update counts
+    set_heartbeat(database_url, done, "1 day")  # finished rows are what they are, however old
+
+    shown = {r.id: r.effective_status for r in audit.history(migrated)}
+    assert shown == {alive: "running", stale: "abandoned", old_style: "abandoned", done: "completed"}
+    assert {r.id for r in audit.history(migrated, status="abandoned")} == {stale, old_style}
+    assert [r.id for r in audit.history(migrated, status="running")] == [alive]
+    # The README's query for them, verbatim.
+    readme = (
+        "SELECT id, start_date, end_date, heartbeat_at FROM backfill_executions\n"
+        "WHERE status = 'running' AND coalesce(heartbeat_at, updated_at) < now() - interval '120 seconds';"
+    )
+    assert readme in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert {row[0] for row in query(database_url, readme)} == {stale, old_style}
+    # Nothing is rewritten: the stored status stays what the process last wrote.
+    assert {r["id"]: r["status"] for r in audit_rows(database_url)}[stale] == "running"
+
+
+def test_a_beat_refreshes_a_running_row_and_leaves_finished_ones(migrated: sa.Engine, database_url: str) -> None:
+    running, done = uuid.uuid4(), uuid.uuid4()
+    for execution_id in (running, done):
+        audit.record_start(migrated, start(execution_id))
+        set_heartbeat(database_url, execution_id, "1 hour")
+    audit.record_finish(migrated, done, "failed", duration_seconds=1.0, records_processed=None)
+    before = {r["id"]: r["heartbeat_at"] for r in audit_rows(database_url)}
+
+    audit.beat(migrated, running)
+    audit.beat(migrated, done)
+
+    after = {r["id"]: r["heartbeat_at"] for r in audit_rows(database_url)}
+    assert after[running] > before[running]
+    assert after[done] == before[done]
+    assert audit.get(migrated, running).effective_status == "running"  # type: ignore[union-attr]
+
+
+def test_the_heartbeat_migration_keeps_existing_rows(engine: sa.Engine, database_url: str) -> None:
+    audit.upgrade(engine, "0001")
+    execute(
+        database_url,
+        "insert into backfill_executions (id, start_date, end_date, status) values (%s, '2024-01-01', '2024-01-31',"
+        " 'completed')",
+        uuid.UUID(int=1),
+    )
+    audit.upgrade(engine)
+    [row] = audit_rows(database_url)
+    assert (row["id"], row["status"], row["heartbeat_at"]) == (uuid.UUID(int=1), "completed", None)
+    assert version_rows(database_url) == [(audit.HEAD_REVISION,)]
+
+
+def test_history_refuses_a_negative_limit(migrated: sa.Engine) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        audit.history(migrated, limit=-1)

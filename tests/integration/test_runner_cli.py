@@ -27,21 +27,21 @@ from psycopg import sql
 from dbtbackfill import audit, planner
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
-    ENV_KEYS,
     FACTS,
     TENANTS,
     WINDOW_DAY,
     audit_rows,
-    copy_analytics_project,
     db_state,
     execute,
     fact_checksums,
     load_demo,
     nonempty_lines,
+    project_with_model,
     query,
     register_url,
     run_cli,
     run_tool,
+    runner_env,
     table_exists,
 )
 
@@ -377,6 +377,30 @@ def test_compiled_windows_write_exactly_what_dbt_writes(
     assert revenue == raw
 
 
+def test_a_row_that_moved_out_of_its_window_is_replaced_compiled(
+    demo_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Built once, then an order moves from 2024-02-09 to 2024-02-12 upstream. Rebuilding only
+    # the 12th must take the order's key from the 9th (delete on the unique key) before it
+    # inserts it again: the unique index on (tenant_id, order_id) holds throughout.
+    url = demo_url
+    assert run_cli(*WEEK, "--database-url", url) == 0
+    [(order_id,)] = query(url, "select min(order_id) from raw.orders where tenant_id = 'tenant-001'"
+                          " and (ordered_at at time zone 'UTC')::date = '2024-02-09'")  # fmt: skip
+    execute(url, "update raw.orders set ordered_at = ordered_at + interval '3 days'"
+            " where tenant_id = 'tenant-001' and order_id = %s", order_id)  # fmt: skip
+    capsys.readouterr()
+
+    for _ in range(2):  # and again, overlapping the same window: still one row per key
+        assert run_cli("--start-date", "2024-02-12", "--end-date", "2024-02-12", "--database-url", url) == 0
+        err = capsys.readouterr().err
+        assert _engine_lines(err) == ["engine: compiled: dbt compiled 3 model(s) once; one transaction per window"]
+        moved = query(url, "select order_date from analytics.fact_orders where tenant_id = 'tenant-001'"
+                      " and order_id = %s", order_id)  # fmt: skip
+        assert moved == [(date(2024, 2, 12),)]
+    assert audit_rows(url)[-1]["status"] == "completed"
+
+
 FRAGILE_MODEL_SQL = """\
 {{ config(materialized='incremental', incremental_strategy='delete+insert', unique_key=['tenant_id', 'order_id'],
           pre_hook="{{ backfill_delete_window('ordered_at') }}") }}
@@ -394,11 +418,7 @@ where status not like '%never%'
 @pytest.fixture
 def fragile_project(tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A copy of analytics/ with one more contract model, which fails on one day; yields its name."""
-    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
-    (project / "models" / "facts" / "zz_fragile.sql").write_text(FRAGILE_MODEL_SQL)
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    project_with_model(tmp_path, cli_env, monkeypatch, "zz_fragile", FRAGILE_MODEL_SQL)
     return "zz_fragile"
 
 
@@ -490,13 +510,8 @@ def broken_project(tmp_path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatc
     A copy, not a file in the checkout's analytics/models/: others run dbt on this checkout
     concurrently, and a stray model there would break their runs (and partial parsing).
     """
-    project = copy_analytics_project(tmp_path / "analytics", source=cli_env / "analytics")
     name = f"zz_broken_{uuid.uuid4().hex[:8]}"
-    model = project / "models" / "facts" / f"{name}.sql"
-    model.write_text(BROKEN_MODEL_SQL)
-    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "target"))
-    monkeypatch.setenv("DBT_LOG_PATH", str(tmp_path / "logs"))
+    model = project_with_model(tmp_path, cli_env, monkeypatch, name, BROKEN_MODEL_SQL)
     try:
         yield name
     finally:
@@ -565,6 +580,12 @@ BAD_INPUTS = [
     ),
     pytest.param([*FEB, "--tenant-id", "tenant 001"], "pristine", "tenant_id must match", id="tenant-space"),
     pytest.param([*FEB, "--models", "does_not_exist"], "pristine", "selection matched no models", id="unknown-model"),
+    pytest.param(
+        [*FEB, "--models", "fact_orders", "fact_ordrs", "staging+"],
+        "pristine",
+        "selection matched no models: --models fact_ordrs matches nothing",
+        id="one-selector-of-three-matches-nothing",
+    ),
     pytest.param([*FEB, "--models", "fact_orders;drop"], "pristine", "selectors never use", id="selector-semicolon"),
     pytest.param([*FEB], UNREACHABLE, "cannot connect", id="unreachable-database"),
     pytest.param([*FEB], "mysql://root@127.0.0.1/x", "postgresql://", id="not-postgres"),
@@ -576,6 +597,25 @@ BAD_INPUTS = [
     pytest.param([*FEB, "--threads", "0"], "pristine", "--threads", id="threads-0"),
     pytest.param([*FEB, "--execution-id", "run-42"], "pristine", "--execution-id", id="execution-id-not-uuid"),
     pytest.param(["--end-date", "2024-02-01"], "pristine", "--start-date", id="missing-start-date"),
+    # The last representable days: planning and the recent-data check must not overflow.
+    *(
+        pytest.param(
+            ["--start-date", "9999-11-01", "--end-date", "9999-12-31", "--chunk", unit],
+            "pristine",
+            "--allow-recent",
+            id=f"year-9999-{unit}",
+        )
+        for unit in ("day", "week", "month")
+    ),
+    pytest.param(
+        ["--start-date", "2024-02-30", "--end-date", "2024-03-01"], "pristine", "start_date", id="no-such-day"
+    ),
+    pytest.param(
+        ["--start-date", "10000-01-01", "--end-date", "10000-01-02"], "pristine", "start_date", id="year-10000"
+    ),
+    pytest.param([*FEB, "--engine", "fast"], "pristine", "invalid choice: 'fast'", id="unknown-engine"),
+    pytest.param([*FEB], "postgresql://", "host and a database", id="url-without-host"),
+    pytest.param([*FEB], "postgresql://u@h/db?nope=1", "invalid URI query parameter", id="url-unknown-parameter"),
 ]
 
 
@@ -773,6 +813,70 @@ def test_history_on_an_unreachable_database_is_one_line(capfd: pytest.CaptureFix
     assert len(lines) == 1 and "cannot connect" in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["history", "--limit", "-1"], "argument --limit: must be 0 or more, got -1"),
+        (["history", "--limit", "ten"], "argument --limit: must be a whole number"),
+        (["history", "--status", "lost"], "invalid choice: 'lost'"),
+        (["history", "--database-url", "mysql://root@h/x"], "must be a postgresql:// URL"),
+        (["db", "upgrade", "--database-url", "postgresql://u@h/db?nope=1"], "invalid URI query parameter"),
+    ],
+    ids=["negative-limit", "limit-not-a-number", "unknown-status", "not-postgres", "bad-parameter"],
+)
+def test_history_and_db_upgrade_refuse_bad_input_in_one_line(
+    database_url: str, argv: list[str], message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if "--database-url" not in argv:
+        argv = [*argv, "--database-url", database_url]
+    assert run_tool(*argv) == 2
+    out, err = capfd.readouterr()
+    lines = nonempty_lines(err)
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in out + err
+    assert not table_exists(database_url, "public", "backfill_executions")
+
+
+@pytest.fixture
+def read_only_url(demo_url: str) -> str:
+    """The demo database through a role that may read everything and create or write nothing."""
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    execute(demo_url, f"create role {role} login")
+    execute(demo_url, f"grant usage on schema raw to {role}")
+    execute(demo_url, f"grant select on all tables in schema raw to {role}")
+    execute(demo_url, f"revoke create on schema public from public, {role}")
+    return register_url(demo_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1))
+
+
+@pytest.mark.parametrize("audit_table", [False, True], ids=["no-audit-table", "audit-table-not-writable"])
+def test_a_read_only_role_is_one_line_exit_2_and_nothing_written(
+    demo_url: str, read_only_url: str, audit_table: bool, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if audit_table:
+        audit.ensure_schema(audit.engine_for(register_url(demo_url)))
+    before = db_state(demo_url)
+    capfd.readouterr()
+
+    assert run_cli(*FEB, "--database-url", read_only_url) == 2
+    out, err = capfd.readouterr()
+    lines = nonempty_lines(err)
+    # The target and plan lines, then the refusal, before any window.
+    [error] = [line for line in lines if "error" in line.lower()]
+    assert error == lines[-1], err
+    assert error.startswith("run_dbt_backfill: error: cannot write the audit log backfill_executions: ")
+    assert "permission denied" in error
+    assert not any(line.startswith(("window ", "engine: ")) for line in lines), err
+    assert "Traceback" not in out + err
+    assert db_state(demo_url) == before
+
+    # It may not even read the audit tables: history says so, in one line.
+    assert run_tool("history", "--database-url", read_only_url) == 2
+    out, err = capfd.readouterr()
+    [line] = nonempty_lines(err)
+    assert line.startswith("dbt-backfill history: error: the database refused: permission denied for "), err
+    assert "Traceback" not in out + err
+
+
 def test_db_upgrade_reports_the_revision(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
@@ -830,14 +934,7 @@ def test_python_m_scripts_run_dbt_backfill(demo_url: str, cli_env: Path) -> None
     # As the operator's Jobs run it: URL from the environment, ids on the command line. The
     # module's project copy and target dir (for its partial parse) stand in for the image's.
     execution_id, parent_id = uuid.uuid4(), uuid.uuid4()
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    env.update(
-        DATABASE_URL=demo_url,
-        DBT_PROJECT_DIR=str(cli_env / "analytics"),
-        DBT_TARGET_PATH=str(cli_env / "target"),
-        DBT_LOG_PATH=str(cli_env / "logs"),
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-    )
+    env = runner_env(demo_url, cli_env)
     command = [sys.executable, "-m", "scripts.run_dbt_backfill"]
     argv = [
         "--start-date", "2024-02-05", "--end-date", "2024-02-18", "--tenant-id", "tenant-002", "--chunk", "week",

@@ -15,11 +15,13 @@ from dbtbackfill.compiled import (
     WindowDelete,
     column_drift,
     compiled_vars,
+    delete_insert_sql,
     model_plan,
     plan_models,
     probe_sql,
     quote_ident,
-    replace_rows_sql,
+    temp_relation,
+    temp_table_sql,
     window_delete_sql,
 )
 
@@ -138,20 +140,38 @@ def test_the_window_delete_is_the_macros_predicate_with_parameters() -> None:
     assert window_delete_sql(plan, WindowDelete("date_day", None), "acme-1").endswith("< $2::date + 1")
 
 
-def test_replace_rows_is_dbts_delete_insert_over_the_compiled_sql() -> None:
-    sql = replace_rows_sql(model_plan(node()), ["tenant_id", "order_id", "Amount"])
-    assert sql.startswith(f"with new_rows as materialized (\n{SQL}\n),")
-    assert 'delete from "db"."analytics"."fact_orders"\n    where (tenant_id, order_id) in ' in sql
-    assert "(select distinct tenant_id, order_id from new_rows)" in sql
-    assert sql.endswith(
-        'insert into "db"."analytics"."fact_orders" ("tenant_id", "order_id", "Amount")\n'
-        'select "tenant_id", "order_id", "Amount" from new_rows'
+def test_delete_insert_is_dbts_two_statements_over_a_temporary_table() -> None:
+    # dbt-adapters 1.x default__get_delete_insert_merge_sql: the delete is its own statement and
+    # runs before the insert (a data-modifying CTE would not: it sees the insert's snapshot).
+    plan = model_plan(node())
+    temp = temp_relation(plan, 0)
+    assert temp == '"fact_orders__dbt_tmp0"'
+    assert temp_table_sql(plan, temp) == f"create temporary table {temp} on commit drop as (\n{SQL}\n)"
+    delete, insert = delete_insert_sql(plan, temp, ["tenant_id", "order_id", "Amount"])
+    assert delete == (
+        'delete from "db"."analytics"."fact_orders" as DBT_INTERNAL_DEST\n'
+        "where (tenant_id, order_id) in (\n"
+        "    select distinct tenant_id, order_id\n"
+        '    from "fact_orders__dbt_tmp0" as DBT_INTERNAL_SOURCE\n)'
     )
+    assert insert == (
+        'insert into "db"."analytics"."fact_orders" ("tenant_id", "order_id", "Amount")\n(\n'
+        '    select "tenant_id", "order_id", "Amount"\n    from "fact_orders__dbt_tmp0"\n)'
+    )
+    assert ";" not in delete + insert and "with " not in delete + insert
+
+
+def test_temporary_relations_stay_within_postgres_identifier_limit() -> None:
+    plan = model_plan(node("f" * 70, table="f" * 70))
+    names = {temp_relation(plan, n) for n in range(12)}
+    assert len(names) == 12
+    assert all(len(name.strip('"')) == 63 for name in names if name.endswith('11"'))
+    assert all(len(name.strip('"')) <= 63 for name in names)
 
 
 def test_a_trailing_comment_in_the_model_cannot_swallow_the_wrapper() -> None:
     plan = model_plan(node(compiled_code=SQL + "\n-- the end"))
-    assert "-- the end\n)" in replace_rows_sql(plan, ["a"])
+    assert "-- the end\n)" in temp_table_sql(plan, "t")
     assert "-- the end\n) as model_columns limit 0" in probe_sql(plan)
 
 

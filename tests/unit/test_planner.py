@@ -182,3 +182,15 @@ def test_chunks_reaching_past_9999_end_with_the_range(start: date, end: date, un
     windows = plan_windows(start, end, unit, size)
     assert windows[-1].label() == last
     assert windows[-1].end == date.max
+
+
+@pytest.mark.parametrize("unit", planner.CHUNK_UNITS)
+@pytest.mark.parametrize("size", [1, 3])
+def test_ranges_ending_at_the_last_representable_day_plan_without_overflow(unit: str, size: int) -> None:
+    # The period after 9999-12-31 cannot be computed; the last window simply ends there.
+    start, end = date(9999, 10, 17), date.max
+    windows = plan_windows(start, end, unit, size)
+    assert windows[0].start == start and windows[-1].end == end
+    assert sum(w.days for w in windows) == (end - start).days + 1
+    for before, after in itertools.pairwise(windows):
+        assert after.start == before.end + timedelta(days=1)
