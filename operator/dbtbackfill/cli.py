@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, planner, runner
+from dbtbackfill.jobs import AUDIT_URL_ENV
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
 
@@ -139,6 +140,12 @@ def resolve_database_url(explicit: str | None) -> str:
     return url
 
 
+def resolve_audit_url(database_url: str) -> str:
+    """Where the audit row goes: ``$DBT_BACKFILL_AUDIT_URL`` when the audit log lives in its own
+    database (the operator sets it on chunk Jobs from a Secret), else the warehouse itself."""
+    return os.environ.get(AUDIT_URL_ENV) or database_url
+
+
 def check_database(url: str) -> None:
     """Fail fast, with one line, on a database we cannot reach."""
     import sqlalchemy as sa
@@ -161,6 +168,9 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         url = resolve_database_url(args.database_url)
         runner.dbt_env(url)  # validates the URL's shape before any connection attempt
         check_database(url)
+        audit_url = resolve_audit_url(url)
+        if audit_url != url:
+            check_database(audit_url)
         session = runner.DbtSession(url, threads=args.threads, quiet=not args.verbose)
         session.parse()
         models = session.select_models(args.models)
@@ -168,7 +178,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         reporter.plan()
         if args.dry_run:
             return _dry_run(session, windows, tenant, args.models, reporter)
-        return _execute(args, url, session, windows, tenant, models, reporter)
+        return _execute(args, audit_url, session, windows, tenant, models, reporter)
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
     finally:
@@ -190,14 +200,14 @@ def _dry_run(
 
 def _execute(
     args: argparse.Namespace,
-    url: str,
+    audit_url: str,
     session: runner.DbtSession,
     windows: list[Window],
     tenant: str | None,
     models: list[str],
     reporter: Reporter,
 ) -> int:
-    engine = audit.engine_for(url)
+    engine = audit.engine_for(audit_url)
     execution_id = args.execution_id or uuid.uuid4()
     audit.ensure_schema(engine)
     audit.record_start(

@@ -12,12 +12,12 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 
 import kopf
 
-from dbtbackfill import jobs, kube, metrics, reconcile, status
+from dbtbackfill import jobs, kube, metrics, pod_start, reconcile, status
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.reconcile import ChunkState, Event, JobView
 from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
@@ -39,6 +39,8 @@ class OperatorConfig:
             JobDefaults(
                 image=os.environ.get("DBT_BACKFILL_DEFAULT_IMAGE", "dbt-backfill-operator:0.1.0"),
                 service_account_name=os.environ.get("DBT_BACKFILL_JOB_SERVICE_ACCOUNT", "dbt-backfill-job"),
+                audit_secret_name=os.environ.get("DBT_BACKFILL_AUDIT_SECRET") or None,
+                audit_secret_key=os.environ.get("DBT_BACKFILL_AUDIT_SECRET_KEY") or "DATABASE_URL",
             ),
             os.environ.get("DATABASE_URL") or None,
         )
@@ -52,6 +54,7 @@ class Outcome:
     events: tuple[Event, ...]
     body: Mapping[str, Any] | None
     phase: str | None = None
+    api_failed: bool = False  # an API call failed; the daemon backs off
 
 
 def _now() -> datetime:
@@ -59,6 +62,13 @@ def _now() -> datetime:
 
 
 # ----------------------------------------------------------------------------- audit
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    status: str | None
+    records: int | None
+    error: str | None
 
 
 class AuditLog:
@@ -76,7 +86,8 @@ class AuditLog:
         audit.ensure_schema(engine)
         return engine
 
-    def chunk_rows(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[int | None, str | None]]:
+    def chunk_rows(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ChunkRow] | None:
+        """Chunk rows by id; None when the database cannot be read (so nothing is concluded)."""
         if not self.url or not ids:
             return {}
         import sqlalchemy as sa
@@ -85,12 +96,12 @@ class AuditLog:
 
         try:
             with self._engine().connect() as conn:
-                query = sa.select(Row.id, Row.records_processed, Row.error_message).where(Row.id.in_(ids))
-                return {r.id: (r.records_processed, r.error_message) for r in conn.execute(query)}
+                query = sa.select(Row.id, Row.status, Row.records_processed, Row.error_message).where(Row.id.in_(ids))
+                return {r.id: ChunkRow(r.status, r.records_processed, r.error_message) for r in conn.execute(query)}
         except Exception as exc:  # the database being down must not stop the backfill
             metrics.AUDIT_WRITE_FAILURES.inc()
             log.warning("audit: cannot read chunk rows (will use Job conditions): %s", exc)
-            return {}
+            return None
 
     def start(self, owner: Owner, spec: BackfillSpec) -> bool:
         if not self.url:
@@ -117,6 +128,40 @@ class AuditLog:
             metrics.AUDIT_WRITE_FAILURES.inc()
             log.warning("audit: start of %s/%s not written yet, will retry: %s", owner.namespace, owner.name, exc)
             return False
+
+    def unstarted(self, owner: Owner, spec: BackfillSpec, chunk: int, attempt: int, message: str) -> None:
+        """The chunk row of an attempt whose Pod never started (its runner never ran)."""
+        if not self.url:
+            return
+        from dbtbackfill import audit
+
+        window = spec.windows()[chunk]
+        execution_id = jobs.chunk_execution_id(owner, chunk, attempt)
+        try:
+            engine = self._engine()
+            audit.record_start(
+                engine,
+                audit.ExecutionStart(
+                    id=execution_id,
+                    kind="chunk",
+                    parent_id=jobs.backfill_execution_id(owner),
+                    start_date=window.start,
+                    end_date=window.end,
+                    tenant_id=spec.tenant_id,
+                    models=spec.models,
+                    backfill_name=owner.name,
+                    backfill_namespace=owner.namespace,
+                    backfill_uid=owner.uid,
+                    chunk_index=chunk,
+                    attempt=attempt,
+                ),
+            )
+            audit.record_finish(
+                engine, execution_id, "failed", duration_seconds=0.0, records_processed=None, error_message=message
+            )
+        except Exception as exc:  # best effort: the status and the Event carry the reason too
+            metrics.AUDIT_WRITE_FAILURES.inc()
+            log.warning("audit: chunk %d attempt %d row not written: %s", chunk, attempt, exc)
 
     def finish(self, owner: Owner, outcome: str, seconds: float | None, message: str | None) -> bool:
         if not self.url:
@@ -158,15 +203,56 @@ def owner_of(body: Mapping[str, Any]) -> Owner:
     return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
 
 
-def _enrich(views: list[JobView], owner: Owner, state: ChunkState, auditlog: AuditLog) -> list[JobView]:
-    """Records and dbt's error text come from the chunk's audit row, which the Job wrote."""
-    finished = [v for v in views if v.phase != "active" and v.chunk not in state.succeeded]
-    rows = auditlog.chunk_rows([jobs.chunk_execution_id(owner, v.chunk, v.attempt) for v in finished])
+@dataclass(frozen=True)
+class Observed:
+    """The backfill's Jobs as the reconciler sees them, and chunks it must not launch yet."""
+
+    views: list[JobView]
+    busy: frozenset[int]
+    audit_unreadable: bool = False
+
+
+def _observe_cluster(owner: Owner, spec: BackfillSpec, now: datetime) -> Observed:
+    """Jobs, plus what their Pods (and the Job controller's Events) say about starting and living."""
+    views = [v for j in kube.list_jobs(owner.namespace, jobs.selector(owner)) if (v := jobs.job_view(j))]
+    pods: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for pod in kube.list_pods(owner.namespace, jobs.selector(owner)):
+        position = jobs.chunk_of((pod.get("metadata") or {}).get("labels") or {})
+        if position is not None:
+            pods.setdefault(position, []).append(pod)
+    out = []
+    for view in views:
+        mine = pods.get((view.chunk, view.attempt), [])
+        events: list[dict[str, Any]] = []
+        overdue = view.created is not None and (now - view.created).total_seconds() >= spec.start_deadline_seconds
+        if view.phase == "active" and not mine and overdue:
+            events = kube.list_job_events(owner.namespace, view.name)  # no Pod: did the controller say why?
+        seen = pod_start.report(mine, events)
+        out.append(replace(view, pod_started=seen.started, start_problem=seen.problem, alive=view.alive or seen.alive))
+    # Pods outlive a Job deleted in the background (kubectl's default): they still hold their chunk.
+    busy = frozenset(c for (c, _), group in pods.items() if pod_start.report(group).alive)
+    return Observed(out, busy)
+
+
+def _with_audit(observed: Observed, owner: Owner, state: ChunkState, auditlog: AuditLog) -> Observed:
+    """Records and dbt's error text come from the chunks' audit rows, and so does the end of an
+    attempt whose Job vanished unseen (a TTL while the operator was down): without a readable
+    row such a chunk is held, never relaunched blind."""
+    views = observed.views
+    lost = reconcile.vanished(state, views) if auditlog.url else []
+    finished = [(v.chunk, v.attempt) for v in views if v.phase != "active" and v.chunk not in state.succeeded]
+    wanted = [jobs.chunk_execution_id(owner, c, a) for c, a in [*finished, *lost]]
+    rows = auditlog.chunk_rows(wanted)
+    if rows is None:
+        return Observed(views, observed.busy | {c for c, _ in lost}, audit_unreadable=True)
     out = []
     for v in views:
-        records, error = rows.get(jobs.chunk_execution_id(owner, v.chunk, v.attempt), (None, None))
-        out.append(replace(v, records=records, message=error or v.message))
-    return out
+        row = rows.get(jobs.chunk_execution_id(owner, v.chunk, v.attempt))
+        out.append(replace(v, records=row.records, message=row.error or v.message) if row else v)
+    for c, a in lost:
+        row = rows.get(jobs.chunk_execution_id(owner, c, a)) or ChunkRow(None, None, None)
+        out.append(reconcile.view_from_audit(c, a, row.status, row.records, row.error, jobs.job_name(owner, c, a)))
+    return Observed(out, observed.busy)
 
 
 def _peers(namespace: str) -> list[reconcile.Peer]:
@@ -191,7 +277,8 @@ def _peers(namespace: str) -> list[reconcile.Peer]:
 
 def _launch(
     body: Mapping[str, Any], owner: Owner, spec: BackfillSpec, decision: reconcile.Decision, cfg: OperatorConfig
-) -> None:
+) -> tuple[tuple[reconcile.Launch, ...], kube.ApiFailure | None]:
+    """Create the decided Jobs; stop at the first failure. Returns what was not created, and why."""
     # kopf.adopt also copies the owner's labels onto children; a GitOps tool's tracking
     # label on the CR would then claim the Jobs, so the owner is passed without labels.
     bare_owner = {
@@ -199,7 +286,7 @@ def _launch(
         "kind": body["kind"],
         "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
     }
-    for item in decision.launch:
+    for done, item in enumerate(decision.launch):
         manifest = jobs.build_job(owner, spec, item.window, item.attempt, cfg.defaults)
         kopf.adopt(manifest, owner=cast(kopf.Body, bare_owner))
         try:
@@ -209,6 +296,54 @@ def _launch(
                 metrics.CHUNKS_RETRIED.inc()
         except kube.Conflict:
             log.info("job %s exists already (replayed create); keeping it", manifest["metadata"]["name"])
+        except kube.ApiFailure as exc:
+            # The rest would most likely fail alike (quota, RBAC, admission): try again later.
+            return decision.launch[done:], exc
+    return (), None
+
+
+def _unlaunch(decision: reconcile.Decision, failed: Sequence[reconcile.Launch], now: datetime) -> reconcile.Decision:
+    """Forget launches whose Job was never created. The chunk stays due (the API error is not
+    its fault: nothing is charged to its retry budget) and relaunches under the same attempt."""
+    attempts = dict(decision.state.attempts)
+    retry_at = dict(decision.state.retry_at)
+    for item in failed:
+        c = item.window.index
+        if item.attempt > 1:
+            attempts[c] = item.attempt - 1
+            retry_at[c] = now  # due, so not mistaken for an attempt whose Job vanished
+        else:
+            attempts.pop(c, None)
+    kept = tuple(item for item in decision.launch if item not in failed)
+    return replace(decision, state=replace(decision.state, attempts=attempts, retry_at=retry_at), launch=kept)
+
+
+def _failure_of(exc: kube.ApiFailure) -> tuple[str, str]:
+    return status.api_failure_reason(exc.verb, exc.resource), exc.message
+
+
+def _report_failure(
+    namespace: str, name: str, body: Mapping[str, Any], previous: Mapping[str, Any], exc: kube.ApiFailure, now: datetime
+) -> Outcome:
+    """A call the pass cannot do without failed: say so on the backfill (condition + Event),
+    change nothing else, and come back after the backoff."""
+    failures = int(previous.get("apiFailures") or 0) + 1
+    delay = reconcile.api_backoff(failures)
+    reason, message = _failure_of(exc)
+    new = status.with_api_failure(
+        previous,
+        previous,
+        (reason, message),
+        failures=failures,
+        retry_at=now + timedelta(seconds=delay),
+        generation=body["metadata"].get("generation"),
+        now=now,
+    )
+    patch = status.changed(previous, new)
+    if patch:
+        kube.patch_backfill_status(namespace, name, patch)  # if this fails too, the daemon reports it
+    log.warning("reconcile of %s/%s: %s; retrying in %.0fs", namespace, name, exc, delay)
+    return Outcome(delay, (Event("Warning", reason, message),), body, previous.get("phase"), api_failed=True)
 
 
 def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog: AuditLog) -> Outcome:
@@ -243,20 +378,26 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
             )
         state = reconcile.reset_failed(state)
 
-    views = [v for j in kube.list_jobs(namespace, jobs.selector(owner)) if (v := jobs.job_view(j))]
-    views = _enrich(views, owner, state, auditlog)
-    not_started = not state.attempts and not state.succeeded and not views
-    blocked_by = None
-    if not_started and not spec.suspend:
-        blocked_by = reconcile.blocking_peer(
-            name, body["metadata"].get("creationTimestamp") or "", spec, _peers(namespace)
-        )
-    decision = reconcile.decide(spec, windows, state, views, now, blocked_by=blocked_by)
+    try:
+        observed = _with_audit(_observe_cluster(owner, spec, now), owner, state, auditlog)
+        not_started = not state.attempts and not state.succeeded and not observed.views
+        blocked_by = None
+        if not_started and not spec.suspend:
+            blocked_by = reconcile.blocking_peer(
+                name, body["metadata"].get("creationTimestamp") or "", spec, _peers(namespace)
+            )
+    except kube.ApiFailure as exc:
+        return _report_failure(namespace, name, body, previous, exc, now)
+    launch_after = reconcile.parse_time(previous.get("apiRetryAt"))
+    decision = reconcile.decide(
+        spec, windows, state, observed.views, now, blocked_by=blocked_by, busy=observed.busy, launch_after=launch_after
+    )
     events += decision.events
 
-    for job_name in decision.delete:
-        kube.delete_job(namespace, job_name)
-    _launch(body, owner, spec, decision, cfg)
+    failure: kube.ApiFailure | None = None
+    not_created, failure = _launch(body, owner, spec, decision, cfg)
+    if not_created:
+        decision = _unlaunch(decision, not_created, now)
 
     new = status.summarise(
         windows=windows,
@@ -272,15 +413,60 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     new["retryFailedObserved"] = spec.retry_failed or ""
     new["audit"] = _audit(previous.get("audit") or {}, owner, spec, decision.phase, new, auditlog)
     events += _phase_events(previous.get("phase"), decision.phase, new)
-    patch = status.changed(previous, new)
-    if patch:
-        kube.patch_backfill_status(namespace, name, patch)
+    # Deleting comes after the status records why (suspend, a never-started Pod), so an operator
+    # killed in between finds the reason written, not a Job that vanished unexplained.
+    new_failure = _patched_status(namespace, name, previous, new, failure, generation, now, events)
+    for chunk, attempt, message in decision.unstarted:
+        auditlog.unstarted(owner, spec, chunk, attempt, message)
+    for job_name in decision.delete:
+        try:
+            kube.delete_job(namespace, job_name)
+        except kube.ApiFailure as exc:
+            if new_failure is None:  # the Job stays; the next pass deletes it again
+                written = dict(new)
+                new_failure = _patched_status(namespace, name, written, dict(new), exc, generation, now, events)
+                new_failure = new_failure or exc
+            break
     _observe(previous, new, decision)
     wake = _next_wake(decision, new)
-    if _audit_pending(new):
+    if _audit_pending(new) or observed.audit_unreadable:
         # The audit database was unreachable: come back soon, even if the backfill is done.
         wake = AUDIT_RETRY_SECONDS if wake is None else min(wake, AUDIT_RETRY_SECONDS)
-    return Outcome(wake, tuple(events), body, decision.phase)
+    if new_failure is not None:
+        backoff = reconcile.api_backoff(int(previous.get("apiFailures") or 0) + 1)
+        wake = backoff if wake is None else min(max(wake, 1.0), backoff)
+    return Outcome(wake, tuple(events), body, decision.phase, api_failed=new_failure is not None)
+
+
+def _patched_status(
+    namespace: str,
+    name: str,
+    previous: Mapping[str, Any],
+    new: dict[str, Any],
+    failure: kube.ApiFailure | None,
+    generation: int | None,
+    now: datetime,
+    events: list[Event],
+) -> kube.ApiFailure | None:
+    """Write the pass's status with the ReconcileFailure condition; returns the failure to back off on."""
+    failures = int(previous.get("apiFailures") or 0) + 1 if failure else 0
+    problem = _failure_of(failure) if failure else None
+    retry_at = now + timedelta(seconds=reconcile.api_backoff(failures)) if failure else None
+    if problem:
+        events.append(Event("Warning", *problem))
+    full = status.with_api_failure(
+        new, previous, problem, failures=failures, retry_at=retry_at, generation=generation, now=now
+    )
+    new.clear()
+    new.update(full)
+    patch = status.changed(previous, new)
+    if patch:
+        try:
+            kube.patch_backfill_status(namespace, name, patch)
+        except kube.ApiFailure as exc:
+            events.append(Event("Warning", *_failure_of(exc)))
+            return exc
+    return failure
 
 
 def _audit_pending(new: Mapping[str, Any]) -> bool:
@@ -373,18 +559,30 @@ def _observe(previous: Mapping[str, Any], new: Mapping[str, Any], decision: reco
 # ----------------------------------------------------------------------------- delete
 
 
-def finalize_backfill(body: Mapping[str, Any], auditlog: AuditLog) -> bool:
-    """Delete the backfill's Jobs and close its audit row as cancelled.
+@dataclass(frozen=True)
+class Finalized:
+    alive: int  # Jobs (or Pods of deleted Jobs) still there: some dbt process may still run
+    audit_written: bool
 
-    Returns False when the audit row could not be written (the caller decides whether to
-    retry or let go, so a dead database never wedges the finalizer).
+
+def finalize_backfill(body: Mapping[str, Any], auditlog: AuditLog) -> Finalized:
+    """Delete the backfill's Jobs; once no Pod of theirs is left, close the audit row as cancelled.
+
+    The caller keeps the finalizer while ``alive`` (so an overlapping backfill cannot start
+    while a cancelled chunk still writes its window), and decides whether to retry or let go
+    of an audit row that could not be written (a dead database never wedges the finalizer).
     """
     owner = owner_of(body)
-    for job in kube.list_jobs(owner.namespace, jobs.selector(owner)):
-        kube.delete_job(owner.namespace, job["metadata"]["name"])
+    listed = kube.list_jobs(owner.namespace, jobs.selector(owner))
+    for job in listed:
+        if not (job.get("metadata") or {}).get("deletionTimestamp"):
+            kube.delete_job(owner.namespace, job["metadata"]["name"])
+    pods = [p for p in kube.list_pods(owner.namespace, jobs.selector(owner)) if pod_start.pod_alive(p)]
+    if listed or pods:
+        return Finalized(len(listed) or len(pods), False)
     previous = body.get("status") or {}
     record = previous.get("audit") or {}
     if previous.get("phase") in ("Succeeded", "Failed") or not record.get("started"):
-        return True
+        return Finalized(0, True)
     seconds = _elapsed(previous.get("startTime"), _now().strftime("%Y-%m-%dT%H:%M:%SZ"))
-    return auditlog.finish(owner, "cancelled", seconds, "the DbtBackfill was deleted before it finished")
+    return Finalized(0, auditlog.finish(owner, "cancelled", seconds, "the DbtBackfill was deleted before it finished"))

@@ -3,8 +3,10 @@
 - ``on_create`` rejects a spec that can never run (PermanentError, Failed status, no Jobs).
 - ``backfill_daemon`` is each DbtBackfill's reconcile loop. Job and CR events only wake
   it, so a burst of events becomes one pass and one coalesced status patch.
-- ``on_job_event`` is the watch on our Jobs (filtered by label): it wakes the owner.
-- ``on_delete`` (the finalizer) deletes the Jobs and closes the audit row.
+- ``on_job_event`` is the watch on our Jobs: it wakes the owner. The API server filters
+  that watch by label (``settings.watching.label_selectors``), so other Jobs never stream.
+- ``on_delete`` (the finalizer) deletes the Jobs, waits until none of their Pods is left,
+  and closes the audit row.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from typing import Any, Final
 
 import kopf
 
-from dbtbackfill import controller, jobs, metrics
+from dbtbackfill import controller, jobs, kube, metrics, reconcile
 from dbtbackfill import status as status_core
 from dbtbackfill.kube import GROUP, PLURAL, VERSION
 from dbtbackfill.spec import SpecError, parse_spec
 
 FINALIZER_AUDIT_DEADLINE_SECONDS: Final = 30.0
+# A Pod stuck terminating (a lost node) must not keep a deleted backfill forever.
+FINALIZER_PODS_DEADLINE_SECONDS: Final = 600.0
 WATCH_TIMEOUT_SECONDS: Final = int(os.environ.get("DBT_BACKFILL_WATCH_TIMEOUT_SECONDS", "300"))
 CONFIG: Final = controller.OperatorConfig.from_env()
 AUDIT: Final = controller.AuditLog(CONFIG.database_url)
@@ -59,6 +63,9 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.watching.server_timeout = WATCH_TIMEOUT_SECONDS
     settings.watching.client_timeout = WATCH_TIMEOUT_SECONDS + 10
+    # Server-side: the Job watch-stream asks for ?labelSelector=, instead of streaming every Job
+    # of the cluster to filter here (a handler's labels= filter is applied client-side).
+    settings.watching.label_selectors["batch", "jobs"] = jobs.LABEL_BACKFILL_UID
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -82,21 +89,29 @@ async def backfill_daemon(
     **_: Any,
 ) -> None:
     wake = _wakeups.setdefault(uid, asyncio.Event())
+    failures = 0  # consecutive passes that hit an API error: the backoff grows with them
     try:
         while not stopped:
             wake.clear()
             try:
                 outcome = await asyncio.to_thread(controller.reconcile_backfill, namespace or "", name, CONFIG, AUDIT)
-            except Exception as exc:  # API hiccup: log, back off, try again
-                logger.warning("reconcile failed, retrying: %s", exc)
-                outcome = controller.Outcome(5.0, (), None)
+            except Exception as exc:  # the API (or anything else) failed where no status could say so
+                outcome = controller.Outcome(
+                    None, (reconcile.Event("Warning", "ReconcileFailed", str(exc)[:1024]),), body, api_failed=True
+                )
+            failures = failures + 1 if outcome.api_failed else 0
+            wake_after = outcome.wake_after
+            if outcome.api_failed:
+                backoff = reconcile.api_backoff(failures)
+                wake_after = backoff if wake_after is None else max(min(wake_after, backoff), 1.0)
+                logger.warning("reconcile hit an API error (%d in a row); retrying in %.0fs", failures, wake_after)
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message)
             _record_phase(uid, outcome.phase)
-            if outcome.body is None and outcome.phase is None and outcome.wake_after is None:
+            if outcome.body is None and outcome.phase is None and wake_after is None:
                 return  # gone, or being deleted: the finalizer takes over
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=outcome.wake_after)
+                await asyncio.wait_for(wake.wait(), timeout=wake_after)
     finally:
         _wakeups.pop(uid, None)
 
@@ -120,17 +135,26 @@ async def on_job_event(labels: kopf.Labels, **_: Any) -> None:
     _wake(labels.get(jobs.LABEL_BACKFILL_UID))
 
 
+def _seconds_since(timestamp: Any) -> float:
+    if not timestamp:
+        return 0.0
+    return (datetime.now(UTC) - datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))).total_seconds()
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 def on_delete(body: kopf.Body, uid: str, meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
     _record_phase(uid, None)
-    if controller.finalize_backfill(body, AUDIT):
+    waited = _seconds_since(meta.get("deletionTimestamp"))
+    try:
+        done = controller.finalize_backfill(body, AUDIT)
+    except kube.ApiFailure as exc:
+        raise kopf.TemporaryError(f"cannot clean up the chunk Jobs yet: {exc}", delay=10) from exc
+    if done.alive:
+        if waited < FINALIZER_PODS_DEADLINE_SECONDS:
+            raise kopf.TemporaryError(f"waiting for {done.alive} chunk Job(s) and their Pods to terminate", delay=2)
+        logger.error("%d chunk Job(s) still terminating after %.0fs; releasing the finalizer", done.alive, waited)
+    if done.audit_written:
         return
-    deleted_at = meta.get("deletionTimestamp")
-    waited = (
-        (datetime.now(UTC) - datetime.fromisoformat(str(deleted_at).replace("Z", "+00:00"))).total_seconds()
-        if deleted_at
-        else 0.0
-    )
     if waited < FINALIZER_AUDIT_DEADLINE_SECONDS:
         raise kopf.TemporaryError("audit database unreachable; will retry marking the row cancelled", delay=5)
     logger.error("audit database unreachable for %.0fs; releasing the finalizer without the audit row", waited)

@@ -126,6 +126,20 @@ class JobDefaults:
 
     image: str
     service_account_name: str = "dbt-backfill-job"
+    # A Secret (in each backfill namespace) with the operator's audit-database URL, when that
+    # is not the warehouse: chunks then write their audit rows where the operator reads them.
+    audit_secret_name: str | None = None
+    audit_secret_key: str = "DATABASE_URL"  # noqa: S105  # a key name, not a secret
+
+
+AUDIT_URL_ENV: Final = "DBT_BACKFILL_AUDIT_URL"
+
+
+def audit_env(defaults: JobDefaults) -> list[dict[str, Any]]:
+    if not defaults.audit_secret_name:
+        return []
+    ref = {"name": defaults.audit_secret_name, "key": defaults.audit_secret_key}
+    return [{"name": AUDIT_URL_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, defaults: JobDefaults) -> dict[str, Any]:
@@ -141,6 +155,7 @@ def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, de
                 "name": "DATABASE_URL",
                 "valueFrom": {"secretKeyRef": {"name": spec.secret_name, "key": spec.secret_key}},
             },
+            *audit_env(defaults),
             {"name": "DBT_TARGET_PATH", "value": f"{WORK_DIR}/dbt/target"},
             {"name": "DBT_LOG_PATH", "value": f"{WORK_DIR}/dbt/logs"},
             {"name": "HOME", "value": WORK_DIR},
@@ -221,13 +236,18 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     phase: JobPhase
     message = None
+    failure = conditions.get("Failed") or conditions.get("FailureTarget")
     if status.get("succeeded") or "Complete" in conditions:
         phase = "succeeded"
-    elif status.get("failed") or "Failed" in conditions:
+    elif status.get("failed") or failure:
         phase = "failed"
-        message = (conditions.get("Failed") or {}).get("message") or "the chunk's Job failed"
+        message = (failure or {}).get("message") or "the chunk's Job failed"
     else:
         phase = "active"
+    # The Job controller counts a Pod being deleted as failed while it still runs, and (since
+    # 1.31) sets Complete/Failed only once no Pod is terminating: until then, a Pod may be alive.
+    settled = ("Complete" in conditions or "Failed" in conditions) and not status.get("terminating")
+    alive = phase == "active" or bool(status.get("active")) or not settled
     return JobView(
         name=meta.get("name", ""),
         chunk=position[0],
@@ -238,4 +258,6 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
         or _time((conditions.get("Failed") or {}).get("lastTransitionTime")),
         message=message,
         deleting=bool(meta.get("deletionTimestamp")),
+        created=_time(meta.get("creationTimestamp")),
+        alive=alive,
     )

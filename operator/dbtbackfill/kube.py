@@ -7,7 +7,8 @@ all; the RBAC test checks the shipped ClusterRole grants exactly these.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 from typing import Any, Final
 
@@ -28,6 +29,11 @@ API_CALLS: Final = frozenset(
         ("batch", "jobs", "list"),
         ("batch", "jobs", "create"),
         ("batch", "jobs", "delete"),
+        # Why a chunk's Pod never started: its waiting reason, PodScheduled condition, and
+        # whether any Pod of an earlier attempt is still alive; and the Job controller's
+        # FailedCreate Events when it could not make a Pod at all.
+        ("", "pods", "list"),
+        ("", "events", "list"),
     }
 )
 
@@ -43,7 +49,7 @@ FRAMEWORK_CALLS: Final = frozenset(
         # OwnerReferencesPermissionEnforcement: a Job whose ownerReference blocks owner
         # deletion may only be created by someone who can update the owner's finalizers.
         (GROUP, "dbtbackfills/finalizers", "update"),
-        ("batch", "jobs", "list"),  # the Job event handler's watch-stream
+        ("batch", "jobs", "list"),  # the Job event handler's watch-stream (labelSelector'd)
         ("batch", "jobs", "watch"),
         ("", "events", "create"),  # kopf posts our Events as core/v1 Events
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),  # kopf's resource scanning
@@ -56,6 +62,45 @@ FRAMEWORK_CALLS: Final = frozenset(
 
 class Conflict(Exception):
     """The object already exists (a replayed create)."""
+
+
+class ApiFailure(Exception):
+    """An API call failed; ``message`` is the API server's own text (e.g. a 422's causes)."""
+
+    def __init__(self, verb: str, resource: str, code: int | None, message: str) -> None:
+        super().__init__(f"{verb} {resource}: {message}")
+        self.verb = verb
+        self.resource = resource
+        self.code = code
+        self.message = message
+
+
+def _api_message(exc: Exception) -> str:
+    """The ``message`` of the API's Status body, else the reason, else the exception."""
+    body = getattr(exc, "body", None)
+    if body:
+        try:
+            parsed = json.loads(body)
+        except (TypeError, ValueError):
+            parsed = None
+        if isinstance(parsed, Mapping) and parsed.get("message"):
+            return str(parsed["message"])
+    reason = getattr(exc, "reason", None)
+    code = _status_of(exc)
+    if reason and code:
+        return f"{code} {reason}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextmanager
+def _calling(verb: str, resource: str) -> Iterator[None]:
+    """Turn any client error (HTTP status or connection) into an :class:`ApiFailure`."""
+    try:
+        yield
+    except (Conflict, ApiFailure):
+        raise
+    except Exception as exc:
+        raise ApiFailure(verb, resource, _status_of(exc), _api_message(exc)) from exc
 
 
 @cache
@@ -89,27 +134,52 @@ def _status_of(exc: Exception) -> int | None:
     return int(status) if isinstance(status, int) else None
 
 
+def _core() -> Any:
+    from kubernetes import client
+
+    return client.CoreV1Api(_api_client())
+
+
 def get_backfill(namespace: str, name: str) -> dict[str, Any] | None:
     from kubernetes.client.exceptions import ApiException
 
-    try:
-        obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if _status_of(exc) == 404:
-            return None
-        raise
+    with _calling("get", f"{PLURAL}/{name}"):
+        try:
+            obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if _status_of(exc) == 404:
+                return None
+            raise
     return obj
 
 
 def list_backfills(namespace: str) -> list[dict[str, Any]]:
-    result = _custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    with _calling("list", PLURAL):
+        result = _custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
     items: list[dict[str, Any]] = result.get("items") or []
     return items
 
 
 def list_jobs(namespace: str, label_selector: str) -> list[dict[str, Any]]:
     # Raw JSON: the operator reads a handful of fields and the typed models cost time.
-    response = _batch().list_namespaced_job(namespace, label_selector=label_selector, _preload_content=False)
+    with _calling("list", "jobs"):
+        response = _batch().list_namespaced_job(namespace, label_selector=label_selector, _preload_content=False)
+    items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
+    return items
+
+
+def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    with _calling("list", "pods"):
+        response = _core().list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+    items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
+    return items
+
+
+def list_job_events(namespace: str, job_name: str) -> list[dict[str, Any]]:
+    """core/v1 Events about one Job (the Job controller's FailedCreate, for one)."""
+    selector = f"involvedObject.kind=Job,involvedObject.name={job_name}"
+    with _calling("list", "events"):
+        response = _core().list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
     items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
     return items
 
@@ -118,25 +188,34 @@ def create_job(namespace: str, body: Mapping[str, Any]) -> None:
     """Create a Job; raises :class:`Conflict` when it exists already (a replay)."""
     from kubernetes.client.exceptions import ApiException
 
-    try:
-        _batch().create_namespaced_job(namespace, body, _preload_content=False)
-    except ApiException as exc:
-        if _status_of(exc) == 409:
-            raise Conflict(body["metadata"]["name"]) from None
-        raise
-
-
-def delete_job(namespace: str, name: str) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        _batch().delete_namespaced_job(name, namespace, propagation_policy="Background", _preload_content=False)
-    except ApiException as exc:
-        if _status_of(exc) != 404:
+    with _calling("create", f"jobs/{body['metadata']['name']}"):
+        try:
+            _batch().create_namespaced_job(namespace, body, _preload_content=False)
+        except ApiException as exc:
+            if _status_of(exc) == 409:
+                raise Conflict(body["metadata"]["name"]) from None
             raise
 
 
+def delete_job(namespace: str, name: str) -> None:
+    """Delete a Job and, before the Job itself goes, its Pods.
+
+    Foreground: the Job stays visible (with a deletionTimestamp) until the garbage collector
+    has removed every Pod, which is after each has terminated. So "the Job is gone" means
+    "no dbt process of it runs", and a retry never overlaps the attempt it replaces.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    with _calling("delete", f"jobs/{name}"):
+        try:
+            _batch().delete_namespaced_job(name, namespace, propagation_policy="Foreground", _preload_content=False)
+        except ApiException as exc:
+            if _status_of(exc) != 404:
+                raise
+
+
 def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH
-    )
+    with _calling("patch", f"{PLURAL}/{name}/status"):
+        _custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH
+        )

@@ -23,6 +23,10 @@ JobPhase = Literal["active", "succeeded", "failed"]
 TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
 MAX_RECENT_FAILURES: Final = 10
 MAX_MESSAGE_CHARS: Final = 1024
+# While a due chunk waits for an earlier attempt's Pods to go, look again this often.
+BUSY_POLL_SECONDS: Final = 5.0
+API_BACKOFF_SECONDS: Final = 5.0
+MAX_API_BACKOFF_SECONDS: Final = 300.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class JobView:
     message: str | None = None
     records: int | None = None
     deleting: bool = False
+    created: datetime | None = None
+    alive: bool = False  # a Pod of it may still run (active, terminating, or not yet settled)
+    pod_started: bool = True  # some Pod of it got a container running (or finished)
+    start_problem: str | None = None  # why no Pod started, when none did
 
 
 @dataclass(frozen=True)
@@ -90,9 +98,12 @@ class Decision:
     events: tuple[Event, ...]
     wake_after: float | None  # seconds until a retry is due, if one is waiting
     blocked_by: str | None = None
+    # (chunk, attempt, reason) of attempts failed now for never starting: no runner wrote
+    # their audit row, so the operator does.
+    unstarted: tuple[tuple[int, int, str], ...] = ()
 
 
-def _parse_time(text: Any) -> datetime | None:
+def parse_time(text: Any) -> datetime | None:
     if not isinstance(text, str) or not text:
         return None
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -113,7 +124,7 @@ def state_from_status(status: Mapping[str, Any] | None) -> ChunkState:
             window=str(f.get("window", "")),
             attempts=int(f.get("attempts", 0)),
             message=str(f.get("message", "")),
-            time=_parse_time(f.get("time")) or datetime.min,
+            time=parse_time(f.get("time")) or datetime.min,
         )
         for f in status.get("recentFailures") or ()
     )
@@ -122,7 +133,7 @@ def state_from_status(status: Mapping[str, Any] | None) -> ChunkState:
         failed=frozenset(expand_runs(raw.get("failed") or [])),
         attempts={int(k): int(v) for k, v in (raw.get("attempts") or {}).items()},
         retry_base={int(k): int(v) for k, v in (raw.get("retryBase") or {}).items()},
-        retry_at={int(k): t for k, v in (raw.get("retryAt") or {}).items() if (t := _parse_time(v))},
+        retry_at={int(k): t for k, v in (raw.get("retryAt") or {}).items() if (t := parse_time(v))},
         records=int(raw.get("records") or 0),
         duration_count=int(durations.get("count") or 0),
         duration_total=float(durations.get("totalSeconds") or 0.0),
@@ -239,6 +250,57 @@ def reset_failed(state: ChunkState) -> ChunkState:
     return replace(state, failed=frozenset(), retry_base=base, recent_failures=())
 
 
+def api_backoff(failures: int) -> float:
+    """Seconds before retrying after ``failures`` consecutive failed API calls (5 s doubling, 5 min cap)."""
+    return float(min(MAX_API_BACKOFF_SECONDS, API_BACKOFF_SECONDS * 2.0 ** max(0, failures - 1)))
+
+
+def vanished(state: ChunkState, jobs: Sequence[JobView]) -> list[tuple[int, int]]:
+    """(chunk, attempt) recorded as launched and charged, whose Job is gone unseen.
+
+    Its TTL may have deleted it after it finished while the operator was away: only the
+    chunk's audit row can still tell how it ended (see :func:`view_from_audit`).
+    """
+    newest: dict[int, int] = {}
+    for job in jobs:
+        newest[job.chunk] = max(newest.get(job.chunk, 0), job.attempt)
+    return [
+        (chunk, attempt)
+        for chunk, attempt in sorted(state.attempts.items())
+        if newest.get(chunk, 0) < attempt
+        and chunk not in state.succeeded
+        and chunk not in state.failed
+        and chunk not in state.retry_at
+        and state.tries(chunk) > 0
+    ]
+
+
+def view_from_audit(
+    chunk: int, attempt: int, status: str | None, records: int | None, error: str | None, name: str
+) -> JobView:
+    """A vanished attempt as its audit row tells it. A row still ``running`` (the Pod was killed
+    before the runner could close it) or no row at all counts as a failure: charged to the
+    retry budget, so a chunk whose Jobs keep vanishing cannot run forever."""
+    if status == "completed":
+        return JobView(name=name, chunk=chunk, attempt=attempt, phase="succeeded", records=records)
+    if status == "failed":
+        return JobView(name=name, chunk=chunk, attempt=attempt, phase="failed", message=error or "chunk failed")
+    seen = f"its audit row still says {status}" if status else "it wrote no audit row"
+    message = f"the Job of attempt {attempt} was deleted before the operator saw it finish, and {seen}"
+    return JobView(name=name, chunk=chunk, attempt=attempt, phase="failed", message=message)
+
+
+def _never_started(jobs: Sequence[JobView], spec: BackfillSpec, now: datetime) -> dict[str, str]:
+    """Active Jobs with no started Pod past ``startDeadlineSeconds``: name -> reason."""
+    deadline = timedelta(seconds=spec.start_deadline_seconds)
+    out = {}
+    for job in jobs:
+        if job.phase == "active" and not job.pod_started and job.created and now - job.created >= deadline:
+            why = job.start_problem or "no container was created"
+            out[job.name] = f"no Pod started within startDeadlineSeconds={spec.start_deadline_seconds}: {why}"
+    return out
+
+
 def decide(
     spec: BackfillSpec,
     windows: Sequence[Window],
@@ -247,14 +309,25 @@ def decide(
     now: datetime,
     *,
     blocked_by: str | None = None,
+    busy: frozenset[int] = frozenset(),
+    launch_after: datetime | None = None,
 ) -> Decision:
-    """What to do next. ``blocked_by`` names an overlapping backfill to wait for, if any."""
+    """What to do next. ``blocked_by`` names an overlapping backfill to wait for, if any.
+
+    ``busy`` chunks have a Pod alive that no listed Job shows (its Job is already gone), or an
+    outcome that cannot be known yet; like chunks with a live Job, none is launched: two dbt
+    processes never write one window. ``launch_after``: after a failed Job create, nothing is
+    launched before that moment (the API's backoff).
+    """
     recorded = dict(state.attempts)  # what the status already says was launched
+    stuck = _never_started(jobs, spec, now)
+    jobs = [replace(j, phase="failed", message=stuck[j.name], finished=now) if j.name in stuck else j for j in jobs]
     state, events = _absorb(state, windows, spec, jobs, now)
     current = [j for j in jobs if j.phase == "active" and j.attempt == state.attempts.get(j.chunk)]
     stale = [j.name for j in jobs if j.phase == "active" and j not in current]
     running = frozenset(j.chunk for j in current)
-    delete = list(stale)
+    delete = list(stale) + [j.name for j in jobs if j.name in stuck and not j.deleting]
+    busy = busy | {j.chunk for j in jobs if j.phase == "active" or j.alive}
     launch: list[Launch] = []
     attempts = dict(state.attempts)
     retry_base = dict(state.retry_base)
@@ -275,7 +348,13 @@ def decide(
     if spec.suspend:
         # Only Jobs the status already records: deleting one whose creation was never recorded
         # would let a later pass launch the same (chunk, attempt), name and audit id again.
-        delete += [j.name for j in current if not j.deleting and j.attempt <= recorded.get(j.chunk, 0)]
+        released = [j for j in current if not j.deleting and j.attempt <= recorded.get(j.chunk, 0)]
+        delete += [j.name for j in released]
+        for job in released:
+            # Not the chunk's fault: on resume it runs again under a new attempt, uncharged, and
+            # the deleted Job's end (the Job controller counts it failed) is not absorbed.
+            retry_base[job.chunk] = retry_base.get(job.chunk, 0) + 1
+            retry_at[job.chunk] = now
         phase: Phase = "Suspended"
     elif len(state.succeeded) == len(windows):
         phase = "Succeeded"
@@ -290,12 +369,15 @@ def decide(
         # otherwise an outage sweeps the whole plan, one doomed Job and status entry per chunk.
         backing_off = sum(1 for c, t in retry_at.items() if t > now and c not in running and c not in state.failed)
         capacity = spec.parallelism - len(running) - max(0, backing_off - spec.parallelism)
+        holding = launch_after is not None and launch_after > now
         for window in windows:
-            if capacity <= 0:
+            if capacity <= 0 or holding:
                 break
             c = window.index
             if c in state.succeeded or c in running or c in state.failed:
                 continue
+            if c in busy:
+                continue  # an earlier attempt's Pod is still alive (terminating, or not gone yet)
             due = retry_at.get(c)
             if due is not None and due > now:
                 continue
@@ -311,9 +393,21 @@ def decide(
         events.insert(
             0, Event("Normal", "Started", f"launching {len(windows)} chunk(s), parallelism {spec.parallelism}")
         )
-    waiting = [t for c, t in retry_at.items() if c not in running and t > now]
-    wake = min((t - now).total_seconds() for t in waiting) if waiting and not spec.suspend else None
-    return Decision(new_state, phase, tuple(launch), tuple(delete), running, tuple(events), wake, blocked_by)
+    launched = {item.window.index for item in launch}
+    waits = [(t - now).total_seconds() for c, t in retry_at.items() if c not in running and t > now]
+    if any(c in busy and c not in running and c not in launched for c in retry_at):
+        waits.append(BUSY_POLL_SECONDS)
+    deadline = timedelta(seconds=spec.start_deadline_seconds)
+    waits += [
+        max(1.0, (j.created + deadline - now).total_seconds())
+        for j in jobs
+        if j.phase == "active" and not j.pod_started and j.created and not j.deleting
+    ]
+    if launch_after is not None and launch_after > now:
+        waits.append((launch_after - now).total_seconds())
+    wake = min(waits) if waits and not spec.suspend else None
+    unstarted = tuple((j.chunk, j.attempt, stuck[j.name]) for j in jobs if j.name in stuck and not j.deleting)
+    return Decision(new_state, phase, tuple(launch), tuple(delete), running, tuple(events), wake, blocked_by, unstarted)
 
 
 @dataclass(frozen=True)

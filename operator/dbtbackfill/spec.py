@@ -37,6 +37,11 @@ from dbtbackfill.planner import (
 # days, inclusive: exactly as many as the planner allows daily chunks.
 MAX_RANGE_DAYS: Final = MAX_WINDOWS
 
+# How long a chunk Job may go without a Pod that started (Secret key missing, image unknown,
+# unschedulable, no ServiceAccount) before that attempt counts as failed.
+DEFAULT_START_DEADLINE_SECONDS: Final = 600
+MAX_START_DEADLINE_SECONDS: Final = 86400
+
 # Key in the database Secret read when databaseSecretRef.key is omitted.
 DEFAULT_DATABASE_URL_KEY: Final = "DATABASE_URL"
 
@@ -67,6 +72,7 @@ SPEC_FIELDS: Final = frozenset(
         "parallelism",
         "retry",
         "activeDeadlineSeconds",
+        "startDeadlineSeconds",
         "image",
         "databaseSecretRef",
         "suspend",
@@ -119,6 +125,7 @@ class BackfillSpec:
     backoff_seconds: int = 30
     max_backoff_seconds: int = 900
     active_deadline_seconds: int | None = None
+    start_deadline_seconds: int = DEFAULT_START_DEADLINE_SECONDS
     image: str | None = None
     suspend: bool = False
     dry_run: bool = False
@@ -246,6 +253,10 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         active_deadline_seconds=_optional_int(
             spec, "activeDeadlineSeconds", "spec.activeDeadlineSeconds", low=1, high=_INT64_MAX
         ),
+        start_deadline_seconds=_optional_int(
+            spec, "startDeadlineSeconds", "spec.startDeadlineSeconds", low=1, high=MAX_START_DEADLINE_SECONDS
+        )
+        or DEFAULT_START_DEADLINE_SECONDS,
         image=image,
         suspend=_bool(spec, "suspend"),
         dry_run=_bool(spec, "dryRun"),

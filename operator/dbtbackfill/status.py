@@ -177,6 +177,57 @@ def summarise(
     return status
 
 
+FAILURE_CONDITION: Final = "ReconcileFailure"
+_FAILURE_REASONS: Final = frozenset({"InProgress"})
+
+
+def api_failure_reason(verb: str, resource: str) -> str:
+    """``JobCreateFailed``, ``PodListFailed``...: the Event and condition reason of a failed call."""
+    kind = {"jobs": "Job", "pods": "Pod", "events": "Event", "dbtbackfills": "Backfill"}.get(
+        resource.split("/")[0], "Api"
+    )
+    if resource.endswith("/status"):
+        kind = "Status"
+    return f"{kind}{verb.capitalize()}Failed"
+
+
+def with_api_failure(
+    status: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+    failure: tuple[str, str] | None,
+    *,
+    failures: int,
+    retry_at: datetime | None,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """``status`` plus the ``ReconcileFailure`` condition: True with the API's reason and message
+    while calls fail, False once they work again. Absent on backfills that never saw a failure,
+    so a healthy status carries nothing extra. While Pending or Running, ``Succeeded`` (Unknown)
+    carries the same reason, which is what ``kubectl describe`` and Argo CD show first."""
+    previous = previous or {}
+    prev = {str(c.get("type")): c for c in previous.get("conditions") or []}
+    out = dict(status)
+    conditions = [dict(c) for c in out.get("conditions") or [] if c.get("type") != FAILURE_CONDITION]
+    out["apiFailures"] = failures if failure else None
+    out["apiRetryAt"] = _format_time(retry_at) if failure and retry_at else None
+    if failure is None and FAILURE_CONDITION not in prev:
+        out["conditions"] = conditions
+        return out
+    if failure:
+        reason, message = failure
+        failed = _condition(FAILURE_CONDITION, "True", reason, message[:1024], generation, prev, now)
+        for c in conditions:
+            if c.get("type") == "Succeeded" and c.get("status") == "Unknown" and c.get("reason") in _FAILURE_REASONS:
+                c.update(reason=reason, message=message[:1024])
+    else:
+        failed = _condition(
+            FAILURE_CONDITION, "False", "Recovered", "the operator's API calls succeed again", generation, prev, now
+        )
+    out["conditions"] = [*conditions, failed]
+    return out
+
+
 def changed(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON merge patch (RFC 7386) taking ``previous`` to ``new``, holding only what differs.
 

@@ -131,6 +131,7 @@ RBAC_NAMES = {
     "Job": (("batch",), "jobs"),
     "Event": (("", "events.k8s.io"), "events"),
     "Namespace": (("",), "namespaces"),
+    "Pod": (("",), "pods"),
     "CustomResourceDefinition": (("apiextensions.k8s.io",), "customresourcedefinitions"),
 }
 

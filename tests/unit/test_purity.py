@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status", "compiled")
+PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status", "compiled", "pod_start")
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
 PROBE = """
