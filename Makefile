@@ -42,7 +42,8 @@ e2e: venv
 ## Benchmarks write their numbers to benchmarks/results/ (quoted in the README).
 bench: venv
 	$(BIN)/python -m benchmarks.backfill_speed
-	$(BIN)/python -m benchmarks.operator_api
+	$(BIN)/python -m benchmarks.status_size
+	$(BIN)/python -m benchmarks.operator_cluster
 
 clean:
 	rm -rf $(VENV) analytics/target analytics/logs .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -121,12 +121,12 @@ async def backfill_daemon(
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, **_: Any) -> None:
     # Spec changes (suspend, retryFailed) wake this backfill; a finished one may free
-    # queued peers, so it wakes every backfill in the namespace.
+    # queued peers, so it wakes the backfills that have not started.
     observed = (body.get("status") or {}).get("observedGeneration")
     if meta.get("generation") != observed:
         _wake(uid)
     if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled") or meta.get("deletionTimestamp"):
-        for other in list(_wakeups):
+        for other in reconcile.waiting_for_peers(_phases, list(_wakeups)):
             _wake(other)
 
 
