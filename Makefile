@@ -5,7 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint typecheck unit integration e2e bench clean
+# The pinned Kubernetes binaries (localcluster/build.sh caches them outside the repo, per version).
+CLUSTER_BIN := $(shell awk '$$1 == "k8s.io/kubernetes" && $$2 ~ /^v/ {print $$2}' localcluster/go.mod)
+CLUSTER_BIN_DIR := $(or $(DBT_BACKFILL_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dbt-backfill)/k8s/$(CLUSTER_BIN)
+# The built kubectl (same version as the API server) comes first for everything make runs.
+export PATH := $(CLUSTER_BIN_DIR):$(PATH)
+
+.PHONY: venv demo test lint typecheck unit integration e2e bench clean cluster-bin cluster-up cluster-down
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +26,7 @@ demo: venv
 	$(BIN)/dbt-backfill demo
 
 ## Everything CI runs: lint, types, and the whole test suite (real PostgreSQL, real dbt).
-test: venv lint typecheck
+test: venv lint typecheck cluster-bin
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -36,8 +42,20 @@ unit: venv
 integration: venv
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-e2e: venv
+e2e: venv cluster-bin
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+## Build the pinned etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubectl
+## (only what is missing from the cache; a cold build takes a while).
+cluster-bin:
+	localcluster/build.sh
+
+## A local Kubernetes cluster on loopback (state in .cluster/): prints the KUBECONFIG to export.
+cluster-up: cluster-bin venv
+	$(BIN)/python -m localcluster up
+
+cluster-down: venv
+	$(BIN)/python -m localcluster down
 
 ## Benchmarks write their numbers to benchmarks/results/ (quoted in the README).
 bench: venv

@@ -403,7 +403,7 @@ class PodWorker:
         if not self.gone:
             self._write_status()
         if deleted and not self.gone:
-            self.agent.delete_pod(self.pod)
+            self.agent.complete_deletion(self.pod)
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -467,6 +467,8 @@ class NodeAgent:
         self.coordination: Any = kubernetes.client.CoordinationV1Api(api)
         self.workers: dict[str, PodWorker] = {}
         self.finished_uids: set[str] = set()
+        self._deletions: set[str] = set()  # uids whose final delete (grace 0) was sent
+        self._deletions_lock = threading.Lock()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._deleter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pod-delete")
@@ -709,7 +711,16 @@ class NodeAgent:
         # A deletion that arrived while the worker wrote its terminal status is completed here.
         pod = worker.pod
         if pod["metadata"].get("deletionTimestamp") and not worker.gone:
-            self._deleter.submit(self.delete_pod, pod)
+            self.complete_deletion(pod)
+
+    def complete_deletion(self, pod: JSON) -> None:
+        """Once per Pod, however many updates its deletion brings (finalizers being removed...)."""
+        uid = str(pod["metadata"]["uid"])
+        with self._deletions_lock:
+            if uid in self._deletions:
+                return
+            self._deletions.add(uid)
+        self._deleter.submit(self.delete_pod, pod)
 
     def _handle(self, kind: str, pod: JSON) -> None:
         uid = str(pod["metadata"]["uid"])
@@ -719,6 +730,8 @@ class NodeAgent:
                 if worker is not None:
                     worker.vanished()
                 self.finished_uids.discard(uid)
+                with self._deletions_lock:
+                    self._deletions.discard(uid)
                 return
             if worker is not None:
                 worker.update(pod)
@@ -726,7 +739,7 @@ class NodeAgent:
             phase = (pod.get("status") or {}).get("phase")
             if uid in self.finished_uids or phase in TERMINAL_PHASES:
                 if pod["metadata"].get("deletionTimestamp"):
-                    self._deleter.submit(self.delete_pod, pod)
+                    self.complete_deletion(pod)
                 return
             worker = PodWorker(self, pod)
             self.workers[uid] = worker

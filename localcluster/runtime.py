@@ -14,8 +14,8 @@ approximates a container as follows, and only this far:
 - The command is resolved as Kubernetes does: ``command`` replaces the entrypoint, ``args`` replace
   ``cmd``.
 - *Volumes* are host directories. Since nothing is mounted, a path under a volume's ``mountPath`` in
-  the command or an environment value is rewritten to that directory, and a volume mounted at
-  ``/tmp`` becomes ``TMPDIR``.
+  the command (a whole argument) or in one of the pod's environment values is rewritten to that
+  directory, and a volume mounted at ``/tmp`` becomes ``TMPDIR``.
 - The environment is only what the image and the pod define, plus ``PATH``, ``HOSTNAME`` and a
   ``HOME`` (the pod's own directory) when neither sets one: the agent's own environment never leaks in.
 - ``securityContext`` (user, read-only root, capabilities), resources and probes are not enforced.
@@ -174,7 +174,7 @@ class HostProcessRuntime:
             return value
 
         env = {"PATH": self.path, "HOSTNAME": spec.pod_name}
-        env |= {key: remap(value) for key, value in image.env.items()}
+        env |= image.env  # paths in the image's own config are host paths here: not remapped
         if "/tmp" in spec.volumes:  # noqa: S108  # the pod's /tmp, not the host's
             env["TMPDIR"] = str(spec.volumes["/tmp"])  # noqa: S108
         env |= {key: remap(value) for key, value in spec.env.items()}

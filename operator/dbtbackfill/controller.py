@@ -12,8 +12,8 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, cast
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
@@ -21,6 +21,9 @@ from dbtbackfill import jobs, kube, metrics, pod_start, reconcile, status
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.reconcile import ChunkState, Event, JobView
 from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
+
+if TYPE_CHECKING:
+    from dbtbackfill.audit import ExecutionStart
 
 log = logging.getLogger(__name__)
 IDLE_SECONDS: Final = 300.0
@@ -71,6 +74,36 @@ class ChunkRow:
     error: str | None
 
 
+def _execution_start(
+    owner: Owner,
+    spec: BackfillSpec,
+    execution_id: uuid.UUID,
+    start: date,
+    end: date,
+    *,
+    parent_id: uuid.UUID | None = None,
+    chunk_index: int | None = None,
+    attempt: int | None = None,
+) -> ExecutionStart:
+    """The audit row of the backfill (no parent) or of one chunk attempt of it."""
+    from dbtbackfill import audit
+
+    return audit.ExecutionStart(
+        id=execution_id,
+        kind="chunk" if parent_id else "backfill",
+        parent_id=parent_id,
+        start_date=start,
+        end_date=end,
+        tenant_id=spec.tenant_id,
+        models=spec.models,
+        backfill_name=owner.name,
+        backfill_namespace=owner.namespace,
+        backfill_uid=owner.uid,
+        chunk_index=chunk_index,
+        attempt=attempt,
+    )
+
+
 class AuditLog:
     """The operator's side of ``backfill_executions``. Every write is an idempotent upsert
     keyed by a UUIDv5 of the backfill, so retrying until it lands never duplicates."""
@@ -111,17 +144,7 @@ class AuditLog:
         try:
             audit.record_start(
                 self._engine(),
-                audit.ExecutionStart(
-                    id=jobs.backfill_execution_id(owner),
-                    kind="backfill",
-                    start_date=spec.start_date,
-                    end_date=spec.end_date,
-                    tenant_id=spec.tenant_id,
-                    models=spec.models,
-                    backfill_name=owner.name,
-                    backfill_namespace=owner.namespace,
-                    backfill_uid=owner.uid,
-                ),
+                _execution_start(owner, spec, jobs.backfill_execution_id(owner), spec.start_date, spec.end_date),
             )
             return True
         except Exception as exc:
@@ -141,17 +164,13 @@ class AuditLog:
             engine = self._engine()
             audit.record_start(
                 engine,
-                audit.ExecutionStart(
-                    id=execution_id,
-                    kind="chunk",
+                _execution_start(
+                    owner,
+                    spec,
+                    execution_id,
+                    window.start,
+                    window.end,
                     parent_id=jobs.backfill_execution_id(owner),
-                    start_date=window.start,
-                    end_date=window.end,
-                    tenant_id=spec.tenant_id,
-                    models=spec.models,
-                    backfill_name=owner.name,
-                    backfill_namespace=owner.namespace,
-                    backfill_uid=owner.uid,
                     chunk_index=chunk,
                     attempt=attempt,
                 ),

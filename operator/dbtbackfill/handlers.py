@@ -152,7 +152,12 @@ def on_delete(body: kopf.Body, uid: str, meta: kopf.Meta, logger: kopf.Logger, *
     if done.alive:
         if waited < FINALIZER_PODS_DEADLINE_SECONDS:
             raise kopf.TemporaryError(f"waiting for {done.alive} chunk Job(s) and their Pods to terminate", delay=2)
-        logger.error("%d chunk Job(s) still terminating after %.0fs; releasing the finalizer", done.alive, waited)
+        logger.error(
+            "%d chunk Job(s) still terminating after %.0fs; releasing the finalizer (audit row left open)",
+            done.alive,
+            waited,
+        )
+        return
     if done.audit_written:
         return
     if waited < FINALIZER_AUDIT_DEADLINE_SECONDS:
