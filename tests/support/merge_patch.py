@@ -1,7 +1,7 @@
 """RFC 7386 JSON merge patch, as the Kubernetes API server applies ``application/merge-patch+json``.
 
-One implementation for the test API server (``kubeapi``) and the unit tests that check what the
-controller's status patches become on the server.
+For the unit tests that check what the controller's status patches become on the server (the e2e
+tests see the real API server apply them).
 """
 
 from __future__ import annotations

