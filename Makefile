@@ -60,8 +60,9 @@ cluster-down: venv
 ## Benchmarks write their numbers to benchmarks/results/ (quoted in the README).
 bench: venv
 	$(BIN)/python -m benchmarks.backfill_speed
-	$(BIN)/python -m benchmarks.operator_api
 	$(BIN)/python -m benchmarks.shop_backfill
+	$(BIN)/python -m benchmarks.status_size
+	$(BIN)/python -m benchmarks.operator_cluster
 
 clean:
 	rm -rf $(VENV) analytics/target analytics/logs analytics/dbt_packages tests/projects/shop/dbt_packages .mypy_cache .ruff_cache .pytest_cache .hypothesis

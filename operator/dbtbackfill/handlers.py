@@ -121,12 +121,12 @@ async def backfill_daemon(
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, **_: Any) -> None:
     # Spec changes (suspend, retryFailed) wake this backfill; a finished one may free
-    # queued peers, so it wakes every backfill in the namespace.
+    # queued peers, so it wakes the backfills that have not started.
     observed = (body.get("status") or {}).get("observedGeneration")
     if meta.get("generation") != observed:
         _wake(uid)
     if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled") or meta.get("deletionTimestamp"):
-        for other in list(_wakeups):
+        for other in reconcile.waiting_for_peers(_phases, list(_wakeups)):
             _wake(other)
 
 
@@ -152,7 +152,12 @@ def on_delete(body: kopf.Body, uid: str, meta: kopf.Meta, logger: kopf.Logger, *
     if done.alive:
         if waited < FINALIZER_PODS_DEADLINE_SECONDS:
             raise kopf.TemporaryError(f"waiting for {done.alive} chunk Job(s) and their Pods to terminate", delay=2)
-        logger.error("%d chunk Job(s) still terminating after %.0fs; releasing the finalizer", done.alive, waited)
+        logger.error(
+            "%d chunk Job(s) still terminating after %.0fs; releasing the finalizer (audit row left open)",
+            done.alive,
+            waited,
+        )
+        return
     if done.audit_written:
         return
     if waited < FINALIZER_AUDIT_DEADLINE_SECONDS:

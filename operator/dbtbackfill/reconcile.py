@@ -10,7 +10,7 @@ launched again).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
@@ -419,6 +419,20 @@ class Peer:
     spec: BackfillSpec
     phase: str | None
     started: bool
+
+
+# Only a backfill that has not started consults its peers (``blocking_peer``); a started one
+# never waits for another, so a peer's end has nothing to tell it.
+UNSTARTED_PHASES: Final = frozenset({"Pending", "Queued"})
+
+
+def waiting_for_peers(phases: Mapping[str, str], backfills: Iterable[str]) -> list[str]:
+    """Of ``backfills``, those a peer's end may unblock: last seen not started, or not seen yet.
+
+    Waking every backfill instead costs a full reconcile pass each (several API reads) per
+    finished peer, which with hundreds of live backfills delays the passes that matter.
+    """
+    return [b for b in backfills if phases.get(b) is None or phases[b] in UNSTARTED_PHASES]
 
 
 def blocking_peer(name: str, created: str, spec: BackfillSpec, peers: Sequence[Peer]) -> str | None:

@@ -283,6 +283,7 @@ def test_a_job_create_the_api_refuses_shows_as_a_condition_and_a_warning_event(
     assert status["phase"] in ("Pending", "Running")
     assert conditions(status)["Succeeded"]["status"] == "Unknown"
     assert conditions(status)["Succeeded"]["reason"] == "JobCreateFailed"
+    assert status["apiFailures"] >= 1 and status["apiRetryAt"]  # the backoff, kept by the API server
     events = wait_for(lambda: warnings(kube_client, ns, "refused", "JobCreateFailed"), timeout=30)
     assert "Jobs here need a team label" in events[0]["message"]
 

@@ -412,6 +412,8 @@ def test_status_fields() -> None:
         "audit",
         "retryFailedObserved",
         "queuedBehind",
+        "apiFailures",  # kept by the API server, not pruned: the backoff after failed calls
+        "apiRetryAt",
         "conditions",
     }
     assert status["phase"]["enum"] == [

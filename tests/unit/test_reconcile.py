@@ -35,6 +35,7 @@ from dbtbackfill.reconcile import (
     reset_failed,
     state_from_status,
     state_to_status,
+    waiting_for_peers,
 )
 from dbtbackfill.spec import BackfillSpec, parse_spec
 from dbtbackfill.status import changed, summarise
@@ -617,6 +618,14 @@ def test_blocked_backfill_is_queued_and_launches_nothing() -> None:
     assert unblocked.phase == "Running"
     assert len(unblocked.launch) == 3
     assert "queuedBehind" not in op.status  # the merge patch removed it
+
+
+def test_a_finished_peer_wakes_only_backfills_that_have_not_started() -> None:
+    queued = Operator(days(3)).reconcile(T0, blocked_by="backfill-2023").phase
+    running = Operator(days(3)).reconcile(T0).phase
+    phases = {"q": queued, "r": running, "p": "Pending", "s": "Suspended", "ok": "Succeeded", "f": "Failed"}
+    # "new" has had no pass yet: it may still find itself blocked, so it is woken too.
+    assert waiting_for_peers(phases, ["r", "q", "new", "s", "p", "ok", "f"]) == ["q", "new", "p"]
 
 
 # ----------------------------------------------------------------------------- found bugs
