@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint typecheck unit integration e2e bench clean
+.PHONY: venv demo test lint typecheck unit integration e2e image image-test constraints bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,8 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/dbt-backfill demo
 
-## Everything CI runs: lint, types, and the whole test suite (real PostgreSQL, real dbt).
-test: venv lint typecheck
+## Everything CI runs: lint, types, the image, and the whole test suite (real PostgreSQL, real dbt).
+test: venv lint typecheck image
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -38,6 +38,18 @@ integration: venv
 
 e2e: venv
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+## The container image, built with podman into local storage (layers and base cached).
+image:
+	deploy/image/build.sh
+
+## The tests that build on the image: run it read-only as 10001, run a chunk in it.
+image-test: venv image
+	$(BIN)/pytest tests/image $(PYTEST_ARGS)
+
+## Re-resolve deploy/image/constraints.txt with hashes (UPGRADE=1 to move every pin).
+constraints:
+	deploy/image/compile-constraints.sh
 
 ## Benchmarks write their numbers to benchmarks/results/ (quoted in the README).
 bench: venv

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from importlib import metadata
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, planner, runner
@@ -331,6 +332,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dbt-backfill", description="Chunked, audited dbt backfills on PostgreSQL.")
+    # The installed distribution's version, so an image or a wheel reports what it really holds.
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('dbtbackfill')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="backfill a date range (same as python -m scripts.run_dbt_backfill)")
