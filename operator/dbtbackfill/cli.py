@@ -167,6 +167,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         models = session.select_models(args.models)
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
         reporter.plan()
+        reporter.parsed(session.parse_report)
         if args.dry_run:
             return _dry_run(session, windows, tenant, args.models, reporter)
         return _execute(args, url, session, windows, tenant, models, reporter)

@@ -58,6 +58,11 @@ class Reporter:
             for w in self.windows:
                 self._line(f"  window {w.index + 1}: {w.label()} ({w.days} day(s))")
 
+    def parsed(self, text: str) -> None:
+        """How dbt's parse went: reused the saved one (the image's), or parsed in full and why."""
+        if text:
+            self._line(f"parse: {text}")
+
     def engine(self, text: str) -> None:
         """How the windows run: compiled once, or one dbt invocation each (and why)."""
         if self._progress is not None:

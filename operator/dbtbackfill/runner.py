@@ -31,6 +31,7 @@ from dbtbackfill.compiled import (
     compiled_vars,
     plan_models,
 )
+from dbtbackfill.parse_key import parse_environment, project_connection_reads
 from dbtbackfill.planner import Window
 
 DEFAULT_SCHEMA: Final = "analytics"
@@ -50,6 +51,36 @@ def default_project_dir() -> Path:
         if (root / "analytics" / "dbt_project.yml").exists():
             return root / "analytics"
     return Path.cwd() / "analytics"
+
+
+# Files whose Jinja a parse renders (packages included); target/ and logs/ are dbt's output.
+_PARSED_SUFFIXES: Final = frozenset({".sql", ".yml", ".yaml", ".md"})
+_NOT_PARSED_DIRS: Final = frozenset({"target", "logs"})
+
+
+def _project_sources(project_dir: Path) -> Iterator[tuple[str, str]]:
+    for path in sorted(project_dir.rglob("*")):
+        relative = path.relative_to(project_dir)
+        if relative.parts[0] in _NOT_PARSED_DIRS or path.suffix not in _PARSED_SUFFIXES or not path.is_file():
+            continue
+        if relative.as_posix() == "profiles.yml":  # where the credentials come in, not project Jinja
+            continue
+        yield relative.as_posix(), path.read_text(errors="replace")
+
+
+@contextmanager
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``overrides`` applied, restored afterwards."""
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
@@ -218,6 +249,8 @@ class DbtSession:
     _manifest: Any = None
     _bootstrapped: bool = False
     base_target: Path = field(init=False)
+    # How the last parse() went, for the user: "reused the saved parse" or why it could not.
+    parse_report: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.project_dir = Path(self.project_dir).resolve()
@@ -290,12 +323,38 @@ class DbtSession:
         return runner.invoke([*self._global_args(), command, *self._common_args(), *args])
 
     def parse(self) -> None:
+        """Parse the project, reusing the saved parse (the image's, or the last run's) when dbt allows.
+
+        The parse sees placeholder host/port/user/password (:mod:`dbtbackfill.parse_key`), so a
+        parse saved for other credentials but the same database and schema is reused; the
+        real credentials are back in the environment before anything connects.
+        """
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()  # snapshots the list before dbt's first adapter
-        res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
+        reads = project_connection_reads(_project_sources(self.project_dir))
+        overrides = parse_environment(os.environ, reads)
+        reasons: list[str] = []
+
+        def on_event(event: Any) -> None:
+            if event.info.name == "UnableToPartialParse":
+                reasons.append(str(event.data.reason))
+
+        started = time.monotonic()
+        with _environment(overrides):
+            res = dbtRunner(callbacks=[on_event]).invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
+        seconds = time.monotonic() - started
+        if reasons:
+            self.parse_report = f"full parse in {seconds:.2f}s: dbt could not reuse the saved one ({reasons[-1]})"
+        else:
+            self.parse_report = f"reused the saved parse ({seconds:.2f}s)"
+        if reads:
+            first = sorted(reads)[0]
+            self.parse_report += (
+                f"; keyed on the credentials because {first} reads {', '.join(sorted(reads[first]))}"
+            )
         self._manifest = res.result
         self._save_partial_parse()
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status", "compiled")
+PURE_MODULES = ("planner", "spec", "jobs", "reconcile", "status", "compiled", "parse_key")
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
 PROBE = """
