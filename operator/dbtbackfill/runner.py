@@ -352,9 +352,7 @@ class DbtSession:
             self.parse_report = f"reused the saved parse ({seconds:.2f}s)"
         if reads:
             first = sorted(reads)[0]
-            self.parse_report += (
-                f"; keyed on the credentials because {first} reads {', '.join(sorted(reads[first]))}"
-            )
+            self.parse_report += f"; keyed on the credentials because {first} reads {', '.join(sorted(reads[first]))}"
         self._manifest = res.result
         self._save_partial_parse()
 

@@ -101,7 +101,8 @@ def test_a_daily_chunk_runs_in_the_image_and_reuses_its_parse(pg_server: LocalPo
     parse_lines = [line for line in run.stderr.splitlines() if line.startswith("parse: ")]
     assert len(parse_lines) == 1 and parse_lines[0].startswith("parse: reused the saved parse"), run.stderr
     windows, summary = report(run.stderr)
-    assert [(w.label, w.status) for w in windows] == [(f"{d}..{d}", "ok") for d in ("2024-02-06", "2024-02-07", "2024-02-08")]
+    days = ("2024-02-06", "2024-02-07", "2024-02-08")
+    assert [(w.label, w.status) for w in windows] == [(f"{d}..{d}", "ok") for d in days]
     assert (summary.verdict, summary.done, summary.execution_id) == ("completed", 3, execution_id)
 
     [row] = audit_rows(url)

@@ -387,6 +387,9 @@ def test_dockerignore_keeps_local_state_out() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+PIN_WITH_HASHES = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)")
+
+
 def requirement_lines() -> list[str]:
     """constraints.txt's logical lines (backslash continuations joined), comments dropped."""
     text = re.sub(r"\\\n", " ", CONSTRAINTS.read_text())
@@ -397,7 +400,7 @@ def requirement_lines() -> list[str]:
 def pins() -> dict[str, tuple[str, str]]:
     result: dict[str, tuple[str, str]] = {}
     for line in requirement_lines():
-        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+        match = PIN_WITH_HASHES.fullmatch(line)
         assert match, f"constraints.txt: not an exact pin with sha256 hashes: {line[:80]!r}"
         name = canonicalize_name(match.group(1))
         assert name not in result, f"constraints.txt: {name} pinned twice"
