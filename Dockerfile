@@ -100,9 +100,15 @@ COPY scripts/ /app/scripts/
 
 # Parse the dbt project once at build time so target/manifest.json and
 # target/partial_parse.msgpack ship in the image; the runner seeds its emptyDir target path
-# from them. The DBT_PG_* values are dummies for this RUN only (dbt parse opens no
-# connection; profiles.yml reads env_var() only) and are not kept in the image's ENV.
-RUN DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt DBT_PG_DBNAME=analytics \
+# from them. Host, port and user are the placeholders every later parse uses too
+# (operator/dbtbackfill/parse_key.py), so a Pod reuses this parse whatever its credentials,
+# as long as its database and schema are these two (build with --build-arg to match yours;
+# another database only costs the Pod a full parse). Nothing here is kept in the image's ENV,
+# and dbt parse opens no connection.
+ARG PARSE_DATABASE=analytics
+ARG PARSE_SCHEMA=analytics
+RUN DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt \
+    DBT_PG_DBNAME=${PARSE_DATABASE} DBT_PG_SCHEMA=${PARSE_SCHEMA} \
     DBT_TARGET_PATH=/app/analytics/target DBT_LOG_PATH=/tmp/dbt-build/logs \
     dbt parse --project-dir /app/analytics --profiles-dir /app/analytics \
     && test -s /app/analytics/target/manifest.json \

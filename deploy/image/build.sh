@@ -34,6 +34,7 @@ fi
 context_hash() {
   {
     podman image inspect --format '{{.Id}}' "$base"
+    echo "parse=${PARSE_DATABASE:-}/${PARSE_SCHEMA:-}"
     find Dockerfile .dockerignore pyproject.toml README.md deploy/image/constraints.txt operator analytics scripts \
       \( -name __pycache__ -o -name '*.egg-info' -o -path analytics/target -o -path analytics/logs \
       -o -path analytics/dbt_packages \) -prune -o -type f -print0 | sort -z | xargs -0 sha256sum
@@ -51,5 +52,7 @@ mounts=()
 # TLS inside the build (pip) trusts what this machine trusts.
 [[ -r $ca ]] && mounts=(-v "$ca:$ca:ro")
 podman build --pull=never --network host "${mounts[@]}" "${base_args[@]}" \
-  --build-arg "VERSION=$version" --label "$label=$context" --layers --tag "$image" --file Dockerfile .
+  --build-arg "VERSION=$version" \
+  ${PARSE_DATABASE:+--build-arg "PARSE_DATABASE=$PARSE_DATABASE"} ${PARSE_SCHEMA:+--build-arg "PARSE_SCHEMA=$PARSE_SCHEMA"} \
+  --label "$label=$context" --layers --tag "$image" --file Dockerfile .
 echo "image: built $image ($(podman image inspect --format '{{.Size}}' "$image" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
