@@ -15,9 +15,10 @@ scripts.run_dbt_backfill --start-date D --end-date D --chunk day`` with ``DATABA
 
 For each run, from the moment ``podman run`` is started: the first statement the server logs from
 the container (the CLI's connection check), the first statement writing a fact table (the
-window's ``delete``), and the process's exit. One chunk per database runs first, uncounted, to
-create the fact tables, so every measured chunk runs its window compiled, as every chunk of a
-backfill but the first does. Also ``podman run ... true`` (the container runtime alone).
+window's ``delete``), the process's exit, and the CPU time the chunk used (user+sys, from the
+shell's ``times``: what a loaded machine does not inflate). One chunk per database runs first,
+uncounted, to create the fact tables, so every measured chunk runs its window compiled, as every
+chunk of a backfill but the first does. Also ``podman run ... true`` (the container runtime alone).
 Writes ``benchmarks/results/image_startup.json`` and ``.md``; numbers from a loaded machine say
 so (the load average is recorded next to them).
 """
@@ -49,7 +50,9 @@ PARSED_DATABASE: Final = "analytics"
 LOG_PREFIX: Final = "%m [bench] app=%a "
 # Simple queries log as "statement: ..."; psycopg's prepared ones as "execute <name>: ...".
 LOG_LINE: Final = re.compile(r"^(\S+ \S+) UTC \[bench\] app=(\S*) LOG:  (?:statement|execute [^:]+): (.*)$")
-WRITE: Final = re.compile(r"^\s*(delete|insert|create|merge|update)\b.*\bfact_", re.I | re.S)
+RECORD: Final = re.compile(r"^\S+ \S+ UTC \[bench\] ")
+# dbt prefixes its statements with a /* {...} */ query comment.
+WRITE: Final = re.compile(r"^\s*(?:/\*.*?\*/\s*)*(delete|insert|create|merge|update)\b.*\bfact_", re.I | re.S)
 
 
 class BenchmarkError(RuntimeError):
@@ -72,16 +75,26 @@ def database(server: LocalPostgres, name: str) -> str:
 def statements(log: Path, offset: int) -> list[tuple[datetime, str, str]]:
     """(time, application_name, statement) of every statement logged after ``offset`` bytes.
 
-    One container runs at a time, so every statement after the offset is the run's.
+    A statement's later lines follow its record unprefixed. One container runs at a time, so
+    every statement after the offset is the run's.
     """
-    out = []
+    out: list[tuple[datetime, str, str]] = []
+    current: list[str] | None = None
     with log.open(errors="replace") as f:
         f.seek(offset)
         for line in f:
-            m = LOG_LINE.match(line.rstrip("\n"))
+            line = line.rstrip("\n")
+            m = LOG_LINE.match(line)
             if m:
                 stamp = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
-                out.append((stamp, m[2], m[3]))
+                current = [m[3]]
+                out.append((stamp, m[2], ""))
+            elif RECORD.match(line):
+                current = None  # another kind of record (DETAIL, a connection, ...)
+            elif current is not None:
+                current.append(line)
+            if current is not None:
+                out[-1] = (out[-1][0], out[-1][1], "\n".join(current))
     return out
 
 
@@ -95,19 +108,28 @@ def podman_run(image: str, *command: str, env: dict[str, str] | None = None) -> 
     )
 
 
+def _seconds(text: str) -> float:
+    """``1m2.500s`` (POSIX ``times``) in seconds."""
+    minutes, _, rest = text.partition("m")
+    return int(minutes) * 60 + float(rest.rstrip("s"))
+
+
 def one_chunk(server: LocalPostgres, image: str, url: str, day: date, expect_parse: str) -> dict[str, Any]:
     offset = server.log_file.stat().st_size
     started = datetime.now(UTC)
     clock = time.monotonic()
+    # `times` (the shell's children's CPU time) is the load-independent cost of the same run.
     run = podman_run(
         image,
-        "python", "-m", "scripts.run_dbt_backfill",
+        "sh", "-c", 'python "$@"; code=$?; times >&2; exit $code', "sh",
+        "-m", "scripts.run_dbt_backfill",
         "--start-date", day.isoformat(), "--end-date", day.isoformat(), "--chunk", "day",
         env={"DATABASE_URL": url},
     )  # fmt: skip
     wall = time.monotonic() - clock
     if run.returncode != 0:
         raise BenchmarkError(f"the chunk failed ({run.returncode}): {run.stderr[-2000:]}")
+    cpu_user, cpu_sys = (_seconds(v) for v in run.stderr.strip().splitlines()[-1].split())
     parse = next((line.removeprefix("parse: ") for line in run.stderr.splitlines() if line.startswith("parse: ")), "")
     if not parse.startswith(expect_parse):
         raise BenchmarkError(f"expected 'parse: {expect_parse}...', the run said {parse!r}")
@@ -124,6 +146,7 @@ def one_chunk(server: LocalPostgres, image: str, url: str, day: date, expect_par
         "first_sql_seconds": round((first - started).total_seconds(), 3),
         "first_window_statement_seconds": round((window - started).total_seconds(), 3),
         "exit_seconds": round(wall, 3),
+        "cpu_seconds": round(cpu_user + cpu_sys, 3),
         "parse_line": parse,
     }
 
@@ -162,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         kind: {
-            key: median(kind, key) for key in ("first_sql_seconds", "first_window_statement_seconds", "exit_seconds")
+            key: median(kind, key)
+            for key in ("first_sql_seconds", "first_window_statement_seconds", "exit_seconds", "cpu_seconds")
         }
         for kind in results
     }
@@ -188,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     rows = [
-        "| | first SQL | first window statement | exit |",
-        "|---|---|---|---|",
+        "| | first SQL | first window statement | exit | CPU (user+sys) |",
+        "|---|---|---|---|---|",
         *(
             f"| {kind} parse | {s['first_sql_seconds']} s | {s['first_window_statement_seconds']} s "
-            f"| {s['exit_seconds']} s |"
+            f"| {s['exit_seconds']} s | {s['cpu_seconds']} s |"
             for kind, s in summary.items()
         ),
     ]
