@@ -28,7 +28,7 @@ upgrade=()
 "$tools/bin/pip-compile" --quiet "${upgrade[@]}" \
   --generate-hashes --allow-unsafe --strip-extras --build-deps-for wheel \
   --no-emit-index-url --no-emit-trusted-host --no-emit-find-links --no-header \
-  --output-file "$work" pyproject.toml 2> >(grep -v -E 'BuildBackendWarning|^!!|^ +\*|^ *$|Please use|By 20|See https|corresp\(' >&2)
+  --output-file "$work" pyproject.toml 2> >(grep -v -E 'BuildBackendWarning|^!!|^ +\*|^ *$|Please use|By 20|See https|corresp\(|or your builds' >&2)
 
 {
   cat <<'HEADER'
