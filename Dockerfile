@@ -4,17 +4,21 @@
 #   chunk Job:               python -m scripts.run_dbt_backfill --start-date D --end-date D ...
 #                            (the operator sets the Job's command; cwd is /app)
 #
-# Build:  docker build -t dbt-backfill-operator:0.1.0 .
+# Build:  make image   (podman build; see deploy/image/build.sh)
+# The base is a build argument, python:3.11-slim-bookworm pinned by digest. A machine that
+# reaches no registry builds an equivalent base from Debian bookworm packages instead
+# (deploy/image/local-base.sh) and passes it as BASE_IMAGE.
 # No credentials are baked in: DATABASE_URL reaches the container from a Secret at run time.
-# tests/unit/test_dockerfile.py checks the invariants noted below.
+# tests/unit/test_dockerfile.py checks the invariants noted below; tests/image/ builds and runs it.
+ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
 # ---------------------------------------------------------------------------------------------
-# builder: resolve the pinned dependencies and build the project wheel into /opt/venv.
+# deps: the pinned, hash-checked dependency closure in /opt/venv. Its inputs are the base and
+# constraints.txt only, so a code change never reinstalls (or re-copies) it.
 # ---------------------------------------------------------------------------------------------
-FROM python:3.11-slim AS builder
+FROM ${BASE_IMAGE} AS deps
 
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
@@ -22,37 +26,47 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 
-# Dependencies first, in their own layer: they change far less often than the code.
+# Every wheel is checked against the hashes pip-compile recorded (make constraints). The file
+# is the whole closure, so --no-deps installs exactly it (and spares old pips their trouble
+# with extras in hash mode); `pip check` below proves nothing is missing. The cache mount keeps
+# downloads between builds without putting them in a layer.
 COPY deploy/image/constraints.txt /src/constraints.txt
-RUN pip install --requirement /src/constraints.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --require-hashes --no-deps --only-binary=:all: --requirement /src/constraints.txt
 
-# The project itself: build a wheel (no editable install, no source tree in the image),
-# install it without touching the pinned dependencies, and prove the set is consistent.
+# ---------------------------------------------------------------------------------------------
+# builder: the project wheel, built without network (setuptools and wheel are pinned above)
+# and installed over the pinned set without touching it; `pip check` proves it consistent.
+# ---------------------------------------------------------------------------------------------
+FROM deps AS builder
+
 COPY pyproject.toml README.md /src/
 COPY operator/ /src/operator/
-RUN pip wheel --no-deps --wheel-dir /tmp/wheels /src \
-    && pip install --no-deps /tmp/wheels/*.whl \
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels /src \
+    && pip install --no-deps --no-index /tmp/wheels/*.whl \
     && pip check \
-    && dbt-backfill --help > /dev/null
+    && dbt-backfill --version
 
 # ---------------------------------------------------------------------------------------------
 # runtime: slim base + the venv + the dbt project (pre-parsed) + the documented scripts.
 # ---------------------------------------------------------------------------------------------
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 
 LABEL org.opencontainers.image.title="dbt-backfill-operator" \
       org.opencontainers.image.description="Kubernetes operator and CLI that runs chunked, audited, tenant-safe dbt backfills on PostgreSQL" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="python:3.11-slim"
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # tini as PID 1: forwards SIGTERM to the process and reaps zombies (dbt may spawn children).
 # The operator (kopf) handles SIGTERM itself, but a plain `python` as PID 1 would ignore it.
-RUN apt-get update \
+# (The local Debian base already has it.)
+RUN test -x /usr/bin/tini || { apt-get update \
     && apt-get install --yes --no-install-recommends tini \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/*; }
 
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 RUN groupadd --system --gid 10001 dbt \
@@ -73,7 +87,12 @@ ENV VIRTUAL_ENV=/opt/venv \
     DBT_SEND_ANONYMOUS_USAGE_STATS=false \
     DO_NOT_TRACK=1
 
-COPY --from=builder /opt/venv /opt/venv
+# The dependencies as one layer that only constraints.txt changes; then the project wheel
+# (a few hundred KiB) on top, so a code change rebuilds only that.
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=builder /tmp/wheels/ /tmp/wheels/
+RUN pip install --no-deps --no-index --no-cache-dir /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels
 
 WORKDIR /app
 COPY dbt-package/ /app/dbt-package/
@@ -82,11 +101,16 @@ COPY scripts/ /app/scripts/
 
 # Install the project's packages (analytics/packages.yml: the dbt_backfill package from
 # ../dbt-package) and parse the dbt project once at build time, so dbt_packages/,
-# target/manifest.json and target/partial_parse.msgpack ship in the image: the root filesystem
-# is read-only at run time, and the runner seeds its emptyDir target path from the parse. The
-# DBT_PG_* values are dummies for this RUN only (neither dbt deps nor dbt parse opens a
-# connection; profiles.yml reads env_var() only) and are not kept in the image's ENV.
-RUN DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt DBT_PG_DBNAME=analytics \
+# target/manifest.json and target/partial_parse.msgpack ship in the image (the root filesystem
+# is read-only at run time; the runner seeds its emptyDir target path from the parse). Host,
+# port and user are the placeholders every later parse uses too (operator/dbtbackfill/parse_key.py),
+# so a Pod reuses this parse whatever its credentials, as long as its database and schema are
+# these two (build with --build-arg to match yours; another database only costs the Pod a full
+# parse). Nothing here is kept in the image's ENV; neither dbt deps nor dbt parse connects.
+ARG PARSE_DATABASE=analytics
+ARG PARSE_SCHEMA=analytics
+RUN DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt \
+    DBT_PG_DBNAME=${PARSE_DATABASE} DBT_PG_SCHEMA=${PARSE_SCHEMA} \
     DBT_TARGET_PATH=/app/analytics/target DBT_LOG_PATH=/tmp/dbt-build/logs \
     dbt deps --project-dir /app/analytics \
     && test -f /app/analytics/dbt_packages/dbt_backfill/macros/backfill.sql \

@@ -11,7 +11,7 @@ CLUSTER_BIN_DIR := $(or $(DBT_BACKFILL_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.ca
 # The built kubectl (same version as the API server) comes first for everything make runs.
 export PATH := $(CLUSTER_BIN_DIR):$(PATH)
 
-.PHONY: venv demo test lint typecheck unit integration e2e bench clean cluster-bin cluster-up cluster-down
+.PHONY: venv demo test lint typecheck unit integration e2e bench clean cluster-bin cluster-up cluster-down image image-test constraints
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,9 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/dbt-backfill demo
 
-## Everything CI runs: lint, types, and the whole test suite (real PostgreSQL, real dbt).
-test: venv lint typecheck cluster-bin
+## Everything CI runs: lint, types, the image, and the whole test suite (real PostgreSQL, real dbt,
+## a real Kubernetes control plane).
+test: venv lint typecheck cluster-bin image
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -56,6 +57,18 @@ cluster-up: cluster-bin venv
 
 cluster-down: venv
 	$(BIN)/python -m localcluster down
+
+## The container image, built with podman into local storage (layers and base cached).
+image:
+	deploy/image/build.sh
+
+## The tests that build on the image: run it read-only as 10001, run a chunk in it.
+image-test: venv image
+	$(BIN)/pytest tests/image $(PYTEST_ARGS)
+
+## Re-resolve deploy/image/constraints.txt with hashes (UPGRADE=1 to move every pin).
+constraints:
+	deploy/image/compile-constraints.sh
 
 ## Benchmarks write their numbers to benchmarks/results/ (quoted in the README).
 bench: venv

@@ -17,6 +17,7 @@ import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from importlib import metadata
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, contract_check, database_url, lifecycle, planner, runner
@@ -224,6 +225,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
         reporter.target(session.data_target, other_database(session.data_target, url))
         reporter.plan()
+        reporter.parsed(session.parse_report)
         _check_contract(args, url, session, models, tenant)
         verify = session.window_tests(tenant, models) if args.verify else None
         if verify is not None:
@@ -564,6 +566,8 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dbt-backfill", description="Chunked, audited dbt backfills on PostgreSQL.")
+    # The installed distribution's version, so an image or a wheel reports what it really holds.
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('dbtbackfill')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="backfill a date range (same as python -m scripts.run_dbt_backfill)")

@@ -65,6 +65,11 @@ class Reporter:
         if audit is not None:
             self._line(f"audit: rows go to {audit} (DATABASE_URL), not to the target's database")
 
+    def parsed(self, text: str) -> None:
+        """How dbt's parse went: reused the saved one (the image's), or parsed in full and why."""
+        if text:
+            self._line(f"parse: {text}")
+
     def engine(self, text: str) -> None:
         """How the windows run: compiled once, or one dbt invocation each (and why)."""
         if self._progress is not None:

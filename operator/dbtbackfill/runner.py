@@ -34,6 +34,7 @@ from dbtbackfill.compiled import (
     plan_models,
 )
 from dbtbackfill.database_url import ConnectionSettings, DatabaseUrlError
+from dbtbackfill.parse_key import parse_environment, project_connection_reads
 from dbtbackfill.planner import Window
 from dbtbackfill.project import ProjectError, Resolved, Target, find_project_dir, resolve
 from dbtbackfill.window_tests import WindowTests, attached_tests, scope, window_test
@@ -54,6 +55,36 @@ def connection_settings(database_url: str) -> ConnectionSettings:
         return database_url_module.parse(database_url)
     except DatabaseUrlError as exc:
         raise RunnerError(str(exc)) from None
+
+
+# Files whose Jinja a parse renders (packages included); target/ and logs/ are dbt's output.
+_PARSED_SUFFIXES: Final = frozenset({".sql", ".yml", ".yaml", ".md"})
+_NOT_PARSED_DIRS: Final = frozenset({"target", "logs"})
+
+
+def _project_sources(project_dir: Path) -> Iterator[tuple[str, str]]:
+    for path in sorted(project_dir.rglob("*")):
+        relative = path.relative_to(project_dir)
+        if relative.parts[0] in _NOT_PARSED_DIRS or path.suffix not in _PARSED_SUFFIXES or not path.is_file():
+            continue
+        if relative.as_posix() == "profiles.yml":  # where the credentials come in, not project Jinja
+            continue
+        yield relative.as_posix(), path.read_text(errors="replace")
+
+
+@contextmanager
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``overrides`` applied, restored afterwards."""
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def dbt_env(database_url: str, schema: str | None = None) -> dict[str, str]:
@@ -266,6 +297,8 @@ class DbtSession:
     _env: dict[str, str] = field(init=False, default_factory=dict)
     #: libpq's ``PG*`` variables for the URL's other parameters, set only while dbt runs.
     _libpq_env: dict[str, str] = field(init=False, default_factory=dict)
+    # How the last parse() went, for the user: "reused the saved parse" or why it could not.
+    parse_report: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         try:
@@ -392,13 +425,35 @@ class DbtSession:
                     os.environ[key] = value
 
     def parse(self) -> None:
+        """Parse the project, reusing the saved parse (the image's, or the last run's) when dbt allows.
+
+        The parse sees placeholder host/port/user/password (:mod:`dbtbackfill.parse_key`), so a
+        parse saved for other credentials but the same database and schema is reused; the
+        real credentials are back in the environment before anything connects.
+        """
         from dbt.cli.main import dbtRunner
 
         _reset_adapter_behavior_flags()  # snapshots the list before dbt's first adapter
-        with self._environment():
-            res = dbtRunner().invoke([*self._global_args(), "parse", *self._common_args()])
+        reads = project_connection_reads(_project_sources(Path(self.project_dir or ".")))
+        reasons: list[str] = []
+
+        def on_event(event: Any) -> None:
+            if event.info.name == "UnableToPartialParse":
+                reasons.append(str(event.data.reason))
+
+        started = time.monotonic()
+        with self._environment(), _environment(parse_environment(os.environ, reads)):
+            res = dbtRunner(callbacks=[on_event]).invoke([*self._global_args(), "parse", *self._common_args()])
         if not res.success or res.result is None:
             raise RunnerError(f"dbt could not parse the project: {res.exception or 'see dbt logs'}")
+        seconds = time.monotonic() - started
+        if reasons:
+            self.parse_report = f"full parse in {seconds:.2f}s: dbt could not reuse the saved one ({reasons[-1]})"
+        else:
+            self.parse_report = f"reused the saved parse ({seconds:.2f}s)"
+        if reads:
+            first = sorted(reads)[0]
+            self.parse_report += f"; keyed on the credentials because {first} reads {', '.join(sorted(reads[first]))}"
         self._manifest = res.result
         self._save_partial_parse()
 

@@ -38,14 +38,36 @@ def instructions() -> list[dict[str, Any]]:
     return [i for i in parser().structure if i["instruction"] != "COMMENT"]
 
 
-def stages() -> list[list[dict[str, Any]]]:
-    result: list[list[dict[str, Any]]] = []
+def global_args() -> list[dict[str, Any]]:
+    """The ARGs before the first FROM (the only ones a FROM line may use)."""
+    result = []
     for item in instructions():
         if item["instruction"] == "FROM":
+            break
+        assert item["instruction"] == "ARG", "the Dockerfile must start with FROM (after ARGs, if any)"
+        result.append(item)
+    return result
+
+
+def stages() -> list[list[dict[str, Any]]]:
+    result: list[list[dict[str, Any]]] = []
+    for item in instructions()[len(global_args()) :]:
+        if item["instruction"] == "FROM":
             result.append([])
-        assert result, "the Dockerfile must start with FROM (after ARGs, if any)"
         result[-1].append(item)
     return result
+
+
+def stage_names() -> list[str]:
+    names = []
+    for stage in stages():
+        words = stage[0]["value"].split()
+        names.append(words[2] if len(words) == 3 and words[1].upper() == "AS" else "")
+    return names
+
+
+def stage(name: str) -> list[dict[str, Any]]:
+    return stages()[stage_names().index(name)]
 
 
 def final_stage() -> list[dict[str, Any]]:
@@ -144,12 +166,18 @@ def test_dockerignore_matcher_behaves_like_docker() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_multi_stage_on_python_311_slim() -> None:
+def test_multi_stage_on_python_311_slim_pinned_by_digest() -> None:
     p = parser()
     assert p.is_multistage
     assert len(stages()) >= 2
-    for image in p.parent_images:
-        assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]{64})?", image), image
+    # The base is one build argument (deploy/image/build.sh may pass an equivalent local one);
+    # its default is the official image, pinned by digest so a rebuild gets the same bytes.
+    (base,) = [a["value"].split("=", 1) for a in global_args() if a["value"].startswith("BASE_IMAGE=")]
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?@sha256:[0-9a-f]{64}", base[1]), base[1]
+    for item, image in zip([s[0] for s in stages()], p.parent_images, strict=True):
+        raw = item["value"].split()[0]
+        assert raw == "${BASE_IMAGE}" or raw in stage_names(), f"FROM {raw}: use ${{BASE_IMAGE}} or an earlier stage"
+        assert image == base[1] or image in stage_names(), image
 
 
 def test_base_images_name_no_registry() -> None:
@@ -160,26 +188,37 @@ def test_base_images_name_no_registry() -> None:
 
 
 def test_copy_from_refers_only_to_earlier_stages() -> None:
-    names = []
-    for stage in stages():
-        for item in stage:
+    names = stage_names()
+    for index, items in enumerate(stages()):
+        for item in items:
             if item["instruction"] == "COPY":
                 for flag in copy_args(item)[0]:
                     if flag.startswith("--from="):
-                        assert flag.split("=", 1)[1] in names, f"COPY {flag} is not an earlier stage"
-        words = stage[0]["value"].split()
-        if len(words) == 3 and words[1].upper() == "AS":
-            names.append(words[2])
+                        assert flag.split("=", 1)[1] in names[:index], f"COPY {flag} is not an earlier stage"
 
 
-def test_builder_builds_a_wheel_into_a_venv() -> None:
-    builder = "\n".join(run_lines(stages()[0]))
-    assert "python -m venv /opt/venv" in builder
-    assert re.search(r"pip wheel --no-deps\b", builder)
-    assert re.search(r"pip install --requirement /src/constraints\.txt", builder)
+def test_dependencies_install_hash_checked_in_their_own_stage() -> None:
+    deps = stage("deps")
+    lines = "\n".join(run_lines(deps))
+    assert "python -m venv /opt/venv" in lines
+    assert re.search(r"pip install --require-hashes\b.* --no-deps\b.* --requirement /src/constraints\.txt", lines)
+    # Nothing but the constraints reaches this stage, so a code change reuses its layers.
+    sources = [copy_args(i)[1] for i in deps if i["instruction"] == "COPY"]
+    assert sources == [["deploy/image/constraints.txt"]]
+
+
+def test_builder_builds_a_wheel_over_the_pinned_set() -> None:
+    builder = "\n".join(run_lines(stage("builder")))
+    assert stage("builder")[0]["value"].split()[0] == "deps"
+    assert re.search(r"pip wheel --no-deps --no-build-isolation\b", builder)
+    assert re.search(r"pip install --no-deps --no-index\b", builder)
     assert "pip check" in builder
     copies = [copy_args(i) for i in final_stage() if i["instruction"] == "COPY"]
-    assert (["--from=builder"], ["/opt/venv"], "/opt/venv") in copies
+    assert (["--from=deps"], ["/opt/venv"], "/opt/venv") in copies
+    wheel = (["--from=builder"], ["/tmp/wheels/"], "/tmp/wheels/")
+    assert wheel in copies
+    # The dependency layer comes before the project's, so it is reused when only code changes.
+    assert copies.index((["--from=deps"], ["/opt/venv"], "/opt/venv")) < copies.index(wheel)
 
 
 def test_final_user_is_numeric_and_not_root() -> None:
@@ -360,18 +399,40 @@ def test_dockerignore_keeps_local_state_out() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+PIN_WITH_HASHES = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)")
+
+
+def requirement_lines() -> list[str]:
+    """constraints.txt's logical lines (backslash continuations joined), comments dropped."""
+    text = re.sub(r"\\\n", " ", CONSTRAINTS.read_text())
+    lines = (raw.split("#", 1)[0].strip() for raw in text.splitlines())
+    return [line for line in lines if line]
+
+
 def pins() -> dict[str, tuple[str, str]]:
     result: dict[str, tuple[str, str]] = {}
-    for raw in CONSTRAINTS.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)", line)
-        assert match, f"constraints.txt: not an exact pin: {raw!r}"
+    for line in requirement_lines():
+        match = PIN_WITH_HASHES.fullmatch(line)
+        assert match, f"constraints.txt: not an exact pin with sha256 hashes: {line[:80]!r}"
         name = canonicalize_name(match.group(1))
         assert name not in result, f"constraints.txt: {name} pinned twice"
         result[name] = (match.group(1), match.group(2))
     return result
+
+
+def test_constraints_name_no_package_source() -> None:
+    # pip-compile can emit --index-url/--find-links/--trusted-host lines: they would name a host.
+    assert not [line for line in requirement_lines() if line.startswith("-")]
+
+
+def test_constraints_carry_the_build_requirements() -> None:
+    # The wheel is built with --no-build-isolation, from these hash-checked pins.
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    pinned = pins()
+    for spec in build:
+        req = Requirement(spec)
+        assert canonicalize_name(req.name) in pinned, req.name
+        assert req.specifier.contains(pinned[canonicalize_name(req.name)][1]), spec
 
 
 def test_every_runtime_dependency_is_pinned_within_its_range() -> None:

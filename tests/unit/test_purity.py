@@ -23,6 +23,7 @@ PURE_MODULES = (
     "policy",
     "pod_start",
     "window_tests",
+    "parse_key",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
