@@ -109,10 +109,10 @@ COPY scripts/ /app/scripts/
 # parse). Nothing here is kept in the image's ENV; neither dbt deps nor dbt parse connects.
 ARG PARSE_DATABASE=analytics
 ARG PARSE_SCHEMA=analytics
-RUN DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt \
+RUN export DBT_PG_HOST=localhost DBT_PG_PORT=5432 DBT_PG_USER=dbt \
     DBT_PG_DBNAME=${PARSE_DATABASE} DBT_PG_SCHEMA=${PARSE_SCHEMA} \
     DBT_TARGET_PATH=/app/analytics/target DBT_LOG_PATH=/tmp/dbt-build/logs \
-    dbt deps --project-dir /app/analytics \
+    && dbt deps --project-dir /app/analytics \
     && test -f /app/analytics/dbt_packages/dbt_backfill/macros/backfill.sql \
     && dbt parse --project-dir /app/analytics --profiles-dir /app/analytics \
     && test -s /app/analytics/target/manifest.json \

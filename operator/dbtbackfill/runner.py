@@ -413,16 +413,8 @@ class DbtSession:
         libpq ones are undone afterwards: they would reach every other connection too.
         """
         os.environ.update(self._env)
-        saved = {k: os.environ.get(k) for k in self._libpq_env}
-        os.environ.update(self._libpq_env)
-        try:
+        with _environment(self._libpq_env):
             yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def parse(self) -> None:
         """Parse the project, reusing the saved parse (the image's, or the last run's) when dbt allows.
