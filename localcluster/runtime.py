@@ -186,7 +186,9 @@ class HostProcessRuntime:
         argv = [remap(a) for a in argv]
         if not argv:
             raise ContainerError(f"image {spec.image!r} has no entrypoint and the container no command")
-        working_dir = Path(remap(spec.working_dir or image.working_dir or str(self.working_dir)))
+        # Only the Pod's own paths live in its volumes; the image's and the runtime's are host paths
+        # (a checkout under /tmp must not turn into the Pod's /tmp emptyDir).
+        working_dir = Path(remap(spec.working_dir)) if spec.working_dir else Path(image.working_dir or self.working_dir)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with spec.log_path.open("ab") as log:
             try:
