@@ -165,7 +165,9 @@ def warnings(client: kubernetes.client.ApiClient, namespace: str, name: str, rea
 
 
 def secret(client: kubernetes.client.ApiClient, namespace: str, name: str, data: dict[str, str]) -> None:
-    core(client).create_namespaced_secret(namespace, {"metadata": {"name": name}, "stringData": data})
+    # Labelled as the operator's policy requires of a Secret a backfill names (README, Security notes).
+    metadata = {"name": name, "labels": {"dbt-backfill.io/warehouse": "true"}}
+    core(client).create_namespaced_secret(namespace, {"metadata": metadata, "stringData": data})
 
 
 def chunk_rows(url: str) -> list[tuple[Any, ...]]:
@@ -394,7 +396,9 @@ def test_a_chunk_whose_job_its_ttl_deleted_while_the_operator_was_down_is_not_ru
     ns = ready_namespace
     load_demo_data(database_url, tenants=1, start_date=date(2024, 1, 1), days=2, rows_per_day=3)
     project = project_outside_tmp / "analytics"
-    shutil.copytree(REPO_ROOT / "analytics", project, ignore=shutil.ignore_patterns("target", "logs"))
+    shutil.copytree(REPO_ROOT / "analytics", project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    # analytics/packages.yml installs the dbt_backfill package from ../dbt-package.
+    shutil.copytree(REPO_ROOT / "dbt-package", project_outside_tmp / "dbt-package")
     image = f"runner-{uuid.uuid4().hex[:8]}:1"
     # The image's environment: the project, and dbt's scratch files in this test's directory.
     cluster.define_image(
