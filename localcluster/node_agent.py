@@ -548,6 +548,7 @@ class NodeAgent:
         self._boot_id = str(uuid.uuid4())
         self._authorizations: dict[tuple[User, Attributes], tuple[float, bool, str]] = {}
         self.kubelet_server: KubeletServer | None = None
+        self._serving: threading.Thread | None = None
         if config.tls_cert_file and config.tls_private_key_file and config.client_ca_file:
             self.kubelet_server = KubeletServer(
                 node_name=config.node_name,
@@ -937,7 +938,7 @@ class NodeAgent:
         """Register, then serve Pods until `stop()`."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         if self.kubelet_server is not None:
-            self.kubelet_server.serve_in_thread()
+            self._serving = self.kubelet_server.serve_in_thread()
         self.register()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         resource_version: str | None = None
@@ -972,8 +973,9 @@ class NodeAgent:
                     container.handle.kill()
         self._deleter.shutdown(wait=False, cancel_futures=True)
         self._prober.shutdown(wait=False, cancel_futures=True)
-        if self.kubelet_server is not None:
-            self.kubelet_server.shutdown()
+        if self.kubelet_server is not None and self._serving is not None:
+            self.kubelet_server.shutdown()  # waits for serve_forever: only once it was started
+            self._serving = None
 
 
 def build_parser() -> argparse.ArgumentParser:
