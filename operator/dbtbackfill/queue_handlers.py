@@ -1,0 +1,39 @@
+"""kopf handlers for DbtBackfillQueue: wake the member backfills when their queue changes.
+
+Admission itself runs in each member's reconcile pass (``queue_gate``); the queue needs no
+daemon of its own. Only an event handler runs here, so kopf keeps no finalizer, progress or
+diff-base annotation on queues (the operator never patches a queue, only its status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from dbtbackfill import handlers, kube, queue_gate
+from dbtbackfill.kube import GROUP, QUEUE_PLURAL, VERSION
+
+# Event types on which the queue's members may see something new: the initial listing (None),
+# the queue appearing or going away. Status-only changes (our own patches) do not count.
+_MEMBERSHIP_EVENTS = (None, "ADDED", "DELETED")
+
+
+@kopf.on.event(GROUP, VERSION, QUEUE_PLURAL)
+async def on_queue_event(
+    type: str | None, name: str, namespace: str | None, meta: kopf.Meta, status: kopf.Status, logger: kopf.Logger,
+    **_: Any,
+) -> None:  # fmt: skip
+    spec_changed = meta.get("generation") != status.get("observedGeneration")
+    if type not in _MEMBERSHIP_EVENTS and not spec_changed:
+        return
+    try:
+        members = await asyncio.to_thread(queue_gate.refresh, namespace or "", name, datetime.now(UTC))
+    except kube.ApiFailure as exc:
+        # The members still re-check on their own (queue_admission.WAITING_RECHECK_SECONDS).
+        logger.warning("cannot refresh DbtBackfillQueue %s: %s", name, exc)
+        return
+    for uid in members:
+        handlers.wake(uid)
