@@ -553,6 +553,15 @@ def test_examples_fit_together() -> None:
         assert end < dt.date.today() - dt.timedelta(days=2) or spec.get("allowRecent")
     tenant = [b for b in backfills if "tenantId" in b["spec"]]
     assert tenant, "backfill-tenant.yaml must show a tenant-scoped backfill"
+    # A backfill that names a queue finds it beside it (a missing queue would only wait).
+    queues = {
+        (d["metadata"]["namespace"], d["metadata"]["name"])
+        for docs in examples.values()
+        for d in docs
+        if d["kind"] == "DbtBackfillQueue"
+    }
+    joined = {(b["metadata"]["namespace"], b["spec"]["queueName"]) for b in backfills if "queueName" in b["spec"]}
+    assert joined and joined <= queues
 
 
 def test_deployment_sets_a_valid_policy_that_allows_only_the_defaults(objects: list[dict[str, Any]]) -> None:
