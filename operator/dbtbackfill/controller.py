@@ -357,16 +357,21 @@ def _admitted(
     views: Sequence[JobView],
     now: datetime,
 ) -> tuple[reconcile.Decision, Queued | None]:
-    """Cut the decided launches to what the backfill's queue admits (call under its lock).
-
-    A launch the queue refuses is forgotten like one whose create failed: uncharged, due again.
-    A backfill that has not started and may start nothing is Queued."""
+    """Ask the backfill's queue what it may start (call under the queue's lock)."""
     if not spec.queue_name:
         return decision, None
     created = body["metadata"].get("creationTimestamp") or ""
     verdict, view, me = queue_gate.admit(
         owner.namespace, owner, created, spec.priority, spec.queue_name, views, len(decision.launch), now
     )
+    return admitted_decision(decision, verdict, now), Queued(verdict, view, me)
+
+
+def admitted_decision(decision: reconcile.Decision, verdict: Verdict, now: datetime) -> reconcile.Decision:
+    """``decision`` with only the launches ``verdict`` grants, and the phase and wake-up to match.
+
+    A launch the queue refuses is forgotten like one whose create failed: uncharged, due again.
+    A backfill that has not started and may start nothing is Queued."""
     refused = decision.launch[verdict.granted :]
     if refused:
         decision = _unlaunch(decision, refused, now)
@@ -377,7 +382,7 @@ def _admitted(
     if verdict.wake_after is not None:
         wake = verdict.wake_after if decision.wake_after is None else min(decision.wake_after, verdict.wake_after)
         decision = replace(decision, wake_after=wake)
-    return decision, Queued(verdict, view, me)
+    return decision
 
 
 def _failure_of(exc: kube.ApiFailure) -> tuple[str, str]:

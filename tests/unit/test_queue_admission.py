@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dbtbackfill.controller import admitted_decision
 from dbtbackfill.queue_admission import (
     Member,
     QueueSpec,
@@ -23,6 +24,8 @@ from dbtbackfill.queue_admission import (
     verdict_for,
 )
 from dbtbackfill.queue_status import QueueRow, queue_events, queue_status, with_queue
+from dbtbackfill.reconcile import ChunkState, Decision, decide
+from dbtbackfill.spec import parse_spec
 
 NOON = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -283,3 +286,41 @@ def test_queue_status_lists_members_in_admission_order() -> None:
                           generation=5, previous=status, now=NOON)  # fmt: skip
     assert paused["conditions"][0]["status"] == "False"
     assert paused["conditions"][0]["reason"] == "QueuePaused"
+
+
+# --- the reconcile decision cut to the queue's grant ---------------------------------------------
+
+
+def _decision(state: ChunkState | None = None) -> Decision:
+    spec = parse_spec({"startDate": "2024-01-01", "endDate": "2024-01-05", "parallelism": 3,
+                       "databaseSecretRef": {"name": "db"}, "queueName": "wh"})  # fmt: skip
+    return decide(spec, spec.windows(), state or ChunkState(), [], NOON)
+
+
+def test_a_fresh_backfill_the_queue_refuses_is_queued_and_launches_nothing() -> None:
+    decision = _decision()
+    assert len(decision.launch) == 3 and "Started" in {e.reason for e in decision.events}
+    refused = admitted_decision(decision, missing_queue_verdict("wh", wanting=3, running=0), NOON)
+    assert refused.launch == ()
+    assert refused.phase == "Queued"
+    assert dict(refused.state.attempts) == {}  # nothing charged: the chunks are simply not started
+    assert "Started" not in {e.reason for e in refused.events}
+    assert refused.wake_after is not None
+
+
+def test_a_partial_grant_launches_the_first_chunks_and_keeps_the_rest_due() -> None:
+    decision = _decision()
+    me = member("me", wanting=3)
+    verdict = verdict_for("wh", QueueSpec(1), [me], me, running=0, now=NOON)
+    cut = admitted_decision(decision, verdict, NOON)
+    assert [item.window.index for item in cut.launch] == [0]
+    assert dict(cut.state.attempts) == {0: 1}
+    assert cut.phase == "Running"
+
+
+def test_a_started_backfill_that_waits_stays_running() -> None:
+    decision = _decision(ChunkState(succeeded=frozenset({0})))
+    me = member("me", wanting=len(decision.launch))
+    cut = admitted_decision(decision, verdict_for("wh", QueueSpec(1), [me], me, running=1, now=NOON), NOON)
+    assert cut.launch == ()
+    assert cut.phase == "Running"  # it holds its overlap claim: an overlapping backfill must not start
