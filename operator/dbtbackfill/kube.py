@@ -150,17 +150,22 @@ def _core() -> Any:
     return client.CoreV1Api(_api_client())
 
 
-def get_backfill(namespace: str, name: str) -> dict[str, Any] | None:
+def _get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """One of our custom objects, or None if it does not exist."""
     from kubernetes.client.exceptions import ApiException
 
-    with _calling("get", f"{PLURAL}/{name}"):
+    with _calling("get", f"{plural}/{name}"):
         try:
-            obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         except ApiException as exc:
             if _status_of(exc) == 404:
                 return None
             raise
     return obj
+
+
+def get_backfill(namespace: str, name: str) -> dict[str, Any] | None:
+    return _get_custom(PLURAL, namespace, name)
 
 
 def list_backfills(namespace: str) -> list[dict[str, Any]]:
@@ -250,16 +255,7 @@ def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) 
 
 
 def get_queue(namespace: str, name: str) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    with _calling("get", f"{QUEUE_PLURAL}/{name}"):
-        try:
-            obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, QUEUE_PLURAL, name)
-        except ApiException as exc:
-            if _status_of(exc) == 404:
-                return None
-            raise
-    return obj
+    return _get_custom(QUEUE_PLURAL, namespace, name)
 
 
 def patch_queue_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
