@@ -8,13 +8,11 @@ namespace's Jobs, in the API server's own order of events, never with timings.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
-import kubernetes.watch
 import pytest
 
 from localcluster.cluster import LocalCluster
@@ -32,6 +30,7 @@ from tests.e2e.test_operator import (  # noqa: F401  # fixtures, used by name
     status_of,
     wait_phase,
 )
+from tests.support.job_census import JobCensus
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -71,63 +70,6 @@ def queued_condition(status: dict[str, Any]) -> dict[str, Any]:
 def waiting_because(client: kubernetes.client.ApiClient, namespace: str, name: str, reason: str) -> bool:
     condition = queued_condition(status_of(client, namespace, name))
     return condition.get("status") == "True" and condition.get("reason") == reason
-
-
-def _alive(job: dict[str, Any]) -> bool:
-    """A Job some Pod of which may still run: not finished, or finished with Pods terminating."""
-    status = job.get("status") or {}
-    finished = any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in status.get("conditions") or []
-    )
-    return not finished or bool(status.get("active")) or bool(status.get("terminating"))
-
-
-class JobCensus:
-    """A watch on a namespace's Jobs, from before the first one exists: the most alive at once,
-    and the order in which Jobs appeared (by their backfill label)."""
-
-    def __init__(self, client: kubernetes.client.ApiClient, namespace: str) -> None:
-        self.batch = kubernetes.client.BatchV1Api(client)
-        self.namespace = namespace
-        self.alive: dict[str, bool] = {}
-        self.created: list[str] = []  # backfill of each Job, in creation order
-        self.peak = 0
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-        listed = self.batch.list_namespaced_job(namespace)
-        assert not listed.items, "the census must start before any Job exists"
-        self.version = listed.metadata.resource_version
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                watch = kubernetes.watch.Watch()
-                for event in watch.stream(self.batch.list_namespaced_job, self.namespace, timeout_seconds=5,
-                                          resource_version=self.version, allow_watch_bookmarks=True,
-                                          _preload_content=False):  # fmt: skip
-                    self._seen(event)
-                    if self.stopping.is_set():
-                        watch.stop()
-        except BaseException as exc:  # reported by stop(): a census with a gap proves nothing
-            self.error = exc
-
-    def _seen(self, event: dict[str, Any]) -> None:
-        job = event["raw_object"]
-        self.version = job["metadata"]["resourceVersion"]
-        if event["type"] == "BOOKMARK":
-            return
-        name = job["metadata"]["name"]
-        if event["type"] == "ADDED" and name not in self.alive:
-            self.created.append((job["metadata"].get("labels") or {}).get("dbt-backfill.io/backfill", ""))
-        self.alive[name] = event["type"] != "DELETED" and _alive(job)
-        self.peak = max(self.peak, sum(self.alive.values()))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(30)
-        assert self.error is None, f"the Job watch broke off: {self.error!r}"
 
 
 @pytest.fixture
