@@ -1,4 +1,5 @@
-"""kopf handlers for DbtBackfillQueue: wake the member backfills when their queue changes.
+"""kopf handlers for DbtBackfillQueue: wake the member backfills when their queue appears, goes
+or changes its spec, and when a member is deleted (its slots are free).
 
 Admission itself runs in each member's reconcile pass (``queue_gate``); the queue needs no
 daemon of its own. Only an event handler runs here, so kopf keeps no finalizer, progress or
@@ -21,6 +22,17 @@ from dbtbackfill.kube import GROUP, QUEUE_PLURAL, VERSION
 _MEMBERSHIP_EVENTS = (None, "ADDED", "DELETED")
 
 
+async def _refresh_and_wake(namespace: str, queue: str, logger: kopf.Logger) -> None:
+    try:
+        members = await asyncio.to_thread(queue_gate.refresh, namespace, queue, datetime.now(UTC))
+    except kube.ApiFailure as exc:
+        # The members still re-check on their own (queue_admission.WAITING_RECHECK_SECONDS).
+        logger.warning("cannot refresh DbtBackfillQueue %s: %s", queue, exc)
+        return
+    for uid in members:
+        handlers.wake(uid)
+
+
 @kopf.on.event(GROUP, VERSION, QUEUE_PLURAL)
 async def on_queue_event(
     type: str | None, name: str, namespace: str | None, meta: kopf.Meta, status: kopf.Status, logger: kopf.Logger,
@@ -29,11 +41,15 @@ async def on_queue_event(
     spec_changed = meta.get("generation") != status.get("observedGeneration")
     if type not in _MEMBERSHIP_EVENTS and not spec_changed:
         return
-    try:
-        members = await asyncio.to_thread(queue_gate.refresh, namespace or "", name, datetime.now(UTC))
-    except kube.ApiFailure as exc:
-        # The members still re-check on their own (queue_admission.WAITING_RECHECK_SECONDS).
-        logger.warning("cannot refresh DbtBackfillQueue %s: %s", name, exc)
+    await _refresh_and_wake(namespace or "", name, logger)
+
+
+@kopf.on.event(GROUP, VERSION, kube.PLURAL, when=lambda spec, **_: bool(spec.get("queueName")))
+async def on_member_event(
+    type: str | None, namespace: str | None, spec: kopf.Spec, logger: kopf.Logger, **_: Any
+) -> None:
+    """A member backfill is gone (its finalizer waited for its Pods): its slots are free now, and
+    no Job event of it wakes anyone, so the queue's other members are woken here."""
+    if type != "DELETED":
         return
-    for uid in members:
-        handlers.wake(uid)
+    await _refresh_and_wake(namespace or "", str(spec.get("queueName")), logger)

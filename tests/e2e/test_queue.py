@@ -9,6 +9,7 @@ namespace's Jobs, in the API server's own order of events, never with timings.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,30 @@ def test_a_backfill_naming_a_missing_queue_waits_until_the_queue_exists(
     census.stop()
     assert census.created == ["early"]
     assert census.peak == 1
+
+
+def clock(hours: float) -> str:
+    return (datetime.now(UTC) + timedelta(hours=hours)).strftime("%H:%M")
+
+
+def test_outside_its_allowed_windows_a_queue_admits_nothing_until_a_window_holds_now(
+    kube_client: kubernetes.client.ApiClient, namespace: str,
+    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    census: JobCensus,
+) -> None:  # fmt: skip
+    # A window that opens in two hours (the test never lasts that long), and then one holding now.
+    make_queue(kube_client, namespace, "nightly", maxRunningChunks=1,
+               allowedWindows=[{"start": clock(2), "end": clock(3)}])  # fmt: skip
+    create(kube_client, backfill(namespace, "patient", "2024-01-06", "2024-01-06", queueName="nightly"))
+    wait_for(lambda: waiting_because(kube_client, namespace, "patient", "OutsideAllowedWindow"), timeout=120,
+             message=lambda: operator.logs()[-3000:])  # fmt: skip
+    assert_events(kube_client, namespace, "patient", "OutsideAllowedWindow")
+    queue = wait_for(lambda: (q := queue_of(kube_client, namespace, "nightly")).get("status") and q, timeout=60)
+    admitting = {c["type"]: c for c in queue["status"]["conditions"]}["Admitting"]
+    assert (admitting["status"], admitting["reason"]) == ("False", "OutsideAllowedWindow")
+    assert census.created == []
+
+    patch_queue(kube_client, namespace, "nightly", allowedWindows=[{"start": clock(-1), "end": clock(2)}])
+    wait_phase(kube_client, operator, namespace, "patient", "Succeeded", timeout=600)
+    census.stop()
+    assert census.created == ["patient"]
