@@ -489,12 +489,12 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         now=now,
         blocked_by=decision.blocked_by,
     )
+    new["retryFailedObserved"] = spec.retry_failed or ""
     if queued is not None:
         new = queue_status.with_queue(new, queued.verdict, spec.priority, previous, generation, now)
         events += queue_status.queue_events(previous, queued.verdict)
     elif previous.get("queue"):
         new["queue"] = None  # left its queue
-    new["retryFailedObserved"] = spec.retry_failed or ""
     new["audit"] = _audit(previous.get("audit") or {}, owner, spec, decision.phase, new, auditlog)
     events += _phase_events(previous.get("phase"), decision.phase, new)
     # Deleting comes after the status records why (suspend, a never-started Pod), so an operator
