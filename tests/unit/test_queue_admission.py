@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from dbtbackfill.queue_admission import (
     seconds_until_open,
     verdict_for,
 )
+from dbtbackfill.queue_gate import _member
 from dbtbackfill.queue_status import QueueRow, queue_events, queue_status, with_queue
 from dbtbackfill.reconcile import ChunkState, Decision, decide
 from dbtbackfill.spec import parse_spec
@@ -324,3 +326,18 @@ def test_a_started_backfill_that_waits_stays_running() -> None:
     cut = admitted_decision(decision, verdict_for("wh", QueueSpec(1), [me], me, running=1, now=NOON), NOON)
     assert cut.launch == ()
     assert cut.phase == "Running"  # it holds its overlap claim: an overlapping backfill must not start
+
+
+def test_a_peer_wants_its_recorded_demand_minus_what_runs_now() -> None:
+    def peer(**status: Any) -> dict[str, Any]:
+        meta = {"uid": "p", "name": "peer", "creationTimestamp": "2024-01-01T00:00:00Z"}
+        return {"metadata": meta, "spec": {"queueName": "wh", "priority": 3}, "status": status}
+
+    running = Counter({"p": 1})
+    seen = _member(peer(queue={"name": "wh", "demand": 4}, phase="Running"), "wh", running)
+    assert (seen.priority, seen.running, seen.wanting) == (3, 1, 3)
+    # Finished, or recorded for another queue: it wants nothing here.
+    assert _member(peer(queue={"name": "wh", "demand": 4}, phase="Succeeded"), "wh", running).wanting == 0
+    assert _member(peer(queue={"name": "old", "demand": 4}, phase="Running"), "wh", running).wanting == 0
+    # Never reconciled yet: no demand on record, so it takes nothing from the others until its pass.
+    assert _member(peer(), "wh", Counter()).wanting == 0
