@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
-from dbtbackfill import jobs, kube, metrics, pod_start, policy, reconcile, status
+from dbtbackfill import jobs, kube, metrics, pod_start, policy, queue_gate, queue_status, reconcile, status
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.policy import JobPolicy
+from dbtbackfill.queue_admission import Member, Verdict
 from dbtbackfill.reconcile import ChunkState, Event, JobView
 from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
 
@@ -67,6 +68,7 @@ class Outcome:
     body: Mapping[str, Any] | None
     phase: str | None = None
     api_failed: bool = False  # an API call failed; the daemon backs off
+    wake: tuple[str, ...] = ()  # uids of other backfills to wake (their queue granted them slots)
 
 
 def _now() -> datetime:
@@ -340,6 +342,49 @@ def _unlaunch(decision: reconcile.Decision, failed: Sequence[reconcile.Launch], 
     return replace(decision, state=replace(decision.state, attempts=attempts, retry_at=retry_at), launch=kept)
 
 
+@dataclass(frozen=True)
+class Queued:
+    verdict: Verdict
+    view: queue_gate.View
+    me: Member
+
+
+def _admitted(
+    owner: Owner,
+    body: Mapping[str, Any],
+    spec: BackfillSpec,
+    decision: reconcile.Decision,
+    views: Sequence[JobView],
+    now: datetime,
+) -> tuple[reconcile.Decision, Queued | None]:
+    """Ask the backfill's queue what it may start (call under the queue's lock)."""
+    if not spec.queue_name:
+        return decision, None
+    created = body["metadata"].get("creationTimestamp") or ""
+    verdict, view, me = queue_gate.admit(
+        owner.namespace, owner, created, spec.priority, spec.queue_name, views, len(decision.launch), now
+    )
+    return admitted_decision(decision, verdict, now), Queued(verdict, view, me)
+
+
+def admitted_decision(decision: reconcile.Decision, verdict: Verdict, now: datetime) -> reconcile.Decision:
+    """``decision`` with only the launches ``verdict`` grants, and the phase and wake-up to match.
+
+    A launch the queue refuses is forgotten like one whose create failed: uncharged, due again.
+    A backfill that has not started and may start nothing is Queued."""
+    refused = decision.launch[verdict.granted :]
+    if refused:
+        decision = _unlaunch(decision, refused, now)
+    never_started = not decision.state.attempts and not decision.state.succeeded and not decision.running
+    if never_started and not decision.launch and decision.phase in ("Running", "Pending") and verdict.waiting:
+        events = tuple(e for e in decision.events if e.reason != "Started")
+        decision = replace(decision, phase="Queued", events=events)
+    if verdict.wake_after is not None:
+        wake = verdict.wake_after if decision.wake_after is None else min(decision.wake_after, verdict.wake_after)
+        decision = replace(decision, wake_after=wake)
+    return decision
+
+
 def _failure_of(exc: kube.ApiFailure) -> tuple[str, str]:
     return status.api_failure_reason(exc.verb, exc.resource), exc.message
 
@@ -421,9 +466,17 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     events += decision.events
 
     failure: kube.ApiFailure | None = None
-    not_created, failure = _launch(body, owner, spec, decision, cfg)
-    if not_created:
-        decision = _unlaunch(decision, not_created, now)
+    # A queued backfill admits and creates its Jobs under its queue's lock (see queue_gate).
+    with queue_gate.hold(namespace, spec.queue_name):
+        try:
+            decision, queued = _admitted(owner, body, spec, decision, observed.views, now)
+        except kube.ApiFailure as exc:
+            return _report_failure(namespace, name, body, previous, exc, now)
+        not_created, failure = _launch(body, owner, spec, decision, cfg)
+        if not_created:
+            decision = _unlaunch(decision, not_created, now)
+        if queued is not None:
+            queue_gate.publish_pass(namespace, queued.me, queued.view, queued.verdict, now)
 
     new = status.summarise(
         windows=windows,
@@ -437,6 +490,11 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         blocked_by=decision.blocked_by,
     )
     new["retryFailedObserved"] = spec.retry_failed or ""
+    if queued is not None:
+        new = queue_status.with_queue(new, queued.verdict, spec.priority, previous, generation, now)
+        events += queue_status.queue_events(previous, queued.verdict)
+    elif previous.get("queue"):
+        new["queue"] = None  # left its queue
     new["audit"] = _audit(previous.get("audit") or {}, owner, spec, decision.phase, new, auditlog)
     events += _phase_events(previous.get("phase"), decision.phase, new)
     # Deleting comes after the status records why (suspend, a never-started Pod), so an operator
@@ -461,7 +519,8 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     if new_failure is not None:
         backoff = reconcile.api_backoff(int(previous.get("apiFailures") or 0) + 1)
         wake = backoff if wake is None else min(max(wake, 1.0), backoff)
-    return Outcome(wake, tuple(events), body, decision.phase, api_failed=new_failure is not None)
+    others = queued.verdict.wake if queued else ()
+    return Outcome(wake, tuple(events), body, decision.phase, api_failed=new_failure is not None, wake=others)
 
 
 def _patched_status(
@@ -534,8 +593,8 @@ def _elapsed(start: Any, end: Any) -> float | None:
 
 
 def _phase_events(before: Any, after: str, new: Mapping[str, Any]) -> list[Event]:
-    if before == after:
-        return []
+    if before == after or (after == "Queued" and not new.get("queuedBehind")):
+        return []  # waiting on a DbtBackfillQueue has Events of its own (queue_status.queue_events)
     progress = new.get("progress")
     messages = {
         "Queued": Event("Normal", "Queued", f"waiting for overlapping backfill {new.get('queuedBehind')}"),

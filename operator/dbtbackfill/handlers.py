@@ -43,6 +43,11 @@ def _wake(uid: str | None) -> None:
         _wakeups[uid].set()
 
 
+def wake(uid: str | None) -> None:
+    """Wake a backfill's daemon (from another handler module, e.g. ``queue_handlers``)."""
+    _wake(uid)
+
+
 def _record_phase(uid: str, phase: str | None) -> None:
     if phase:
         _phases[uid] = phase
@@ -107,6 +112,8 @@ async def backfill_daemon(
                 logger.warning("reconcile hit an API error (%d in a row); retrying in %.0fs", failures, wake_after)
             for event in outcome.events:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            for other in outcome.wake:
+                _wake(other)
             _record_phase(uid, outcome.phase)
             if outcome.body is None and outcome.phase is None and wake_after is None:
                 return  # gone, or being deleted: the finalizer takes over

@@ -26,6 +26,8 @@ LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
 LABEL_TENANT: Final = f"{GROUP}/tenant"
 LABEL_WINDOW_START: Final = f"{GROUP}/window-start"
 LABEL_WINDOW_END: Final = f"{GROUP}/window-end"
+# The DbtBackfillQueue that admitted the Job: admission counts a queue's Jobs by this label.
+LABEL_QUEUE: Final = f"{GROUP}/queue"
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
 ANNOTATION_TENANT: Final = f"{GROUP}/tenant"
 ALL_TENANTS: Final = "all"
@@ -99,6 +101,7 @@ def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -
         LABEL_TENANT: tenant_label(spec.tenant_id),
         LABEL_WINDOW_START: window.start.isoformat(),
         LABEL_WINDOW_END: window.end.isoformat(),
+        **({LABEL_QUEUE: spec.queue_name} if spec.queue_name else {}),
     }
 
 

@@ -17,6 +17,7 @@ from dbtbackfill import __version__
 GROUP: Final = "dbt-backfill.io"
 VERSION: Final = "v1alpha1"
 PLURAL: Final = "dbtbackfills"
+QUEUE_PLURAL: Final = "dbtbackfillqueues"
 MERGE_PATCH: Final = "application/merge-patch+json"
 USER_AGENT: Final = f"dbt-backfill-operator/{__version__}"
 
@@ -36,6 +37,9 @@ API_CALLS: Final = frozenset(
         # FailedCreate Events when it could not make a Pod at all.
         ("", "pods", "list"),
         ("", "events", "list"),
+        # DbtBackfillQueue: admission reads the queue's spec and publishes its status.
+        (GROUP, QUEUE_PLURAL, "get"),
+        (GROUP, f"{QUEUE_PLURAL}/status", "patch"),
     }
 )
 # Ask for a Secret's metadata only, so its data never reaches the operator.
@@ -60,6 +64,8 @@ FRAMEWORK_CALLS: Final = frozenset(
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
         ("", "namespaces", "list"),  # kopf's namespace observation
         ("", "namespaces", "watch"),
+        (GROUP, QUEUE_PLURAL, "list"),  # kopf's watch-stream of DbtBackfillQueues (queue_handlers.py)
+        (GROUP, QUEUE_PLURAL, "watch"),
     }
 )
 
@@ -144,17 +150,22 @@ def _core() -> Any:
     return client.CoreV1Api(_api_client())
 
 
-def get_backfill(namespace: str, name: str) -> dict[str, Any] | None:
+def _get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """One of our custom objects, or None if it does not exist."""
     from kubernetes.client.exceptions import ApiException
 
-    with _calling("get", f"{PLURAL}/{name}"):
+    with _calling("get", f"{plural}/{name}"):
         try:
-            obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            obj: dict[str, Any] = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         except ApiException as exc:
             if _status_of(exc) == 404:
                 return None
             raise
     return obj
+
+
+def get_backfill(namespace: str, name: str) -> dict[str, Any] | None:
+    return _get_custom(PLURAL, namespace, name)
 
 
 def list_backfills(namespace: str) -> list[dict[str, Any]]:
@@ -240,4 +251,15 @@ def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) 
     with _calling("patch", f"{PLURAL}/{name}/status"):
         _custom().patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH
+        )
+
+
+def get_queue(namespace: str, name: str) -> dict[str, Any] | None:
+    return _get_custom(QUEUE_PLURAL, namespace, name)
+
+
+def patch_queue_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    with _calling("patch", f"{QUEUE_PLURAL}/{name}/status"):
+        _custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, QUEUE_PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH
         )

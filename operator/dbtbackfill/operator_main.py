@@ -78,7 +78,8 @@ def run_operator(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when it hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    import dbtbackfill.handlers  # noqa: F401  # registers the handlers with kopf
+    import dbtbackfill.handlers  # registers the handlers with kopf
+    import dbtbackfill.queue_handlers  # noqa: F401  # and the DbtBackfillQueue's
 
     if args.metrics_port:
         start_http_server(args.metrics_port)

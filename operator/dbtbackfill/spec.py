@@ -80,6 +80,10 @@ _MODEL_RE: Final = re.compile(MODEL_SELECTOR_PATTERN)
 _TENANT_RE: Final = re.compile(TENANT_ID_PATTERN)
 _ASCII_DATE_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _NO_SPACE_RE: Final = re.compile(r"^\S+$")
+# spec.queueName becomes a label value on the chunk Jobs: a DNS-1123 label (at most 63).
+_DNS_LABEL_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MIN_PRIORITY: Final = -1000
+MAX_PRIORITY: Final = 1000
 
 SPEC_FIELDS: Final = frozenset(
     {
@@ -107,6 +111,9 @@ SPEC_FIELDS: Final = frozenset(
         "nodeSelector",
         "tolerations",
         "retryFailed",
+        # DbtBackfillQueue membership (queue_admission.py)
+        "queueName",
+        "priority",
     }
 )
 _CHUNK_FIELDS: Final = frozenset({"unit", "size"})
@@ -163,6 +170,8 @@ class BackfillSpec:
     node_selector: Mapping[str, str] = field(default_factory=dict, hash=False)
     tolerations: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
     retry_failed: str | None = None
+    queue_name: str | None = None
+    priority: int = 0
 
     def windows(self) -> list[Window]:
         """The chunks of this backfill, in order (see :func:`dbtbackfill.planner.plan_windows`)."""
@@ -262,6 +271,9 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
     retry_failed = _optional(spec, "retryFailed")
     if retry_failed is not None:
         _string(retry_failed, "spec.retryFailed", None, max_length=63)
+    queue_name = _optional(spec, "queueName")
+    if queue_name is not None:
+        _string(queue_name, "spec.queueName", _DNS_LABEL_RE, max_length=63, shape="a DNS-1123 label")
 
     parsed = BackfillSpec(
         start_date=start_date,
@@ -299,6 +311,8 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         node_selector=_node_selector(spec),
         tolerations=_tolerations(spec),
         retry_failed=retry_failed,
+        queue_name=queue_name,
+        priority=_int(spec, "priority", "spec.priority", default=0, low=MIN_PRIORITY, high=MAX_PRIORITY),
     )
     try:
         parsed.windows()

@@ -412,6 +412,7 @@ def test_status_fields() -> None:
         "audit",
         "retryFailedObserved",
         "queuedBehind",
+        "queue",  # the backfill's share of its DbtBackfillQueue
         "apiFailures",  # kept by the API server, not pruned: the backoff after failed calls
         "apiRetryAt",
         "conditions",
@@ -550,14 +551,16 @@ def test_printer_columns() -> None:
 
 def test_kustomization_builds_the_crd() -> None:
     kustomization = load_yaml(ROOT / "crds" / "kustomization.yaml")
-    assert kustomization["resources"] == [CRD_PATH.name]
+    queue_crd = ROOT / "crds" / "dbtbackfillqueues.dbt-backfill.io.yaml"
+    assert kustomization["resources"] == [CRD_PATH.name, queue_crd.name]
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
     built = subprocess.run(
         [kubectl, "kustomize", str(ROOT / "crds")], capture_output=True, text=True, check=True, timeout=60
     )
-    assert list(yaml.safe_load_all(built.stdout)) == [CRD]
+    by_name = {d["metadata"]["name"]: d for d in yaml.safe_load_all(built.stdout)}
+    assert by_name == {CRD["metadata"]["name"]: CRD, "dbtbackfillqueues.dbt-backfill.io": load_yaml(queue_crd)}
 
 
 # --- manifests -----------------------------------------------------------------------------

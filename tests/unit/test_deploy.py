@@ -175,7 +175,12 @@ def load_examples() -> dict[str, list[dict[str, Any]]]:
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> JSON Schema, for every CRD in the default and peering renders."""
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
-    crd_docs = [d for d in yaml.safe_load_all((REPO / "crds" / "dbtbackfills.dbt-backfill.io.yaml").read_text()) if d]
+    crd_docs = [
+        d
+        for path in sorted((REPO / "crds").glob("*.dbt-backfill.io.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d
+    ]
     crd_docs += [d for d in yaml.safe_load_all((PEERING / "peering-crds.yaml").read_text()) if d]
     for crd in crd_docs:
         group = crd["spec"]["group"]
@@ -208,6 +213,7 @@ def test_default_install_renders_the_expected_objects(objects: list[dict[str, An
     assert sorted(object_id(o) for o in objects) == sorted(
         [
             "CustomResourceDefinition/dbtbackfills.dbt-backfill.io",
+            "CustomResourceDefinition/dbtbackfillqueues.dbt-backfill.io",
             f"Namespace/{NAMESPACE}",
             f"ServiceAccount/{OPERATOR_SA}",
             f"ServiceAccount/{JOB_SA}",
@@ -468,7 +474,7 @@ def test_framework_and_application_roles_are_separate(objects: list[dict[str, An
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, "framework rules are read-only"
     # Only namespaced kinds, so the same ClusterRole can be bound per namespace with RoleBindings.
     application_resources = {r.split("/")[0] for rule in application["rules"] for r in rule["resources"]}
-    assert application_resources == {"dbtbackfills", "jobs", "events", "pods", "secrets"}
+    assert application_resources == {"dbtbackfills", "dbtbackfillqueues", "jobs", "events", "pods", "secrets"}
     for name in ("dbt-backfill-operator-framework", "dbt-backfill-operator"):
         binding = find(objects, "ClusterRoleBinding", name)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}
@@ -547,6 +553,15 @@ def test_examples_fit_together() -> None:
         assert end < dt.date.today() - dt.timedelta(days=2) or spec.get("allowRecent")
     tenant = [b for b in backfills if "tenantId" in b["spec"]]
     assert tenant, "backfill-tenant.yaml must show a tenant-scoped backfill"
+    # A backfill that names a queue finds it beside it (a missing queue would only wait).
+    queues = {
+        (d["metadata"]["namespace"], d["metadata"]["name"])
+        for docs in examples.values()
+        for d in docs
+        if d["kind"] == "DbtBackfillQueue"
+    }
+    joined = {(b["metadata"]["namespace"], b["spec"]["queueName"]) for b in backfills if "queueName" in b["spec"]}
+    assert joined and joined <= queues
 
 
 def test_deployment_sets_a_valid_policy_that_allows_only_the_defaults(objects: list[dict[str, Any]]) -> None:

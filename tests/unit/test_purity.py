@@ -24,6 +24,8 @@ PURE_MODULES = (
     "pod_start",
     "window_tests",
     "parse_key",
+    "queue_admission",
+    "queue_status",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
