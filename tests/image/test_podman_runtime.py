@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from localcluster.podman_runtime import PodmanRuntime
 from localcluster.runtime import ContainerSpec, SecurityContext
 from tests.conftest import REPO_ROOT
 from tests.support.polling import wait_for
-from tests.support.session_clusters import fresh_namespace
 
 pytestmark = pytest.mark.image
 
@@ -58,16 +56,14 @@ def test_image() -> str:
     return TEST_IMAGE
 
 
-@pytest.fixture(scope="module")
-def client(podman_cluster: LocalCluster) -> Iterator[kubernetes.client.ApiClient]:
-    with podman_cluster.api_client() as api:
-        yield api
+@pytest.fixture
+def client(podman_kube_client: kubernetes.client.ApiClient) -> kubernetes.client.ApiClient:
+    return podman_kube_client
 
 
 @pytest.fixture
-def ns(client: kubernetes.client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    with fresh_namespace(client, request) as name:
-        yield name
+def ns(podman_namespace: str) -> str:
+    return podman_namespace
 
 
 def core(client: kubernetes.client.ApiClient) -> Any:
