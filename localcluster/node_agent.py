@@ -150,6 +150,12 @@ def kubernetes_service_env(server: str) -> dict[str, str]:
     }
 
 
+def pod_hostname(pod: JSON) -> str:
+    """``spec.hostname``, else the Pod's name, cut to 63 characters as the kubelet cuts it."""
+    name = str((pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"])
+    return name[:63].rstrip("-.")
+
+
 def machine_memory() -> str:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -369,6 +375,7 @@ class PodWorker:
             security=security,
             memory_limit_bytes=memory,
             cpu_limit=cpu,
+            hostname=None if pod_spec.get("hostNetwork") else pod_hostname(self.pod),
         )
         try:
             container.handle = self.agent.runtime.start(spec)

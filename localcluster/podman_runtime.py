@@ -9,6 +9,7 @@ API server are reached there. What it enforces, from the `ContainerSpec` the age
   `pull_image` first, as the kubelet's image manager asks CRI);
 - ``command`` as the entrypoint (``--entrypoint``, which also drops the image's cmd), ``args`` as
   the cmd, both with ``$(VAR)`` expanded from the container's environment; ``env``; ``workingDir``;
+  the Pod's hostname (its own UTS namespace; the network is the host's);
 - the security context: ``--user`` from ``runAsUser``/``runAsGroup`` (``runAsGroup`` alone keeps
   the image's user), ``--group-add`` for ``supplementalGroups`` and ``fsGroup``, ``--read-only``
   without podman's extra tmpfs mounts for ``readOnlyRootFilesystem`` (only volumes are
@@ -188,6 +189,8 @@ class PodmanRuntime:
             argv += ["--env", f"{key}={value}"]
         if spec.working_dir:
             argv += ["--workdir", spec.working_dir]
+        if spec.hostname:  # its own UTS namespace on the host's network, as a Pod has
+            argv += ["--hostname", spec.hostname]
         if sc.run_as_user is not None or sc.run_as_group is not None:
             user = str(sc.run_as_user) if sc.run_as_user is not None else self._image_uid(spec.image)
             argv += ["--user", user if sc.run_as_group is None else f"{user}:{sc.run_as_group}"]

@@ -169,7 +169,7 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
     podman_cluster: LocalCluster, client: kubernetes.client.ApiClient, ns: str, test_image: str
 ) -> None:
     script = """
-        echo "uid=$(id -u) gid=$(id -g) groups=$(id -G)"
+        echo "uid=$(id -u) gid=$(id -g) groups=$(id -G) hostname=$(hostname)"
         echo "arg=$1 pwd=$(pwd)"
         touch /rootfs-probe 2>/dev/null && echo root-writable || echo root-read-only
         echo data > /tmp/probe && echo tmp-writable
@@ -196,7 +196,7 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
     output = log(podman_cluster, ns, "secure", "main").splitlines()
     assert done["status"]["phase"] == "Succeeded", output
     assert output == [
-        "uid=10002 gid=10003 groups=10003 10004",
+        "uid=10002 gid=10003 groups=10003 10004 hostname=secure",
         "arg=hello world pwd=/tmp",
         "root-read-only",
         "tmp-writable",
