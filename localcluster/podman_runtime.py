@@ -6,7 +6,10 @@ file, plain lines) on the host network, so 127.0.0.1 is the node's loopback: Pos
 API server are reached there. What it enforces, from the `ContainerSpec` the agent resolved:
 
 - the image from local storage only (``--pull never``; the agent asks `image_present` and
-  `pull_image` first, as the kubelet's image manager asks CRI);
+  `pull_image` first, as the kubelet's image manager asks CRI). No registry is reachable from
+  these machines, so ``imagePullPolicy: Always`` (the API server's default for ``:latest`` and
+  untagged images) fails to pull even an image that is in local storage, as a kubelet's pull would:
+  give Pods ``IfNotPresent`` or ``Never`` and a tagged image;
 - ``command`` as the entrypoint (``--entrypoint``, which also drops the image's cmd), ``args`` as
   the cmd, both with ``$(VAR)`` expanded from the container's environment; ``env``; ``workingDir``;
   the Pod's hostname (its own UTS namespace; the network is the host's);

@@ -235,9 +235,22 @@ print(json.dumps({{"uid": me["metadata"]["uid"], "sub": claims["sub"], "pod": cl
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     create(client, ns, pod("mounted", {"name": "main", "image": test_image, "imagePullPolicy": "Never",
                                        "args": ["python", "-c", program], "env": env}))  # fmt: skip
-    create(client, ns, pod("unmounted", {"name": "main", "image": test_image, "imagePullPolicy": "Never",
-                                         "args": ["sh", "-c", f"ls {SA_DIR} || echo no-token"]},
-                           automountServiceAccountToken=False))  # fmt: skip
+    # Without the token, and with the volumes a Pod mounts its own configuration from.
+    raw(core(client).create_namespaced_config_map, ns, {"metadata": {"name": "settings"}, "data": {"greeting": "hi"}})
+    raw(core(client).create_namespaced_secret, ns, {"metadata": {"name": "creds"}, "stringData": {"password": "pw"}})
+    script = (f"ls {SA_DIR} 2>/dev/null || echo no-token; cat /etc/settings/greeting.txt; echo; "
+              "stat -c %a /etc/settings/greeting.txt; cat /etc/creds/password; echo; "
+              "touch /etc/settings/x 2>/dev/null || echo settings-read-only")  # fmt: skip
+    greeting = {"key": "greeting", "path": "greeting.txt", "mode": 0o444}
+    create(client, ns, pod(
+        "unmounted",
+        {"name": "main", "image": test_image, "imagePullPolicy": "Never", "args": ["sh", "-c", script],
+         "volumeMounts": [{"name": "settings", "mountPath": "/etc/settings"},
+                          {"name": "creds", "mountPath": "/etc/creds"}]},
+        automountServiceAccountToken=False,
+        volumes=[{"name": "settings", "configMap": {"name": "settings", "items": [greeting]}},
+                 {"name": "creds", "secret": {"secretName": "creds"}}],
+    ))  # fmt: skip
 
     mounted = finished(client, ns, "mounted")
     output = log(podman_cluster, ns, "mounted", "main")
@@ -249,7 +262,13 @@ print(json.dumps({{"uid": me["metadata"]["uid"], "sub": claims["sub"], "pod": cl
     }
     unmounted = finished(client, ns, "unmounted")
     assert unmounted["status"]["phase"] == "Succeeded"
-    assert log(podman_cluster, ns, "unmounted", "main").splitlines()[-1] == "no-token"
+    assert log(podman_cluster, ns, "unmounted", "main").splitlines() == [
+        "no-token",
+        "hi",
+        "444",
+        "pw",
+        "settings-read-only",
+    ]
 
 
 def test_exit_codes_and_the_oom_killer_give_the_kubelets_termination_reasons(
