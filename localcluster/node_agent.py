@@ -41,7 +41,7 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
   ErrImageNeverPull, FailedMount).
 
 Not played: init containers (reported as CreateContainerError), probes (a running container is
-ready), ``subPath`` mounts, resource requests, ``terminationMessagePath`` (only
+ready), ``subPathExpr`` mounts, resource requests, ``terminationMessagePath`` (only
 ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
 was running when the agent stopped is reported ``ContainerStatusUnknown`` when it comes back, as a
 kubelet reports a container that vanished (podman containers it left are removed at start).

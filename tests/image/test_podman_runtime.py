@@ -173,6 +173,7 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
         echo "arg=$1 pwd=$(pwd)"
         touch /rootfs-probe 2>/dev/null && echo root-writable || echo root-read-only
         echo data > /tmp/probe && echo tmp-writable
+        echo data > /cache/entry && echo "subpath=$(ls /tmp/cache)"
         stat -c 'tmp-group=%g' /tmp
         grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t'
         cd /sys/fs/cgroup && echo "cpu-quota=$(cat cpu/cpu.cfs_quota_us) memory=$(cat memory/memory.limit_in_bytes)"
@@ -184,7 +185,8 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
         "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
         "resources": {"limits": {"cpu": "500m", "memory": "128Mi"}},
-        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"},
+                         {"name": "scratch", "mountPath": "/cache", "subPath": "cache"}],
     }  # fmt: skip
     create(client, ns, pod(
         "secure", container, volumes=[{"name": "scratch", "emptyDir": {}}], automountServiceAccountToken=False,
@@ -200,6 +202,7 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
         "arg=hello world pwd=/tmp",
         "root-read-only",
         "tmp-writable",
+        "subpath=entry",
         "tmp-group=10004",
         "CapEff:0000000000000000",
         "NoNewPrivs:1",
