@@ -174,6 +174,7 @@ class Container:
     handle: RunningContainer | None = None
     container_id: str | None = None
     next_start: float = 0.0  # monotonic time before which it is not (re)started
+    posted_wait: tuple[str, ...] = ()  # the wait whose Events were posted last
     done: bool = False  # terminated and not to be restarted
 
     @property
@@ -384,6 +385,7 @@ class PodWorker:
             return
         container.container_id = container.handle.id
         container.state = {"running": {"startedAt": now()}}
+        container.posted_wait = ()
         if self._phase == "Pending":
             self._phase = "Running"
         self.agent.event(self.pod, "Normal", "Started", f"Started container {container.name}", container.name)
@@ -394,9 +396,12 @@ class PodWorker:
     ) -> None:  # fmt: skip
         """Leave the container waiting with ``reason``; its Events are posted when the wait is new."""
         waiting = {"reason": reason, "message": message} if message else {"reason": reason}
-        if container.state.get("waiting") != waiting:
+        # Keyed by the Events too: a FailedMount leaves the state ContainerCreating, as it was.
+        wait = (reason, message, *(text for _, _, text in events))
+        if container.posted_wait != wait:
             for kind, event_reason, text in events:
                 self.agent.event(self.pod, kind, event_reason, text, container.name)
+            container.posted_wait = wait
         container.state = {"waiting": waiting}
         delay = self.agent.config.config_retry_seconds if retry_seconds is None else retry_seconds
         container.next_start = time.monotonic() + delay

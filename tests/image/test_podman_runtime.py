@@ -240,7 +240,6 @@ print(json.dumps({{"uid": me["metadata"]["uid"], "sub": claims["sub"], "pod": cl
                                        "args": ["python", "-c", program], "env": env}))  # fmt: skip
     # Without the token, and with the volumes a Pod mounts its own configuration from.
     raw(core(client).create_namespaced_config_map, ns, {"metadata": {"name": "settings"}, "data": {"greeting": "hi"}})
-    raw(core(client).create_namespaced_secret, ns, {"metadata": {"name": "creds"}, "stringData": {"password": "pw"}})
     script = (f"ls {SA_DIR} 2>/dev/null || echo no-token; cat /etc/settings/greeting.txt; echo; "
               "stat -c %a /etc/settings/greeting.txt; cat /etc/creds/password; echo; "
               "touch /etc/settings/x 2>/dev/null || echo settings-read-only")  # fmt: skip
@@ -254,6 +253,15 @@ print(json.dumps({{"uid": me["metadata"]["uid"], "sub": claims["sub"], "pod": cl
         volumes=[{"name": "settings", "configMap": {"name": "settings", "items": [greeting]}},
                  {"name": "creds", "secret": {"secretName": "creds"}}],
     ))  # fmt: skip
+
+    # Its Secret does not exist yet: the kubelet's FailedMount, then the Pod runs once it does.
+    def failed_mount() -> bool:
+        return any(reason == "FailedMount" and 'secret "creds" not found' in text
+                   for reason, text in events(client, ns, "unmounted"))  # fmt: skip
+
+    wait_for(failed_mount, timeout=120)
+    assert states(read(client, ns, "unmounted"))["main"] == {"waiting": {"reason": "ContainerCreating"}}
+    raw(core(client).create_namespaced_secret, ns, {"metadata": {"name": "creds"}, "stringData": {"password": "pw"}})
 
     mounted = finished(client, ns, "mounted")
     output = log(podman_cluster, ns, "mounted", "main")
