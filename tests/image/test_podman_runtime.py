@@ -292,7 +292,7 @@ def test_exit_codes_and_the_oom_killer_give_the_kubelets_termination_reasons(
     create(client, ns, pod(
         "exits",
         container("ok", "print('fine')"),
-        container("fails", "raise SystemExit(3)"),
+        container("fails", "open('/dev/termination-log', 'w').write('no such table'); raise SystemExit(3)"),
         container("hog", "x = bytearray(512 * 1024 * 1024); print('survived')",
                   resources={"limits": {"memory": "64Mi"}}),
         automountServiceAccountToken=False,
@@ -302,6 +302,7 @@ def test_exit_codes_and_the_oom_killer_give_the_kubelets_termination_reasons(
     assert done["status"]["phase"] == "Failed"
     reasons = {name: (s["terminated"]["exitCode"], s["terminated"]["reason"]) for name, s in states(done).items()}
     assert reasons == {"ok": (0, "Completed"), "fails": (3, "Error"), "hog": (137, "OOMKilled")}
+    assert states(done)["fails"]["terminated"]["message"] == "no such table"  # its terminationMessagePath
 
 
 def test_deletion_sends_sigterm_through_tini_then_sigkill_after_the_grace_period(
