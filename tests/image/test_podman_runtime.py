@@ -423,6 +423,7 @@ def test_a_token_the_node_renews_replaces_the_file_a_running_container_reads(
         holder = bound | {"spec": bound["spec"] | {"volumes": [{"name": "tokens", "projected": {"sources": [source]}}]}}
         volumes = PodVolumes(tmp_path / "pod", holder, read=agent.read_volume_source, field_value=str, all_types=True,
                              request_token=lambda n, a, aud, s: agent.request_token(holder, n, a, aud, s))  # fmt: skip
+        before = time.monotonic()
         mounts, read_only = volumes.mounts({"volumeMounts": [{"name": "tokens", "mountPath": "/tokens"}]})
         first = (mounts["/tokens"] / "token").read_text()
         reader = runtime.start(ContainerSpec(
@@ -432,7 +433,7 @@ def test_a_token_the_node_renews_replaces_the_file_a_running_container_reads(
         ))  # fmt: skip
         try:
             wait_for(lambda: first in (tmp_path / "reader.log").read_text(), timeout=120)
-            volumes.refresh_tokens(now=time.monotonic() + 479)  # before 80% of 600 s: kept
+            volumes.refresh_tokens(now=before + 479)  # before 80% of its 600 s: kept
             assert (mounts["/tokens"] / "token").read_text() == first
             volumes.refresh_tokens(now=time.monotonic() + 480)  # a new token (each has its own jti)
             renewed = (mounts["/tokens"] / "token").read_text()
