@@ -1,6 +1,7 @@
 """The node agent: plays the kubelet of one Node, and nothing else, against a real API server.
 
     python -m localcluster.node_agent --kubeconfig NODE.kubeconfig --state-dir DIR [--node-name N]
+                                      [--runtime host|podman]
 
 It logs in as ``system:node:<name>`` (so the Node authorizer and NodeRestriction apply to it as to a
 kubelet), registers a Ready Node with the machine's capacity, renews its Lease in
@@ -8,16 +9,31 @@ kubelet), registers a Ready Node with the machine's capacity, renews its Lease i
 relisting on 410 Gone). For each Pod it does what a kubelet does:
 
 - resolves ``env`` (values with ``$(VAR)`` expansion, ``secretKeyRef``, ``configMapKeyRef`` with
-  ``optional``, ``fieldRef``) and ``envFrom``; what cannot be resolved leaves the container Waiting
-  with reason ``CreateContainerConfigError`` and the kubelet's message, retried until it resolves;
-- runs each container through a `localcluster.runtime.ContainerRuntime` (here: host processes) with
-  its output in ``<state>/pods/<namespace>_<pod>_<uid>/<container>/<restartCount>.log``, and one
-  host directory per ``emptyDir`` volume;
+  ``optional``, ``fieldRef``) and ``envFrom``, over the ``kubernetes`` Service's variables
+  (``KUBERNETES_SERVICE_HOST``/``_PORT``: the API server itself, on loopback); what cannot be
+  resolved leaves the container Waiting with reason ``CreateContainerConfigError`` and the
+  kubelet's message, retried until it resolves;
+- the image manager: ``imagePullPolicy`` against the runtime's local images. ``Never`` and absent:
+  Waiting ``ErrImageNeverPull``; a pull that fails: ``ErrImagePull``, then ``ImagePullBackOff``
+  until the kubelet's back-off (10 s doubling to 5 min, per Pod and image) lets it try again;
+- ``runAsNonRoot`` checked against the image's user as the kubelet does (root or a non-numeric
+  user without ``runAsUser``: ``CreateContainerConfigError``), where the runtime knows that user;
+- volumes (`localcluster.pod_volumes`): ``emptyDir``, and with a runtime that mounts them
+  (podman) ``secret``, ``configMap`` and ``projected``, which carries the ServiceAccount token
+  (TokenRequest bound to the Pod, renewed at 80% of its lifetime), ``ca.crt`` and the namespace
+  that the API server's ServiceAccount admission mounts when ``automountServiceAccountToken``
+  allows; other volume types are then ``CreateContainerError``;
+- runs each container through a `localcluster.runtime.ContainerRuntime` with its output in
+  ``<state>/pods/<namespace>_<pod>_<uid>/<container>/<restartCount>.log``: ``--runtime host``
+  (`localcluster.runtime.HostProcessRuntime`, host processes, no isolation) or ``--runtime
+  podman`` (`localcluster.podman_runtime.PodmanRuntime`: the Pod's image, its security context
+  and resource limits, on the host network), each documenting what it enforces;
 - writes the Pod's status: phase, the conditions (PodReadyToStartContainers, Initialized,
   ContainersReady, Ready; PodScheduled stays the scheduler's), ``startTime``, ``hostIP``/``podIP``
   (the node's loopback address: containers share the host's network) and ``containerStatuses``
-  (waiting / running / terminated with exit code, reason Completed or Error, timestamps,
-  ``restartCount``, ``lastState``);
+  (waiting / running / terminated with exit code, reason Completed, Error or the runtime's own
+  OOMKilled / StartError, the message the container wrote to its ``terminationMessagePath`` when
+  the runtime mounts it, timestamps, ``restartCount``, ``lastState``);
 - honours ``restartPolicy`` (Never; OnFailure and Always with the kubelet's doubling back-off);
 - ``activeDeadlineSeconds``: kills the Pod and fails it with reason ``DeadlineExceeded``;
 - on deletion (``deletionTimestamp``): SIGTERM, up to the deletion's grace period, SIGKILL, final
@@ -26,18 +42,20 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
   drives the container's ``ready`` and the Pod's ContainersReady/Ready, a startup probe gates the
   other two, and a startup or liveness probe reaching its ``failureThreshold`` stops the container
   (SIGTERM, SIGKILL after the grace period), which is then restarted per ``restartPolicy``;
-- posts the kubelet's Events on the Pod (Started, Killing, Failed, BackOff, Unhealthy);
+- posts the kubelet's Events on the Pod (Started, Killing, Failed, BackOff, Unhealthy, Pulling,
+  Pulled, ErrImageNeverPull, FailedMount);
 - with ``--tls-cert-file``, ``--tls-private-key-file`` and ``--client-ca-file``, serves the
   kubelet's HTTPS API on 127.0.0.1 (`localcluster.kubelet_api`: ``/containerLogs``, so ``kubectl
   logs`` works through the API server) and reports its port in the Node's
   ``status.daemonEndpoints``; requests are authorized with SubjectAccessReviews, as a kubelet with
   ``--authorization-mode=Webhook`` does.
 
-Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail), volumes
-other than emptyDir (ignored), resource limits, ``terminationMessagePath`` (only
-``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
+Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail),
+``subPathExpr`` mounts, resource requests, ``terminationMessagePath`` with the host
+runtime (there only ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods.
+A container that
 was running when the agent stopped is reported ``ContainerStatusUnknown`` when it comes back, as a
-kubelet reports a container that vanished.
+kubelet reports a container that vanished (podman containers it left are removed at start).
 """
 
 from __future__ import annotations
@@ -55,6 +73,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,12 +87,16 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from localcluster.kubelet_api import Attributes, ContainerLog, KubeletServer, LogError, User
+from localcluster.pod_security import effective_security_context, limits, run_as_non_root_violation
+from localcluster.pod_volumes import PodVolumes, UnsupportedVolume, VolumeNotReady
+from localcluster.podman_runtime import PodmanRuntime
 from localcluster.probes import ContainerProber, ProbeState, run_probe
 from localcluster.runtime import (
     ContainerError,
     ContainerRuntime,
     ContainerSpec,
     HostProcessRuntime,
+    ImagePullError,
     RunningContainer,
     expand,
 )
@@ -89,6 +112,8 @@ MAX_BACKOFF_SECONDS = 300.0  # the kubelet's cap on CrashLoopBackOff
 # The kubelet's --authorization-webhook-cache-authorized-ttl and -unauthorized-ttl defaults.
 AUTHORIZED_TTL_SECONDS = 300.0
 UNAUTHORIZED_TTL_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 300.0  # the kubelet's cap on CrashLoopBackOff and on image pull back-off
+IMAGE_PULL_BACKOFF_SECONDS = 10.0  # the kubelet's first image pull back-off
 
 
 def now() -> str:
@@ -128,6 +153,32 @@ class AgentConfig:
     kubelet_port: int = 0  # 0: a free port
 
 
+def kubernetes_service_env(server: str) -> dict[str, str]:
+    """The ``kubernetes`` Service's variables, which the kubelet gives every container.
+
+    They point at the API server itself (its address and port on loopback), not at the Service's
+    cluster IP: containers share the host's network and nothing here routes cluster IPs.
+    """
+    url = urllib.parse.urlsplit(server)
+    host, port = url.hostname or NODE_IP, str(url.port or 443)
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "KUBERNETES_SERVICE_PORT_HTTPS": port,
+        "KUBERNETES_PORT": f"tcp://{host}:{port}",
+        f"KUBERNETES_PORT_{port}_TCP": f"tcp://{host}:{port}",
+        f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp",
+        f"KUBERNETES_PORT_{port}_TCP_PORT": port,
+        f"KUBERNETES_PORT_{port}_TCP_ADDR": host,
+    }
+
+
+def pod_hostname(pod: JSON) -> str:
+    """``spec.hostname``, else the Pod's name, cut to 63 characters as the kubelet cuts it."""
+    name = str((pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"])
+    return name[:63].rstrip("-.")
+
+
 def machine_memory() -> str:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -146,6 +197,7 @@ class Container:
     handle: RunningContainer | None = None
     container_id: str | None = None
     next_start: float = 0.0  # monotonic time before which it is not (re)started
+    posted_wait: tuple[str, ...] = ()  # the wait whose Events were posted last
     done: bool = False  # terminated and not to be restarted
     prober: ContainerProber | None = None  # the running instance's probes
     kill_deadline: float | None = None  # a failed probe stopped it: SIGKILL at this monotonic time
@@ -195,6 +247,17 @@ class PodWorker:
         self.containers = [Container(c) for c in spec.get("containers") or []]
         self.restart_policy = str(spec.get("restartPolicy") or "Always")
         self.pod_dir = agent.config.state_dir / "pods" / f"{self.namespace}_{self.name}_{self.uid}"
+        self.volumes = PodVolumes(
+            self.pod_dir,
+            pod,
+            read=agent.read_volume_source,
+            request_token=lambda namespace, account, audience, seconds: agent.request_token(
+                self.pod, namespace, account, audience, seconds
+            ),
+            field_value=lambda path: agent.field(self.pod, path),
+            all_types=agent.runtime.mounts_volumes,
+        )
+        self._pull_backoff: dict[str, tuple[float, float]] = {}  # image -> (monotonic end, seconds)
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.namespace}/{self.name}", daemon=True)
         self._last_written: JSON | None = None
         self._start_time: str | None = None
@@ -287,6 +350,7 @@ class PodWorker:
                 self._container_exited(container, int(state["terminated"].get("exitCode") or 0))
 
     def _step(self) -> None:
+        self.volumes.refresh_tokens()
         for container in self.containers:
             if container.handle is not None:
                 code = container.handle.poll()
@@ -336,64 +400,139 @@ class PodWorker:
         handle.terminate()
 
     def _start_container(self, container: Container) -> None:
+        """Everything the kubelet checks before a container is created, in its order; then start it."""
+        image = str(container.spec.get("image") or "")
         try:
             env = self.agent.resolve_env(self.pod, container.spec)
         except ConfigError as e:
-            message = str(e)
-            if container.state.get("waiting", {}).get("message") != message:
-                self.agent.event(self.pod, "Warning", "Failed", f"Error: {message}", container.name)
-            container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": message}}
-            container.next_start = time.monotonic() + self.agent.config.config_retry_seconds
+            self._wait(container, "CreateContainerConfigError", str(e), [("Warning", "Failed", f"Error: {e}")])
             return
-        volumes = self._volumes(container.spec)
-        log_path = self.pod_dir / container.name / f"{container.restart_count}.log"
+        if not self._ensure_image(container, image):
+            return
+        pod_spec = self.pod.get("spec") or {}
+        security = effective_security_context(pod_spec, container.spec)
+        needs_image_user = security.run_as_non_root and security.run_as_user is None
+        refusal = run_as_non_root_violation(
+            security,
+            self.agent.runtime.image_user(image) if needs_image_user else None,
+            pod=f"{self.name}_{self.namespace}({self.uid})",
+            container=container.name,
+        )
+        if refusal:
+            self._wait(container, "CreateContainerConfigError", refusal, [("Warning", "Failed", f"Error: {refusal}")])
+            return
+        try:
+            volumes, read_only = self.volumes.mounts(container.spec)
+        except VolumeNotReady as e:  # the kubelet's volume manager keeps the Pod in ContainerCreating
+            failed_mount = ("Warning", "FailedMount", f"MountVolume.SetUp failed: {e}")
+            self._wait(container, "ContainerCreating", "", [failed_mount])
+            return
+        except UnsupportedVolume as e:
+            self._wait(container, "CreateContainerError", str(e), [("Warning", "Failed", f"Error: {e}")])
+            return
+        termination_path = container.spec.get("terminationMessagePath")  # the API server defaults it
+        if termination_path and self.agent.runtime.mounts_volumes:
+            message_file = self._termination_message_file(container)
+            message_file.parent.mkdir(parents=True, exist_ok=True)
+            message_file.write_bytes(b"")
+            message_file.chmod(0o666)  # as the kubelet makes it: writable by any container user
+            volumes = volumes | {str(termination_path): message_file}
+        memory, cpu = limits(container.spec)
         spec = ContainerSpec(
             pod_namespace=self.namespace,
             pod_name=self.name,
             pod_uid=self.uid,
             name=container.name,
-            image=str(container.spec.get("image") or ""),
+            image=image,
             command=[str(a) for a in container.spec.get("command") or []],
             args=[str(a) for a in container.spec.get("args") or []],
             env=env,
             working_dir=container.spec.get("workingDir"),
             volumes=volumes,
-            log_path=log_path,
+            log_path=self.pod_dir / container.name / f"{container.restart_count}.log",
+            read_only_mounts=read_only,
+            restart_count=container.restart_count,
+            security=security,
+            memory_limit_bytes=memory,
+            cpu_limit=cpu,
+            hostname=None if pod_spec.get("hostNetwork") else pod_hostname(self.pod),
         )
         try:
             container.handle = self.agent.runtime.start(spec)
         except ContainerError as e:  # retried, as the kubelet retries CreateContainerError
-            container.state = {"waiting": {"reason": "CreateContainerError", "message": str(e)}}
-            self.agent.event(self.pod, "Warning", "Failed", f"Error: {e}", container.name)
-            container.next_start = time.monotonic() + self.agent.config.config_retry_seconds
+            self._wait(container, "CreateContainerError", str(e), [("Warning", "Failed", f"Error: {e}")])
             return
         container.container_id = container.handle.id
         container.state = {"running": {"startedAt": now()}}
+        container.posted_wait = ()
         if self._phase == "Pending":
             self._phase = "Running"
         self.agent.event(self.pod, "Normal", "Started", f"Started container {container.name}", container.name)
 
-    def _volumes(self, container_spec: JSON) -> dict[str, Path]:
-        volumes = {v.get("name"): v for v in (self.pod.get("spec") or {}).get("volumes") or []}
-        mounts: dict[str, Path] = {}
-        for mount in container_spec.get("volumeMounts") or []:
-            volume = volumes.get(mount.get("name"))
-            if volume is not None and "emptyDir" in volume:
-                host_dir = self.pod_dir / "volumes" / str(volume["name"])
-                host_dir.mkdir(parents=True, exist_ok=True)
-                mounts[str(mount["mountPath"]).rstrip("/") or "/"] = host_dir
-        return mounts
+    def _wait(
+        self, container: Container, reason: str, message: str, events: list[tuple[str, str, str]],
+        retry_seconds: float | None = None,
+    ) -> None:  # fmt: skip
+        """Leave the container waiting with ``reason``; its Events are posted when the wait is new."""
+        waiting = {"reason": reason, "message": message} if message else {"reason": reason}
+        # Keyed by the Events too: a FailedMount leaves the state ContainerCreating, as it was.
+        wait = (reason, message, *(text for _, _, text in events))
+        if container.posted_wait != wait:
+            for kind, event_reason, text in events:
+                self.agent.event(self.pod, kind, event_reason, text, container.name)
+            container.posted_wait = wait
+        container.state = {"waiting": waiting}
+        delay = self.agent.config.config_retry_seconds if retry_seconds is None else retry_seconds
+        container.next_start = time.monotonic() + delay
+
+    def _ensure_image(self, container: Container, image: str) -> bool:
+        """The kubelet's image manager: the pull policy, pulls, and their back-off (per Pod and image)."""
+        runtime = self.agent.runtime
+        policy = container.spec.get("imagePullPolicy") or "IfNotPresent"  # the API server defaults it
+        present = runtime.image_present(image)
+        if policy == "Never" or (present and policy == "IfNotPresent"):
+            if present:
+                return True
+            message = f'Container image "{image}" is not present with pull policy of Never'
+            events = [("Warning", "ErrImageNeverPull", message), ("Warning", "Failed", "Error: ErrImageNeverPull")]
+            self._wait(container, "ErrImageNeverPull", message, events)
+            return False
+        backoff_end, backoff = self._pull_backoff.get(image, (0.0, 0.0))
+        if time.monotonic() < backoff_end:
+            message = f'Back-off pulling image "{image}"'
+            events = [("Normal", "BackOff", message), ("Warning", "Failed", "Error: ImagePullBackOff")]
+            self._wait(container, "ImagePullBackOff", message, events, retry_seconds=backoff_end - time.monotonic())
+            return False
+        self.agent.event(self.pod, "Normal", "Pulling", f'Pulling image "{image}"', container.name)
+        try:
+            runtime.pull_image(image)
+        except ImagePullError as e:
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS) if backoff else IMAGE_PULL_BACKOFF_SECONDS
+            self._pull_backoff[image] = (time.monotonic() + backoff, backoff)
+            events = [("Warning", "Failed", f'Failed to pull image "{image}": {e}'),
+                      ("Warning", "Failed", "Error: ErrImagePull")]  # fmt: skip
+            self._wait(container, "ErrImagePull", str(e), events)
+            return False
+        self._pull_backoff.pop(image, None)
+        self.agent.event(self.pod, "Normal", "Pulled", f'Successfully pulled image "{image}"', container.name)
+        return True
 
     def _record_exit(self, container: Container, code: int) -> None:
         started_at = (container.state.get("running") or {}).get("startedAt") or now()
+        own = container.handle.exit_reason() if container.handle is not None else None  # OOMKilled, StartError
         terminated: JSON = {
             "exitCode": code,
-            "reason": "Completed" if code == 0 else "Error",
+            "reason": own[0] if own else "Completed" if code == 0 else "Error",
             "startedAt": started_at,
             "finishedAt": now(),
             "containerID": container.container_id,
         }
-        if code != 0 and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        written = self._termination_message(container)
+        if written:
+            terminated["message"] = written
+        elif own and own[1]:
+            terminated["message"] = own[1]
+        elif code != 0 and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             terminated["message"] = self._log_tail(container)
         container.handle = None
         container.state = {"terminated": terminated}
@@ -417,6 +556,17 @@ class PodWorker:
             message = f"back-off {delay:.0f}s restarting failed container={container.name} pod={pod}"
             container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
             self.agent.event(self.pod, "Warning", "BackOff", "Back-off restarting failed container", container.name)
+
+    def _termination_message_file(self, container: Container) -> Path:
+        return self.pod_dir / container.name / f"{container.restart_count}.termination-log"
+
+    def _termination_message(self, container: Container, limit: int = 4096) -> str:
+        """What the container wrote to its ``terminationMessagePath`` (the kubelet reads 4 KiB of it)."""
+        try:
+            with self._termination_message_file(container).open("rb") as file:
+                return file.read(limit).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def _log_tail(self, container: Container, lines: int = 80, limit: int = 2048) -> str:
         path = self.pod_dir / container.name / f"{container.restart_count}.log"
@@ -560,6 +710,7 @@ class NodeAgent:
                 host=NODE_IP,
                 port=config.kubelet_port,
             )
+        self.service_env = kubernetes_service_env(str(api.configuration.host))
 
     # -- API helpers ----------------------------------------------------------------------------------
 
@@ -699,7 +850,7 @@ class NodeAgent:
     def resolve_env(self, pod: JSON, container: JSON) -> dict[str, str]:
         """The container's environment as the kubelet builds it (``envFrom`` first, then ``env``)."""
         namespace = pod["metadata"]["namespace"]
-        env: dict[str, str] = {}
+        env: dict[str, str] = dict(self.service_env)  # the pod's own definitions override these
         cache: dict[tuple[str, str], dict[str, str] | None] = {}
 
         def source(kind: str, name: str, optional: bool) -> dict[str, str] | None:
@@ -726,7 +877,7 @@ class NodeAgent:
                 env[name] = ""
                 continue
             if "fieldRef" in value_from:
-                env[name] = self._field(pod, value_from["fieldRef"].get("fieldPath", ""))
+                env[name] = self.field(pod, value_from["fieldRef"].get("fieldPath", ""))
                 continue
             ref_key = "secretKeyRef" if "secretKeyRef" in value_from else "configMapKeyRef"
             ref = value_from.get(ref_key)
@@ -744,7 +895,7 @@ class NodeAgent:
             env[name] = values[ref["key"]]
         return env
 
-    def _field(self, pod: JSON, path: str) -> str:
+    def field(self, pod: JSON, path: str) -> str:
         meta = pod["metadata"]
         spec = pod.get("spec") or {}
         fields = {
@@ -760,6 +911,25 @@ class NodeAgent:
             group, _, key = path.partition("['")
             return str((meta.get(group.split(".")[1]) or {}).get(key.rstrip("']"), ""))
         return str(fields.get(path) or "")
+
+    def read_volume_source(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, str] | None:
+        try:
+            return self._read(kind, namespace, name, optional)
+        except ConfigError as e:
+            raise VolumeNotReady(str(e)) from e
+
+    def request_token(self, pod: JSON, namespace: str, account: str, audience: str | None, seconds: int) -> str:
+        """A TokenRequest for the Pod's ServiceAccount, bound to the Pod, as the kubelet makes one."""
+        meta = pod["metadata"]
+        bound = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience] if audience else [], "expirationSeconds": seconds,
+                         "boundObjectRef": bound}}  # fmt: skip
+        try:
+            response = self._json(self.core.create_namespaced_service_account_token, account, namespace, body)
+        except ApiException as e:  # the Node authorizer learns of a new Pod's ServiceAccount a moment late
+            raise VolumeNotReady(f"failed to fetch token for {namespace}/{account}: {e.reason}") from e
+        return str(response["status"]["token"])
 
     # -- the Node ------------------------------------------------------------------------------------
 
@@ -971,6 +1141,7 @@ class NodeAgent:
             for container in worker.containers:
                 if container.handle is not None:
                     container.handle.kill()
+                    container.handle.poll()  # a runtime removes what has exited once it has seen it
         self._deleter.shutdown(wait=False, cancel_futures=True)
         self._prober.shutdown(wait=False, cancel_futures=True)
         if self.kubelet_server is not None and self._serving is not None:
@@ -983,6 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kubeconfig", required=True, type=Path, help="credentials as system:node:<name>")
     parser.add_argument("--state-dir", required=True, type=Path, help="pod logs and volumes go here")
     parser.add_argument("--node-name", default="localcluster-node")
+    parser.add_argument("--runtime", choices=("host", "podman"), default="host",
+                        help="host: containers as host processes; podman: in their images")  # fmt: skip
     parser.add_argument("--images-dir", type=Path, help="host images (default: <state-dir>/images)")
     parser.add_argument("--working-dir", type=Path, default=Path.cwd(), help="containers' default working directory")
     parser.add_argument("--path", default=os.environ.get("PATH", os.defpath), help="PATH of every container")
@@ -1010,11 +1183,18 @@ def main(argv: list[str] | None = None) -> None:
     api = kubernetes.client.ApiClient(configuration)
     api.user_agent = "localcluster-node-agent"
     state_dir = args.state_dir.resolve()
-    runtime = HostProcessRuntime(
-        images_dir=(args.images_dir or state_dir / "images").resolve(),
-        working_dir=args.working_dir.resolve(),
-        path=args.path,
-    )
+    runtime: ContainerRuntime
+    if args.runtime == "podman":
+        podman = PodmanRuntime(agent_id=str(state_dir), seccomp_dir=state_dir / "seccomp")
+        for leftover in podman.remove_leftovers():
+            logger.info("removed container %s left by an earlier agent", leftover)
+        runtime = podman
+    else:
+        runtime = HostProcessRuntime(
+            images_dir=(args.images_dir or state_dir / "images").resolve(),
+            working_dir=args.working_dir.resolve(),
+            path=args.path,
+        )
     config = AgentConfig(
         node_name=args.node_name,
         state_dir=state_dir,

@@ -1,22 +1,32 @@
 """Container runtimes for the node agent: the seam between the kubelet's logic and a process.
 
-The node agent decides *what* runs (argv, environment, volumes, when to stop); a runtime starts
-and signals one container. `HostProcessRuntime` runs a container as a process on this host; a
-container-engine runtime (podman) implements the same two classes.
+The node agent decides *what* runs (argv, environment, volumes, security context, limits, when to
+stop); a runtime reports its images and starts and signals one container. Two implement it:
 
-Host processes cannot have their own mount namespace, user or root filesystem, so the host runtime
+- `localcluster.podman_runtime.PodmanRuntime` (``--runtime podman``) runs each container with
+  podman in the Pod's image on the host network, and enforces what a CRI runtime does: the image
+  from local storage, entrypoint/cmd replacement, user and groups, read-only root, capabilities,
+  no-new-privileges, seccomp, memory and CPU limits (with OOMKilled), every volume the agent sets
+  up mounted where the Pod says, SIGTERM to PID 1. Its module docstring has the details.
+- `HostProcessRuntime` (``--runtime host``, the fast one the e2e ``cluster`` fixture uses) runs
+  each container as a host process.
+
+A host process cannot have its own mount namespace, user or root filesystem, so the host runtime
 approximates a container as follows, and only this far:
 
 - *Images* are JSON files ``<images_dir>/<image>.json`` (``/`` and ``:`` in the name become ``_``)
   with optional ``entrypoint``, ``cmd`` (lists), ``env`` (object) and ``workingDir``, the parts of an
   OCI image config that matter to a process. An image without a file is the host itself: no
-  entrypoint, the runtime's working directory and ``PATH``.
+  entrypoint, the runtime's working directory and ``PATH``. Every image is present (pull policies
+  never wait) and its user unknown (``runAsNonRoot`` is not checked).
 - The command is resolved as Kubernetes does: ``command`` replaces the entrypoint, ``args`` replace
   ``cmd``.
-- *Volumes* are host directories. Since nothing is mounted, a path under a volume's ``mountPath`` in
+- *Volumes* are host directories, ``emptyDir`` only (other volume types, the ServiceAccount token's
+  among them, are ignored). Since nothing is mounted, a path under a volume's ``mountPath`` in
   the command (a whole argument) or in one of the pod's environment values is rewritten to that
   directory, and a volume mounted at ``/tmp`` becomes ``TMPDIR``.
-- The environment is only what the image and the pod define, plus ``PATH``, ``HOSTNAME`` and a
+- The environment is only what the image and the pod define (the agent adds the ``kubernetes``
+  Service's variables to the pod's), plus ``PATH``, ``HOSTNAME`` and a
   ``HOME`` (the pod's own directory) when neither sets one: the agent's own environment never leaks in.
 - ``securityContext`` (user, read-only root, capabilities) and resources are not enforced.
 - An exec probe's command (`RunningContainer.exec`) runs as another host process with the
@@ -54,6 +64,23 @@ def expand(text: str, variables: Mapping[str, str]) -> str:
 
 
 @dataclass(frozen=True)
+class SecurityContext:
+    """The container's effective ``securityContext`` (the Pod's merged under the container's own)."""
+
+    run_as_user: int | None = None
+    run_as_group: int | None = None
+    run_as_non_root: bool = False
+    supplemental_groups: tuple[int, ...] = ()  # the Pod's supplementalGroups, then its fsGroup
+    read_only_root_filesystem: bool = False
+    allow_privilege_escalation: bool | None = None
+    privileged: bool = False
+    capabilities_add: tuple[str, ...] = ()
+    capabilities_drop: tuple[str, ...] = ()
+    seccomp_profile: str | None = None  # RuntimeDefault, Unconfined, Localhost; None: the kubelet's Unconfined
+    seccomp_localhost_profile: str | None = None
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """One container, resolved by the node agent: what the runtime needs and nothing else."""
 
@@ -68,10 +95,20 @@ class ContainerSpec:
     working_dir: str | None
     volumes: dict[str, Path] = field(default_factory=dict)  # mountPath -> host directory
     log_path: Path = Path(os.devnull)
+    read_only_mounts: frozenset[str] = frozenset()  # mountPaths of `volumes` mounted read-only
+    restart_count: int = 0
+    security: SecurityContext = field(default_factory=SecurityContext)
+    memory_limit_bytes: int | None = None  # resources.limits.memory
+    cpu_limit: float | None = None  # resources.limits.cpu, in cores
+    hostname: str | None = None  # the Pod's hostname; None: the node's (hostNetwork)
 
 
 class ContainerError(Exception):
     """The runtime could not create or start the container (kubelet reason CreateContainerError)."""
+
+
+class ImagePullError(Exception):
+    """Pulling the image failed (kubelet reason ErrImagePull); the message is the runtime's."""
 
 
 class RunningContainer(Protocol):
@@ -93,11 +130,26 @@ class RunningContainer(Protocol):
         Raises TimeoutError (after killing it) when it runs longer than ``timeout`` seconds.
         """
 
+    def exit_reason(self) -> tuple[str, str] | None:
+        """Once `poll` returned a code: the runtime's own (reason, message), e.g. OOMKilled; else None."""
+
 
 class ContainerRuntime(Protocol):
     name: str
+    # True: the container sees the agent's volume directories where they are mounted, so the
+    # agent provides every volume type it knows; False: emptyDir only, other volumes are ignored.
+    mounts_volumes: bool
 
     def start(self, spec: ContainerSpec) -> RunningContainer: ...
+
+    def image_present(self, image: str) -> bool:
+        """The image is in the node's local storage (CRI ImageStatus)."""
+
+    def pull_image(self, image: str) -> None:
+        """Pull the image into local storage; `ImagePullError` when that fails."""
+
+    def image_user(self, image: str) -> str | None:
+        """The image's configured user (``uid[:gid]`` or a name, "" for none); None: not known."""
 
 
 class HostProcess:
@@ -168,6 +220,9 @@ class HostProcess:
             raise TimeoutError(f"{argv[0]} ran longer than {timeout:g} s") from None
         return 128 - code if code < 0 else code
 
+    def exit_reason(self) -> tuple[str, str] | None:
+        return None
+
 
 @dataclass(frozen=True)
 class HostImage:
@@ -185,11 +240,21 @@ class HostProcessRuntime:
     """Runs each container as a process in its own session on this host (see the module docstring)."""
 
     name = "host"
+    mounts_volumes = False  # nothing is mounted: paths are rewritten instead (module docstring)
 
     def __init__(self, *, images_dir: Path, working_dir: Path, path: str) -> None:
         self.images_dir = images_dir
         self.working_dir = working_dir
         self.path = path
+
+    def image_present(self, image: str) -> bool:
+        return True  # an image without a file is the host itself
+
+    def pull_image(self, image: str) -> None:
+        return None  # nothing to pull: images are files the tests write
+
+    def image_user(self, image: str) -> str | None:
+        return None  # processes run as the agent's user; runAsNonRoot is not checked
 
     def image(self, name: str) -> HostImage:
         file = image_file(self.images_dir, name)
