@@ -1,7 +1,8 @@
 """Command line: the seed's ``run_dbt_backfill`` contract and the ``dbt-backfill`` tool.
 
 Exit codes: 0 every window succeeded; 1 a window (or dbt) failed; 2 bad input or
-an unusable environment (nothing was written).
+an unusable environment (nothing was written), or a run refused before it touched any data
+(recorded as a failed execution when it has an ``--execution-id``: see :class:`Refusal`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ RECENT_HOURS = 24
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
+
+
+class Refusal(UsageError):
+    """A well-formed run the runner will not start: the contract check refused a model, or a
+    microbatch model under ``--tenant-id``. Exit code 2 and no data touched, like bad input; but
+    the run was real (an operator chunk, say), so with ``--execution-id`` its audit row records
+    it as failed with this text, where ``history`` and the operator's status find why."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,17 +224,23 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         )
         session.parse()
         models = session.select_models(args.models)
-        micro = session.microbatch_models(models)
-        if tenant and micro:
-            raise UsageError(
-                f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
-                " without --tenant-id, or leave them out of --models"
-            )
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
-        reporter.target(session.data_target, other_database(session.data_target, url))
-        reporter.plan()
-        reporter.parsed(session.parse_report)
-        _check_contract(args, url, session, models, tenant)
+        try:
+            micro = session.microbatch_models(models)
+            if tenant and micro:
+                raise Refusal(
+                    f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
+                    " without --tenant-id, or leave them out of --models"
+                )
+            reporter.target(session.data_target, other_database(session.data_target, url))
+            reporter.plan()
+            reporter.parsed(session.parse_report)
+            _check_contract(args, url, session, models, tenant)
+        except Refusal as exc:
+            if args.execution_id is not None and not args.dry_run:  # a dry run writes nothing, ever
+                start = _execution_start(args, session, windows, tenant, models)
+                raise Refusal(_record_refusal(audit_url, start, str(exc))) from None
+            raise
         verify = session.window_tests(tenant, models) if args.verify else None
         if verify is not None:
             scoped = len({t.model for t in verify.tests})
@@ -294,7 +308,7 @@ def _check_contract(
             print(f"warning: {finding.line()}", file=sys.stderr)
     if refused:
         flags = " / ".join(sorted({str(f.override) for f in refused}))
-        raise UsageError(f"{'; '.join(f.line() for f in refused)}; nothing was run (pass {flags} to run it anyway)")
+        raise Refusal(f"{'; '.join(f.line() for f in refused)}; nothing was run (pass {flags} to run it anyway)")
     if args.dry_run and report.sql_errors:
         raise UsageError("; ".join(f.line() for f in report.sql_errors))
 
@@ -327,27 +341,11 @@ def _execute(
     import sqlalchemy as sa
 
     engine = audit.engine_for(audit_url)
-    execution_id = args.execution_id or uuid.uuid4()
+    start = _execution_start(args, session, windows, tenant, models)
+    execution_id = start.id
     try:
         audit.ensure_schema(engine)
-        audit.record_start(
-            engine,
-            audit.ExecutionStart(
-                id=execution_id,
-                start_date=windows[0].start,
-                end_date=windows[-1].end,
-                tenant_id=tenant,
-                models=args.models or models,
-                kind="chunk" if args.parent_id else "run",
-                parent_id=args.parent_id,
-                backfill_name=args.backfill_name,
-                backfill_namespace=args.backfill_namespace,
-                backfill_uid=args.backfill_uid,
-                chunk_index=args.chunk_index,
-                attempt=args.attempt,
-                target=session.data_target.as_dict(),
-            ),
-        )
+        audit.record_start(engine, start)
     except audit.ExecutionConflict as exc:
         raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
     except sa.exc.DBAPIError as exc:  # a read-only role, say: nothing can be recorded, so nothing runs
@@ -401,6 +399,48 @@ def _execute(
     finished = _record_finish(engine, execution_id, status, seconds, outcome.rows, outcome.error)
     reporter.summary(outcome, execution_id)
     return EXIT_OK if outcome.success and finished else EXIT_FAILED
+
+
+def _execution_start(
+    args: argparse.Namespace,
+    session: runner.DbtSession,
+    windows: list[Window],
+    tenant: str | None,
+    models: list[str],
+) -> audit.ExecutionStart:
+    """The audit row this run writes first (a new id unless ``--execution-id`` names it)."""
+    return audit.ExecutionStart(
+        id=args.execution_id or uuid.uuid4(),
+        start_date=windows[0].start,
+        end_date=windows[-1].end,
+        tenant_id=tenant,
+        models=args.models or models,
+        kind="chunk" if args.parent_id else "run",
+        parent_id=args.parent_id,
+        backfill_name=args.backfill_name,
+        backfill_namespace=args.backfill_namespace,
+        backfill_uid=args.backfill_uid,
+        chunk_index=args.chunk_index,
+        attempt=args.attempt,
+        target=session.data_target.as_dict(),
+    )
+
+
+def _record_refusal(audit_url: str, start: audit.ExecutionStart, message: str) -> str:
+    """Record a refused run as a failed execution (0 rows, ``message`` its error); no data is touched.
+
+    Returns the line to print: ``message``, plus why its row is missing when it could not be written.
+    """
+    engine = audit.engine_for(audit_url)
+    try:
+        audit.ensure_schema(engine)
+        audit.record_start(engine, start)
+        audit.record_finish(
+            engine, start.id, "failed", duration_seconds=0.0, records_processed=0, error_message=message
+        )
+    except Exception as exc:  # the refusal is the news; a row that cannot be written only adds to it
+        return f"{message} (its audit row {start.id} was not written: {lifecycle.first_line(exc)})"
+    return message
 
 
 def _record_finish(
