@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, contract_check, database_url, lifecycle, planner, runner
@@ -27,7 +28,14 @@ from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.jobs import AUDIT_URL_ENV
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
-from dbtbackfill.project import other_database
+from dbtbackfill.project import (
+    GENERATED_TARGET,
+    ProjectError,
+    find_project_dir,
+    other_database,
+    read_project,
+    write_generated_profile,
+)
 from dbtbackfill.window_tests import WindowTests
 
 if TYPE_CHECKING:
@@ -568,6 +576,20 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _profile(args: argparse.Namespace) -> int:
+    """Write the profile a run generates from DATABASE_URL, for an image's build-time parse."""
+    try:
+        project = read_project(find_project_dir(args.project_dir, os.environ, Path.cwd()))
+        out = Path(args.output_dir)
+        if (out / "profiles.yml").exists():
+            raise UsageError(f"{out / 'profiles.yml'} exists; not overwritten")
+        write_generated_profile(out, project.profile, args.target)
+    except ProjectError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"profile {project.profile} (target {args.target}, from DBT_PG_*) written to {out / 'profiles.yml'}")
+    return EXIT_OK
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from dbtbackfill.demo import load_demo_data
 
@@ -637,6 +659,19 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--models", nargs="+", default=[], metavar="SELECTOR", help="dbt selection (default: all)")
     chk.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
     chk.set_defaults(func=_check)
+
+    prof = sub.add_parser(
+        "profile",
+        help="write the project's profile as a run generates it from DATABASE_URL (DBT_PG_*), for an image",
+    )
+    prof.add_argument(
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
+    )
+    prof.add_argument("--output-dir", required=True, help="where profiles.yml goes (an existing one is kept)")
+    prof.add_argument("--target", default=GENERATED_TARGET, help=f"the output's name (default {GENERATED_TARGET})")
+    _add_verbose(prof)
+    prof.set_defaults(func=_profile)
 
     demo_data = sub.add_parser("demo-data", help="load deterministic multi-tenant demo data into raw.*")
     demo_data.add_argument("--database-url")
