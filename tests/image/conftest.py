@@ -96,10 +96,11 @@ def shop_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
     The context holds the shop and its local package shop_utils in the repository's layout
     (projects/shop, projects/shop_utils), so the shop's packages.yml finds dbt_backfill at
-    /app/dbt-package (``../../../dbt-package`` from /app/workspace/projects/shop). The tag is a
-    hash of the operator image, the recipe, the build arguments and the context: unique to this
-    build, so parallel runs on other branches never share it, and an existing one is this very
-    build (skipped). Otherwise podman's layer cache keeps a rebuild to the parse step.
+    /app/dbt-package (``../../../dbt-package`` from /app/workspace/projects/shop). The tag follows
+    the operator image's (one per branch, so parallel runs elsewhere never share it); the image is
+    labelled with a hash of the operator image, the recipe, the build arguments and the context,
+    and one already labelled so is this very build (skipped). Otherwise podman's layer cache keeps
+    a rebuild to the steps after what changed.
     """
     from tests.integration.conftest import copy_tracked
 
@@ -108,14 +109,23 @@ def shop_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
         copy_tracked(REPO_ROOT / "tests" / "projects" / part, context / "projects" / part)
     args = [f"{key}={value}" for key, value in SHOP_BUILD_ARGS.items()]
     digest = _context_digest(context, _image_id(image), OWN_PROJECT_DOCKERFILE.read_text(), *args)
-    tag = f"localhost/dbt-backfill-own-project:shop-{digest}"
-    if subprocess.run(["podman", "image", "exists", tag], timeout=60, check=False).returncode == 0:
+    tag = f"localhost/dbt-backfill-own-project:shop-{image.rsplit(':', 1)[-1]}"
+    label = "io.dbt-backfill.build-context"
+    found = subprocess.run(
+        ["podman", "image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}', tag],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if found.returncode == 0 and found.stdout.strip() == digest:
         return tag
     argv = ["podman", "build", "--pull=never", "--network", "none", "--layers", "--file", str(OWN_PROJECT_DOCKERFILE)]
     for arg in [f"OPERATOR_IMAGE={image}", *args]:
         argv += ["--build-arg", arg]
     build = subprocess.run(
-        [*argv, "--tag", tag, str(context)], capture_output=True, text=True, timeout=900, check=False
+        [*argv, "--label", f"{label}={digest}", "--tag", tag, str(context)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     return tag

@@ -51,6 +51,9 @@ def shop_rows(url: str, table: str, start: date, end: date) -> list[tuple[object
 
 
 def test_the_own_project_image_ships_the_shop_parsed_for_its_database(shop_container: Container) -> None:
+    # Its own user again after the root build steps (runAsNonRoot checks the image's).
+    run = shop_container.run("id", "-u", user=None)
+    assert (run.returncode, run.stdout.strip()) == (0, "10001"), run.stderr
     script = (
         "import json; m = json.load(open('/app/workspace/projects/shop/target/manifest.json'));"
         "print(m['metadata']['project_name'], sorted({n['database'] for n in m['nodes'].values()}),"
