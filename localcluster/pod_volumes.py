@@ -13,6 +13,8 @@
   ServiceAccount admission adds the ``kube-api-access-*`` projected volume (token, ``ca.crt`` from
   the ``kube-root-ca.crt`` ConfigMap, the namespace) and its mount at
   ``/var/run/secrets/kubernetes.io/serviceaccount`` to every Pod that automounts, and to no other.
+- ``subPath`` mounts that file or directory of the volume (created in an ``emptyDir``);
+  ``subPathExpr`` is not provided.
 - A missing Secret or ConfigMap (not optional) keeps the container waiting (`VolumeNotReady`,
   the kubelet's ``FailedMount``) and is tried again; any other volume type is `UnsupportedVolume`.
 """
@@ -115,9 +117,21 @@ class PodVolumes:
                 if self.all_types:
                     raise UnsupportedVolume(f"volume {volume['name']!r}: type {kind} is not supported by this node")
                 continue
-            if mount.get("subPath") or mount.get("subPathExpr"):
-                raise UnsupportedVolume(f"volume {volume['name']!r}: subPath is not supported by this node")
+            if mount.get("subPathExpr"):
+                if not self.all_types:
+                    continue
+                raise UnsupportedVolume(f"volume {volume['name']!r}: subPathExpr is not supported by this node")
             host_dir = self._set_up(volume, kind)
+            if mount.get("subPath"):  # the API server has refused absolute paths and ".."
+                root, host_dir = host_dir, host_dir / str(mount["subPath"])
+                if kind == "emptyDir" and not host_dir.exists():
+                    # As the kubelet makes it: the volume root's mode and owner.
+                    host_dir.mkdir(parents=True)
+                    owner = root.stat()
+                    os.chown(host_dir, owner.st_uid, owner.st_gid)
+                    host_dir.chmod(owner.st_mode & 0o7777)
+                elif not host_dir.exists():
+                    raise VolumeNotReady(f"volume {volume['name']!r} has no {mount['subPath']!r}")
             path = str(mount["mountPath"]).rstrip("/") or "/"
             mounts[path] = host_dir
             if kind != "emptyDir" or mount.get("readOnly"):
