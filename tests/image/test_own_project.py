@@ -12,12 +12,8 @@ rows and the audit row are checked against raw.*.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +23,6 @@ from dbtbackfill.jobs import JobDefaults, Owner, backfill_execution_id, build_jo
 from dbtbackfill.localpg import LocalPostgres
 from dbtbackfill.spec import parse_spec
 from localcluster.cluster import LocalCluster
-from localcluster.controlplane import MissingBinariesError, check_binaries, default_bin_dir
 from tests.conftest import create_database
 from tests.image.conftest import SHOP_BUILD_ARGS, Container
 from tests.integration.conftest import audit_rows, query
@@ -120,31 +115,13 @@ def assert_chunk_wrote(url: str, stderr: str, first: date, last: date, *, daily:
     return row
 
 
-@pytest.fixture(scope="module")
-def podman_cluster() -> Iterator[LocalCluster]:
-    """A local cluster whose node agent runs each Pod's containers in their images with podman."""
-    try:
-        check_binaries(default_bin_dir())
-    except MissingBinariesError as e:
-        pytest.fail(f"{e} (run `make cluster-bin`)", pytrace=False)
-    state_dir = Path(tempfile.mkdtemp(prefix="localcluster-podman-"))
-    local = LocalCluster(state_dir, die_with_parent=True, runtime="podman")
-    try:
-        local.up()
-        yield local
-    finally:
-        local.down()
-        shutil.rmtree(state_dir, ignore_errors=True)
-
-
 def test_the_operators_chunk_job_runs_the_own_project_image_in_podman_on_the_cluster(
-    pg_server: LocalPostgres, shop_image: str, podman_cluster: LocalCluster
+    pg_server: LocalPostgres, shop_image: str, podman_cluster: LocalCluster, podman_namespace: str
 ) -> None:
     url = create_database(pg_server, SHOP_BUILD_ARGS["PARSE_DATABASE"])
     load_shop_data(url, start=START, days=6, per_day=PER_DAY)
-    namespace = f"own-project-{uuid.uuid4().hex[:6]}"
+    namespace = podman_namespace
     kubectl = podman_cluster.kubectl
-    kubectl("create", "namespace", namespace)
     kubectl("create", "serviceaccount", "dbt-backfill-job", "-n", namespace)
     kubectl("create", "secret", "generic", "shop-db", f"--from-literal=DATABASE_URL={url}", "-n", namespace)
     # What a DbtBackfill with spec.image set to the shop's image makes of its one 3-day chunk.
@@ -176,4 +153,3 @@ def test_the_operators_chunk_job_runs_the_own_project_image_in_podman_on_the_clu
     assert row["id"] == chunk_execution_id(owner, window.index, 1)
     assert (row["parent_id"], row["kind"]) == (backfill_execution_id(owner), "chunk")
     assert (row["backfill_name"], row["backfill_namespace"], row["backfill_uid"]) == ("shop", namespace, owner.uid)
-    kubectl("delete", "namespace", namespace, "--wait=false")
