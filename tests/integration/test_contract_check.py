@@ -230,11 +230,12 @@ def test_a_refused_chunk_is_a_failed_audit_row_with_the_refusal_and_touches_no_d
     chunk, parent = uuid.uuid4(), uuid.uuid4()
     capfd.readouterr()
 
-    code = run_cli(
+    chunk_args = (
         *FEB, "--models", "good_orders", "bad_no_window", "--database-url", demo_url,
         "--execution-id", str(chunk), "--parent-id", str(parent), "--chunk-index", "3", "--attempt", "2",
         "--backfill-name", "feb", "--backfill-namespace", "shop", "--backfill-uid", "u-1",
     )  # fmt: skip
+    code = run_cli(*chunk_args)
 
     assert code == 2
     err = capfd.readouterr().err
@@ -262,8 +263,19 @@ def test_a_refused_chunk_is_a_failed_audit_row_with_the_refusal_and_touches_no_d
     assert run_tool("history", "--status", "failed", "--database-url", demo_url) == 0
     out = capfd.readouterr().out
     assert str(chunk) in out and "never reads the window" in " ".join(out.split())
+    assert run_cli(*chunk_args) == 2
+    rows = audit_rows(demo_url)
+    assert [r["id"] for r in rows] == [earlier["id"], chunk]
+    assert (rows[1]["status"], rows[1]["error_message"]) == ("failed", line.removeprefix(prefix))
+    assert rows[1]["finished_at"] >= row["finished_at"]
+    capfd.readouterr()
+
+    # The same id for another execution (other models): still the refusal, plus why no row was written.
     assert run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url, "--execution-id", str(chunk)) == 2
-    assert [r["id"] for r in audit_rows(demo_url)] == [earlier["id"], chunk]
+    [conflict] = [x for x in capfd.readouterr().err.splitlines() if "error:" in x]
+    assert conflict.startswith(prefix + "model bad_no_window: never reads the window")
+    assert f"(its audit row {chunk} was not written: execution id {chunk} already belongs to" in conflict
+    assert audit_rows(demo_url) == rows
 
 
 def test_a_refused_run_without_an_execution_id_or_as_a_dry_run_writes_nothing(
