@@ -7,7 +7,8 @@
   ``configMap``, ``downwardAPI``): files written once before the first container starts, with
   ``items``, ``optional`` and ``defaultMode``/``mode`` (default 0644); always mounted read-only.
   A ``serviceAccountToken`` comes from the TokenRequest API, bound to the Pod (``boundObjectRef``),
-  as the Node authorizer lets a node request for the ServiceAccounts of its Pods, and is replaced
+  as the API server lets a node request for the ServiceAccounts of its Pods (and only for an
+  audience a Pod's spec asks for: ServiceAccountNodeAudienceRestriction), and is replaced
   (atomically, by rename) once 80% of its ``expirationSeconds`` has passed, as the kubelet's token
   manager does. This is how ``automountServiceAccountToken`` reaches a container: the API server's
   ServiceAccount admission adds the ``kube-api-access-*`` projected volume (token, ``ca.crt`` from
@@ -220,9 +221,9 @@ class PodVolumes:
             os.chown(token.path, -1, int(self.fs_group))
         token.obtained_at = time.monotonic()
 
-    def refresh_tokens(self) -> None:
-        """Renew each token that is 80% through its lifetime (an API error is tried again next time)."""
-        now = time.monotonic()
+    def refresh_tokens(self, now: float | None = None) -> None:
+        """Renew each token 80% through its lifetime at ``now`` (monotonic; an API error: next time)."""
+        now = time.monotonic() if now is None else now
         for token in self._tokens:
             if token_refresh_due(token.obtained_at, token.expiration_seconds, now):
                 with contextlib.suppress(VolumeNotReady):
