@@ -1,7 +1,8 @@
 """Command line: the seed's ``run_dbt_backfill`` contract and the ``dbt-backfill`` tool.
 
 Exit codes: 0 every window succeeded; 1 a window (or dbt) failed; 2 bad input or
-an unusable environment (nothing was written).
+an unusable environment (nothing was written), or a run refused before it touched any data
+(recorded as a failed execution when it has an ``--execution-id``: see :class:`Refusal`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dbtbackfill import audit, contract_check, database_url, lifecycle, planner, runner
@@ -26,7 +28,14 @@ from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.jobs import AUDIT_URL_ENV
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
-from dbtbackfill.project import other_database
+from dbtbackfill.project import (
+    GENERATED_TARGET,
+    ProjectError,
+    find_project_dir,
+    other_database,
+    read_project,
+    write_generated_profile,
+)
 from dbtbackfill.window_tests import WindowTests
 
 if TYPE_CHECKING:
@@ -44,6 +53,13 @@ RECENT_HOURS = 24
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
+
+
+class Refusal(UsageError):
+    """A well-formed run the runner will not start: the contract check refused a model, or a
+    microbatch model under ``--tenant-id``. Exit code 2 and no data touched, like bad input; but
+    the run was real (an operator chunk, say), so with ``--execution-id`` its audit row records
+    it as failed with this text, where ``history`` and the operator's status find why."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,17 +232,23 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         )
         session.parse()
         models = session.select_models(args.models)
-        micro = session.microbatch_models(models)
-        if tenant and micro:
-            raise UsageError(
-                f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
-                " without --tenant-id, or leave them out of --models"
-            )
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
-        reporter.target(session.data_target, other_database(session.data_target, url))
-        reporter.plan()
-        reporter.parsed(session.parse_report)
-        _check_contract(args, url, session, models, tenant)
+        try:
+            micro = session.microbatch_models(models)
+            if tenant and micro:
+                raise Refusal(
+                    f"microbatch model(s) {', '.join(micro)} replace whole batches for every tenant: backfill them"
+                    " without --tenant-id, or leave them out of --models"
+                )
+            reporter.target(session.data_target, other_database(session.data_target, url))
+            reporter.plan()
+            reporter.parsed(session.parse_report)
+            _check_contract(args, url, session, models, tenant)
+        except Refusal as exc:
+            if args.execution_id is not None and not args.dry_run:  # a dry run writes nothing, ever
+                start = _execution_start(args, session, windows, tenant, models)
+                raise Refusal(_record_refusal(audit_url, start, str(exc))) from None
+            raise
         verify = session.window_tests(tenant, models) if args.verify else None
         if verify is not None:
             scoped = len({t.model for t in verify.tests})
@@ -294,7 +316,7 @@ def _check_contract(
             print(f"warning: {finding.line()}", file=sys.stderr)
     if refused:
         flags = " / ".join(sorted({str(f.override) for f in refused}))
-        raise UsageError(f"{'; '.join(f.line() for f in refused)}; nothing was run (pass {flags} to run it anyway)")
+        raise Refusal(f"{'; '.join(f.line() for f in refused)}; nothing was run (pass {flags} to run it anyway)")
     if args.dry_run and report.sql_errors:
         raise UsageError("; ".join(f.line() for f in report.sql_errors))
 
@@ -327,27 +349,11 @@ def _execute(
     import sqlalchemy as sa
 
     engine = audit.engine_for(audit_url)
-    execution_id = args.execution_id or uuid.uuid4()
+    start = _execution_start(args, session, windows, tenant, models)
+    execution_id = start.id
     try:
         audit.ensure_schema(engine)
-        audit.record_start(
-            engine,
-            audit.ExecutionStart(
-                id=execution_id,
-                start_date=windows[0].start,
-                end_date=windows[-1].end,
-                tenant_id=tenant,
-                models=args.models or models,
-                kind="chunk" if args.parent_id else "run",
-                parent_id=args.parent_id,
-                backfill_name=args.backfill_name,
-                backfill_namespace=args.backfill_namespace,
-                backfill_uid=args.backfill_uid,
-                chunk_index=args.chunk_index,
-                attempt=args.attempt,
-                target=session.data_target.as_dict(),
-            ),
-        )
+        audit.record_start(engine, start)
     except audit.ExecutionConflict as exc:
         raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
     except sa.exc.DBAPIError as exc:  # a read-only role, say: nothing can be recorded, so nothing runs
@@ -401,6 +407,48 @@ def _execute(
     finished = _record_finish(engine, execution_id, status, seconds, outcome.rows, outcome.error)
     reporter.summary(outcome, execution_id)
     return EXIT_OK if outcome.success and finished else EXIT_FAILED
+
+
+def _execution_start(
+    args: argparse.Namespace,
+    session: runner.DbtSession,
+    windows: list[Window],
+    tenant: str | None,
+    models: list[str],
+) -> audit.ExecutionStart:
+    """The audit row this run writes first (a new id unless ``--execution-id`` names it)."""
+    return audit.ExecutionStart(
+        id=args.execution_id or uuid.uuid4(),
+        start_date=windows[0].start,
+        end_date=windows[-1].end,
+        tenant_id=tenant,
+        models=args.models or models,
+        kind="chunk" if args.parent_id else "run",
+        parent_id=args.parent_id,
+        backfill_name=args.backfill_name,
+        backfill_namespace=args.backfill_namespace,
+        backfill_uid=args.backfill_uid,
+        chunk_index=args.chunk_index,
+        attempt=args.attempt,
+        target=session.data_target.as_dict(),
+    )
+
+
+def _record_refusal(audit_url: str, start: audit.ExecutionStart, message: str) -> str:
+    """Record a refused run as a failed execution (0 rows, ``message`` its error); no data is touched.
+
+    Returns the line to print: ``message``, plus why its row is missing when it could not be written.
+    """
+    engine = audit.engine_for(audit_url)
+    try:
+        audit.ensure_schema(engine)
+        audit.record_start(engine, start)
+        audit.record_finish(
+            engine, start.id, "failed", duration_seconds=0.0, records_processed=0, error_message=message
+        )
+    except Exception as exc:  # the refusal is the news; a row that cannot be written only adds to it
+        return f"{message} (its audit row {start.id} was not written: {lifecycle.first_line(exc)})"
+    return message
 
 
 def _record_finish(
@@ -528,6 +576,20 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _profile(args: argparse.Namespace) -> int:
+    """Write the profile a run generates from DATABASE_URL, for an image's build-time parse."""
+    try:
+        project = read_project(find_project_dir(args.project_dir, os.environ, Path.cwd()))
+        out = Path(args.output_dir)
+        if (out / "profiles.yml").exists():
+            raise UsageError(f"{out / 'profiles.yml'} exists; not overwritten")
+        write_generated_profile(out, project.profile, args.target)
+    except ProjectError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"profile {project.profile} (target {args.target}, from DBT_PG_*) written to {out / 'profiles.yml'}")
+    return EXIT_OK
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from dbtbackfill.demo import load_demo_data
 
@@ -597,6 +659,19 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--models", nargs="+", default=[], metavar="SELECTOR", help="dbt selection (default: all)")
     chk.add_argument("--database-url", help="PostgreSQL URL; overrides $DATABASE_URL")
     chk.set_defaults(func=_check)
+
+    prof = sub.add_parser(
+        "profile",
+        help="write the project's profile as a run generates it from DATABASE_URL (DBT_PG_*), for an image",
+    )
+    prof.add_argument(
+        "--project-dir",
+        help="the dbt project (default: $DBT_PROJECT_DIR, else the working directory if it is one, else ./analytics)",
+    )
+    prof.add_argument("--output-dir", required=True, help="where profiles.yml goes (an existing one is kept)")
+    prof.add_argument("--target", default=GENERATED_TARGET, help=f"the output's name (default {GENERATED_TARGET})")
+    _add_verbose(prof)
+    prof.set_defaults(func=_profile)
 
     demo_data = sub.add_parser("demo-data", help="load deterministic multi-tenant demo data into raw.*")
     demo_data.add_argument("--database-url")

@@ -360,6 +360,32 @@ def test_a_failing_chunk_is_retried_then_fails_and_retry_failed_reruns_only_it(
     assert next(r for r in audit_rows(analytics_db, "flaky") if r["kind"] == "backfill")["status"] == "completed"
 
 
+def test_a_chunk_the_contract_check_refuses_fails_with_the_refusal_in_the_status_and_touches_no_data(
+    kube_client: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, analytics_db: str,
+    project_dir: Path,
+) -> None:  # fmt: skip
+    # A model that never reads the window: every chunk would rebuild it from all orders.
+    (project_dir / "models" / "facts" / "zz_e2e_no_window.sql").write_text(
+        "{{ config(materialized='incremental', incremental_strategy='delete+insert',"
+        " unique_key=['tenant_id', 'order_id'], pre_hook=\"{{ backfill_delete_window('ordered_at') }}\") }}\n"
+        "select tenant_id, order_id, ordered_at, amount from {{ source('raw', 'orders') }}\n"
+    )
+    create(kube_client, backfill(namespace, "refused", "2024-01-05", "2024-01-05", retry={"limit": 0}))
+    status = wait_phase(kube_client, operator, namespace, "refused", "Failed", timeout=600)
+
+    refusal = "model zz_e2e_no_window: never reads the window"
+    [failure] = status["recentFailures"]
+    assert refusal in failure["message"] and "pass --allow-full-rebuild" in failure["message"], failure
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "False" and refusal in conditions["Succeeded"]["message"]
+    [chunk] = [r for r in audit_rows(analytics_db, "refused") if r["kind"] == "chunk"]
+    assert (chunk["status"], chunk["records_processed"], chunk["attempt"]) == ("failed", 0, 1)
+    assert chunk["error_message"] == failure["message"]
+    with psycopg.connect(analytics_db) as conn:  # refused before dbt ran: no fact table was even created
+        tables = conn.execute("select tablename from pg_tables where schemaname = 'analytics'").fetchall()
+    assert tables == []
+
+
 def test_suspend_stops_launching_and_resume_finishes(
     kube_client: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, analytics_db: str
 ) -> None:

@@ -8,11 +8,13 @@ PostgreSQL on loopback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,70 @@ class Container:
 @pytest.fixture(scope="session")
 def container(image: str) -> Container:
     return Container(image)
+
+
+# The recipe for an image of one's own project, built from tests/projects/shop on top of ``image``.
+OWN_PROJECT_DOCKERFILE = REPO_ROOT / "deploy" / "examples" / "own-project" / "Dockerfile"
+#: The build arguments of the shop's image: the database and schema its chunks write to (the parse is for them).
+SHOP_BUILD_ARGS = {"PROJECT": "projects/shop", "PARSE_DATABASE": "shop_image", "SCHEMA": "jaffle"}
+
+
+def _image_id(image: str) -> str:
+    out = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", image],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+def _context_digest(context: Path, *parts: str) -> str:
+    digest = hashlib.sha256("\0".join(parts).encode())
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(context).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def shop_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """deploy/examples/own-project/Dockerfile built as its README section says, from tests/projects/shop.
+
+    The context holds the shop and its local package shop_utils in the repository's layout
+    (projects/shop, projects/shop_utils), so the shop's packages.yml finds dbt_backfill at
+    /app/dbt-package (``../../../dbt-package`` from /app/workspace/projects/shop). The tag follows
+    the operator image's (one per branch, so parallel runs elsewhere never share it); the image is
+    labelled with a hash of the operator image, the recipe, the build arguments and the context,
+    and one already labelled so is this very build (skipped). Otherwise podman's layer cache keeps
+    a rebuild to the steps after what changed.
+    """
+    from tests.integration.conftest import copy_tracked
+
+    context = tmp_path_factory.mktemp("own-project-context")
+    for part in ("shop", "shop_utils"):
+        copy_tracked(REPO_ROOT / "tests" / "projects" / part, context / "projects" / part)
+    args = [f"{key}={value}" for key, value in SHOP_BUILD_ARGS.items()]
+    digest = _context_digest(context, _image_id(image), OWN_PROJECT_DOCKERFILE.read_text(), *args)
+    tag = f"localhost/dbt-backfill-own-project:shop-{image.rsplit(':', 1)[-1]}"
+    label = "io.dbt-backfill.build-context"
+    found = subprocess.run(
+        ["podman", "image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}', tag],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if found.returncode == 0 and found.stdout.strip() == digest:
+        return tag
+    argv = ["podman", "build", "--pull=never", "--network", "none", "--layers", "--file", str(OWN_PROJECT_DOCKERFILE)]
+    for arg in [f"OPERATOR_IMAGE={image}", *args]:
+        argv += ["--build-arg", arg]
+    build = subprocess.run(
+        [*argv, "--label", f"{label}={digest}", "--tag", tag, str(context)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return tag
+
+
+@pytest.fixture(scope="session")
+def shop_container(shop_image: str) -> Container:
+    return Container(shop_image)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
+    audit_rows,
     copy_analytics_project,
     copy_tracked,
     db_state,
@@ -205,6 +208,115 @@ def test_run_refuses_cross_window_models_unless_allowed_and_warns_on_the_rest(
         "bad_order_sequence",
         "bad_no_window_index",
     }
+
+
+def _table_digest(url: str, table: str) -> tuple[int, str]:
+    """Row count and md5 of every row of ``schema.table``."""
+    stmt = sql.SQL("select count(*), coalesce(md5(string_agg(t::text, '|' order by t::text)), '') from {} t")
+    [(count, digest)] = query(url, stmt.format(sql.Identifier(*table.split("."))))
+    return count, digest
+
+
+def test_a_refused_chunk_is_a_failed_audit_row_with_the_refusal_and_touches_no_data(
+    in_trap_project: Path, demo_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """What an operator chunk passes (--execution-id, --parent-id, ...): the refusal must reach its audit row."""
+    assert run_cli(*FEB, "--models", "good_orders", "--database-url", demo_url) == 0
+    [earlier] = audit_rows(demo_url)
+    # A re-run of good_orders would now rewrite its rows; a refused run must not.
+    execute(demo_url, "update raw.orders set amount = amount + 1 where ordered_at >= '2024-02-01'")
+    facts, raw = _table_digest(demo_url, "analytics.good_orders"), _table_digest(demo_url, "raw.orders")
+    tables = query(demo_url, "select schemaname, tablename from pg_tables order by 1, 2")
+    chunk, parent = uuid.uuid4(), uuid.uuid4()
+    capfd.readouterr()
+
+    chunk_args = (
+        *FEB, "--models", "good_orders", "bad_no_window", "--database-url", demo_url,
+        "--execution-id", str(chunk), "--parent-id", str(parent), "--chunk-index", "3", "--attempt", "2",
+        "--backfill-name", "feb", "--backfill-namespace", "shop", "--backfill-uid", "u-1",
+    )  # fmt: skip
+    code = run_cli(*chunk_args)
+
+    assert code == 2
+    err = capfd.readouterr().err
+    [line] = [x for x in err.splitlines() if "error:" in x]
+    prefix = "run_dbt_backfill: error: "
+    assert line.startswith(prefix + "model bad_no_window: never reads the window")
+    assert line.endswith("nothing was run (pass --allow-full-rebuild to run it anyway)")
+    rows = audit_rows(demo_url)
+    assert [r["id"] for r in rows] == [earlier["id"], chunk]
+    row = rows[1]
+    assert row["error_message"] == line.removeprefix(prefix)
+    assert (row["status"], row["kind"], row["parent_id"], row["records_processed"]) == ("failed", "chunk", parent, 0)
+    assert (row["chunk_index"], row["attempt"], row["backfill_name"], row["backfill_uid"]) == (3, 2, "feb", "u-1")
+    assert (str(row["start_date"]), str(row["end_date"]), row["models"]) == (
+        "2024-02-01", "2024-02-03", ["good_orders", "bad_no_window"]
+    )  # fmt: skip
+    assert row["finished_at"] is not None and row["target"]["database"] == earlier["target"]["database"]
+    assert rows[0] == earlier
+    # No data touched: the fact table still holds the old amounts, and no table came or went.
+    assert _table_digest(demo_url, "analytics.good_orders") == facts
+    assert _table_digest(demo_url, "raw.orders") == raw
+    assert query(demo_url, "select schemaname, tablename from pg_tables order by 1, 2") == tables
+
+    # `history` shows it, and a retry of the same attempt (same id) replaces that row, never adds one.
+    assert run_tool("history", "--status", "failed", "--database-url", demo_url) == 0
+    out = capfd.readouterr().out
+    assert str(chunk) in out and "never reads the window" in " ".join(out.split())
+    assert run_cli(*chunk_args) == 2
+    rows = audit_rows(demo_url)
+    assert [r["id"] for r in rows] == [earlier["id"], chunk]
+    assert (rows[1]["status"], rows[1]["error_message"]) == ("failed", line.removeprefix(prefix))
+    assert rows[1]["finished_at"] >= row["finished_at"]
+    capfd.readouterr()
+
+    # The same id for another execution (other models): still the refusal, plus why no row was written.
+    assert run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url, "--execution-id", str(chunk)) == 2
+    [conflict] = [x for x in capfd.readouterr().err.splitlines() if "error:" in x]
+    assert conflict.startswith(prefix + "model bad_no_window: never reads the window")
+    assert f"(its audit row {chunk} was not written: execution id {chunk} already belongs to" in conflict
+    assert audit_rows(demo_url) == rows
+
+
+def test_a_refused_run_without_an_execution_id_or_as_a_dry_run_writes_nothing(
+    in_trap_project: Path, demo_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    before = db_state(demo_url)
+    assert run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url) == 2
+    dry = ("--models", "bad_no_window", "--dry-run", "--execution-id", str(uuid.uuid4()))
+    assert run_cli(*FEB, *dry, "--database-url", demo_url) == 2
+    errors = [x for x in capfd.readouterr().err.splitlines() if "error:" in x]
+    assert len(errors) == 2 and all("never reads the window" in x for x in errors)
+    assert db_state(demo_url) == before
+    assert not table_exists(demo_url, "public", "backfill_executions")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--start-date", "2024-02-05", "--end-date", "2024-02-01"), "start_date"),
+        (("--models", "no_such_model", *FEB), "selection matched no models"),
+        (("--project-dir", "/nonexistent/shop", *FEB), "no dbt project at /nonexistent/shop"),
+        (("--models", "good_orders", "--chunk", "fortnight", *FEB), "invalid choice"),
+    ],
+)
+def test_bad_input_with_an_execution_id_still_writes_nothing(
+    in_trap_project: Path,
+    demo_url: str,
+    argv: tuple[str, ...],
+    message: str,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    before = db_state(demo_url)
+    ids = ("--execution-id", str(uuid.uuid4()), "--parent-id", str(uuid.uuid4()))
+
+    assert run_cli(*argv, *ids, "--database-url", demo_url) == 2
+
+    err = capfd.readouterr().err
+    [line] = [x for x in err.splitlines() if "error:" in x]
+    assert message in line, err
+    assert db_state(demo_url) == before
+    assert not table_exists(demo_url, "public", "backfill_executions")
 
 
 # ------------------------------------------------------------------ --dry-run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -284,6 +285,18 @@ def test_microbatch_models_get_each_windows_event_time_bounds(
     [line] = err_lines(capfd)
     assert line.startswith("run_dbt_backfill: error: microbatch model(s) daily_store_revenue replace whole batches")
     assert audit_rows(url) == before
+    # A chunk (it has an execution id) refused so is a failed row saying why; still no data touched.
+    revenue_rows = query(url, "select * from jaffle.daily_store_revenue order by 1, 2")
+    chunk = uuid.uuid4()
+    assert run_cli(*RANGE, "--tenant-id", "brooklyn", "--execution-id", str(chunk),
+                   "--project-dir", str(shop_layout)) == 2  # fmt: skip
+    [refused] = err_lines(capfd)
+    assert refused == line
+    *_, row = audit_rows(url)
+    assert (row["id"], row["status"], row["tenant_id"], row["records_processed"]) == (chunk, "failed", "brooklyn", 0)
+    assert row["error_message"] == line.removeprefix("run_dbt_backfill: error: ")
+    assert audit_rows(url)[:-1] == before
+    assert query(url, "select * from jaffle.daily_store_revenue order by 1, 2") == revenue_rows
     # ... while the store-scoped models backfill one store and leave the others alone.
     execute(url, "update raw.order_items set quantity = 5 where order_id = 3")
     assert run_cli(*RANGE, "--tenant-id", "brooklyn", "--models", "orders", "order_items",

@@ -67,9 +67,11 @@ def test_the_shipped_project_reads_no_credentials() -> None:
     assert project_connection_reads(sources) == {}
 
 
-def test_the_image_parses_with_the_placeholders() -> None:
-    # The build-time parse and a Pod's parse must hash the same connection values.
-    parser = DockerfileParser(fileobj=io.BytesIO((REPO / "Dockerfile").read_bytes()))
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/examples/own-project/Dockerfile"])
+def test_the_image_parses_with_the_placeholders(dockerfile: str) -> None:
+    # The build-time parse and a Pod's parse must hash the same connection values (the operator's
+    # image, and the recipe for an image of one's own project).
+    parser = DockerfileParser(fileobj=io.BytesIO((REPO / dockerfile).read_bytes()))
     (line,) = [i["value"] for i in parser.structure if i["instruction"] == "RUN" and "dbt parse" in i["value"]]
     for key, value in PLACEHOLDERS.items():
         if value:

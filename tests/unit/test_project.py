@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from dbtbackfill import cli
 from dbtbackfill.project import (
     ProjectError,
     Target,
@@ -84,6 +86,47 @@ def test_a_generated_profile_reads_the_runners_variables(tmp_path: Path) -> None
     text = (write_generated_profile(tmp_path / "gen", "warehouse") / "profiles.yml").read_text()
     assert text.splitlines()[1] == "warehouse:"
     assert "{{ env_var('DBT_PG_DBNAME') }}" in text and "password" in text
+
+
+def test_a_generated_profile_names_its_output_as_asked_and_only_plainly(tmp_path: Path) -> None:
+    text = (write_generated_profile(tmp_path / "gen", "warehouse", "prod") / "profiles.yml").read_text()
+    outputs = yaml.safe_load(text)["warehouse"]
+    assert outputs["target"] == "prod" and list(outputs["outputs"]) == ["prod"]
+    assert outputs["outputs"]["prod"]["host"] == "{{ env_var('DBT_PG_HOST') }}"
+    with pytest.raises(ProjectError, match="not a plain name"):
+        write_generated_profile(tmp_path / "bad", "warehouse", "prod: {}")
+    assert not (tmp_path / "bad").exists()
+
+
+def _tool(*argv: str) -> int:
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(argv))
+    return info.value.code if isinstance(info.value.code, int) else 0
+
+
+def test_the_profile_command_writes_the_projects_generated_profile_once(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    proj = project(tmp_path / "shop", profile="jaffle_warehouse")
+    out = tmp_path / "image-profile"
+
+    assert _tool("profile", "--project-dir", str(proj), "--output-dir", str(out), "--target", "prod") == 0
+
+    written = (out / "profiles.yml").read_text()
+    assert (
+        written == (write_generated_profile(tmp_path / "same", "jaffle_warehouse", "prod") / "profiles.yml").read_text()
+    )
+    assert capfd.readouterr().out.strip() == (
+        f"profile jaffle_warehouse (target prod, from DBT_PG_*) written to {out / 'profiles.yml'}"
+    )
+    # An existing profiles.yml is someone's: kept as it is, one line, exit 2.
+    assert _tool("profile", "--project-dir", str(proj), "--output-dir", str(out)) == 2
+    assert (out / "profiles.yml").read_text() == written
+    err = capfd.readouterr().err.strip()
+    assert err == f"dbt-backfill profile: error: {out / 'profiles.yml'} exists; not overwritten"
+    assert _tool("profile", "--project-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")) == 2
+    assert capfd.readouterr().err.strip().startswith("dbt-backfill profile: error: no dbt project at ")
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_packages_names_uninstalled_local_packages(tmp_path: Path) -> None:
