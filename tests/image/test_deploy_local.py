@@ -36,6 +36,7 @@ from dbtbackfill.demo import load_demo_data
 from dbtbackfill.localpg import LocalPostgres
 from localcluster.cluster import LocalCluster
 from tests.conftest import REPO_ROOT, create_database
+from tests.e2e.test_operator import audit_rows
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.image, pytest.mark.e2e, pytest.mark.integration]
@@ -164,12 +165,6 @@ def install(podman_cluster: LocalCluster, image: str, pg_server: LocalPostgres) 
         podman_cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
         podman_cluster.kubectl("-n", OPERATOR_NAMESPACE, "delete", "deployment", "dbt-backfill-operator",
                                "--timeout=120s", check=False)  # fmt: skip
-
-
-def audit_rows(url: str, name: str) -> list[dict[str, Any]]:
-    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        cur.execute("select * from backfill_executions where backfill_name = %s order by created_at", (name,))
-        return list(cur.fetchall())
 
 
 def chunk_pods(install: Install, name: str) -> list[dict[str, Any]]:
