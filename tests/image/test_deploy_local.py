@@ -165,6 +165,10 @@ def install(podman_cluster: LocalCluster, image: str, pg_server: LocalPostgres) 
         podman_cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
         podman_cluster.kubectl("-n", OPERATOR_NAMESPACE, "delete", "deployment", "dbt-backfill-operator",
                                "--timeout=120s", check=False)  # fmt: skip
+        # Its Pod holds the host's ports 8080 and 9102 (host network) until it is gone.
+        operator_pods = "app.kubernetes.io/name=dbt-backfill-operator"
+        podman_cluster.kubectl("-n", OPERATOR_NAMESPACE, "wait", "--for=delete", "pod", "-l", operator_pods,
+                               "--timeout=120s", check=False)  # fmt: skip
 
 
 def chunk_pods(install: Install, name: str) -> list[dict[str, Any]]:
