@@ -8,6 +8,9 @@ PYTEST_ARGS ?=
 # The pinned Kubernetes binaries (localcluster/build.sh caches them outside the repo, per version).
 CLUSTER_BIN := $(shell awk '$$1 == "k8s.io/kubernetes" && $$2 ~ /^v/ {print $$2}' localcluster/go.mod)
 CLUSTER_BIN_DIR := $(or $(DBT_BACKFILL_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dbt-backfill)/k8s/$(CLUSTER_BIN)
+# The node agent's container runtime for `make cluster-up`: podman (Pods run in their images) when
+# it is installed, else host processes (`make cluster-up RUNTIME=host` to choose).
+RUNTIME ?= $(if $(shell command -v podman),podman,host)
 # The built kubectl (same version as the API server) comes first for everything make runs.
 export PATH := $(CLUSTER_BIN_DIR):$(PATH)
 
@@ -61,7 +64,7 @@ cluster-bin:
 
 ## A local Kubernetes cluster on loopback (state in .cluster/): prints the KUBECONFIG to export.
 cluster-up: cluster-bin venv
-	$(BIN)/python -m localcluster up
+	$(BIN)/python -m localcluster up --runtime $(RUNTIME)
 
 cluster-down: venv
 	$(BIN)/python -m localcluster down

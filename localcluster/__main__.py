@@ -1,7 +1,9 @@
-"""``python -m localcluster up|down|status [--state-dir DIR]``: the local Kubernetes cluster.
+"""``python -m localcluster up|down|status [--state-dir DIR] [--runtime podman|host]``: the local Kubernetes cluster.
 
 ``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node agent
-(whatever is not running already) and prints the ``export KUBECONFIG=...`` line to use it;
+(whatever is not running already) and prints the ``export KUBECONFIG=...`` line to use it. The
+node agent runs containers with ``--runtime`` (default: podman when it is installed, in the Pods'
+images; ``host``: as host processes, see `localcluster.runtime`);
 ``down`` stops them (state, certificates and data stay in the state directory, default
 ``<repo>/.cluster``); ``status`` prints what is running and exits 1 if anything is not.
 """
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from localcluster.cluster import LocalCluster
+from localcluster.cluster import RUNTIMES, LocalCluster, default_runtime
 from localcluster.controlplane import REPO_ROOT, MissingBinariesError
 
 
@@ -21,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".cluster")
     parser.add_argument("--bin-dir", type=Path, help="the built Kubernetes binaries (default: build.sh's cache)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=default_runtime(), help="the node's container runtime")
     args = parser.parse_args(argv)
-    cluster = LocalCluster(args.state_dir, bin_dir=args.bin_dir)
+    cluster = LocalCluster(args.state_dir, bin_dir=args.bin_dir, runtime=args.runtime)
     if args.command == "up":
         try:
             cluster.up()

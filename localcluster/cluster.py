@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -18,13 +19,22 @@ from localcluster.processes import ManagedProcess
 from localcluster.runtime import image_file
 
 NODE_NAME = "localcluster-node"
+RUNTIMES = ("host", "podman")
+
+
+def default_runtime() -> str:
+    """podman when it is installed (containers run in their images), else host processes."""
+    return "podman" if shutil.which("podman") else "host"
 
 
 class LocalCluster:
     """A `ControlPlane` and the node agent serving ``NODE_NAME``, sharing one state directory.
 
-    Containers run as host processes in ``working_dir`` (default: the repo root) with ``path`` as
-    their ``PATH`` (default: this interpreter's directory first, so ``python`` is this venv's).
+    ``runtime`` is the node agent's container runtime (`localcluster.runtime`): ``"host"`` runs
+    containers as host processes in ``working_dir`` (default: the repo root) with ``path`` as
+    their ``PATH`` (default: this interpreter's directory first, so ``python`` is this venv's);
+    ``"podman"`` runs them in their images from local podman storage (`localcluster.podman_runtime`),
+    where ``working_dir``, ``path`` and `define_image` do not apply.
     """
 
     def __init__(
@@ -36,7 +46,11 @@ class LocalCluster:
         path: str | None = None,
         die_with_parent: bool = False,
         agent_options: tuple[str, ...] = (),
+        runtime: str = "host",
     ) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        self.runtime = runtime
         self.control_plane = ControlPlane(state_dir, bin_dir=bin_dir, die_with_parent=die_with_parent)
         self.state_dir = self.control_plane.state_dir
         self.node_name = NODE_NAME
@@ -110,7 +124,8 @@ class LocalCluster:
                  f"--state-dir={self.node_state_dir}", f"--node-name={self.node_name}",
                  f"--working-dir={self.working_dir}", f"--path={self.path}",
                  f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
-                 f"--client-ca-file={self.control_plane.pki.ca.cert}", *self.agent_options],
+                 f"--client-ca-file={self.control_plane.pki.ca.cert}", f"--runtime={self.runtime}",
+                 *self.agent_options],
                 cwd=REPO_ROOT,
                 die_with_parent=self.die_with_parent,
             )  # fmt: skip

@@ -55,6 +55,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,12 +69,16 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from localcluster.kubelet_api import Attributes, ContainerLog, KubeletServer, LogError, User
+from localcluster.pod_security import effective_security_context, limits, run_as_non_root_violation
+from localcluster.pod_volumes import PodVolumes, UnsupportedVolume, VolumeNotReady
+from localcluster.podman_runtime import PodmanRuntime
 from localcluster.probes import ContainerProber, ProbeState, run_probe
 from localcluster.runtime import (
     ContainerError,
     ContainerRuntime,
     ContainerSpec,
     HostProcessRuntime,
+    ImagePullError,
     RunningContainer,
     expand,
 )
@@ -89,6 +94,8 @@ MAX_BACKOFF_SECONDS = 300.0  # the kubelet's cap on CrashLoopBackOff
 # The kubelet's --authorization-webhook-cache-authorized-ttl and -unauthorized-ttl defaults.
 AUTHORIZED_TTL_SECONDS = 300.0
 UNAUTHORIZED_TTL_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 300.0  # the kubelet's cap on CrashLoopBackOff and on image pull back-off
+IMAGE_PULL_BACKOFF_SECONDS = 10.0  # the kubelet's first image pull back-off
 
 
 def now() -> str:
@@ -126,6 +133,26 @@ class AgentConfig:
     tls_private_key_file: Path | None = None
     client_ca_file: Path | None = None
     kubelet_port: int = 0  # 0: a free port
+
+
+def kubernetes_service_env(server: str) -> dict[str, str]:
+    """The ``kubernetes`` Service's variables, which the kubelet gives every container.
+
+    They point at the API server itself (its address and port on loopback), not at the Service's
+    cluster IP: containers share the host's network and nothing here routes cluster IPs.
+    """
+    url = urllib.parse.urlsplit(server)
+    host, port = url.hostname or NODE_IP, str(url.port or 443)
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "KUBERNETES_SERVICE_PORT_HTTPS": port,
+        "KUBERNETES_PORT": f"tcp://{host}:{port}",
+        f"KUBERNETES_PORT_{port}_TCP": f"tcp://{host}:{port}",
+        f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp",
+        f"KUBERNETES_PORT_{port}_TCP_PORT": port,
+        f"KUBERNETES_PORT_{port}_TCP_ADDR": host,
+    }
 
 
 def machine_memory() -> str:
@@ -195,6 +222,17 @@ class PodWorker:
         self.containers = [Container(c) for c in spec.get("containers") or []]
         self.restart_policy = str(spec.get("restartPolicy") or "Always")
         self.pod_dir = agent.config.state_dir / "pods" / f"{self.namespace}_{self.name}_{self.uid}"
+        self.volumes = PodVolumes(
+            self.pod_dir,
+            pod,
+            read=agent.read_volume_source,
+            request_token=lambda namespace, account, audience, seconds: agent.request_token(
+                self.pod, namespace, account, audience, seconds
+            ),
+            field_value=lambda path: agent.field(self.pod, path),
+            all_types=agent.runtime.mounts_volumes,
+        )
+        self._pull_backoff: dict[str, tuple[float, float]] = {}  # image -> (monotonic end, seconds)
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.namespace}/{self.name}", daemon=True)
         self._last_written: JSON | None = None
         self._start_time: str | None = None
@@ -287,6 +325,7 @@ class PodWorker:
                 self._container_exited(container, int(state["terminated"].get("exitCode") or 0))
 
     def _step(self) -> None:
+        self.volumes.refresh_tokens()
         for container in self.containers:
             if container.handle is not None:
                 code = container.handle.poll()
@@ -336,36 +375,59 @@ class PodWorker:
         handle.terminate()
 
     def _start_container(self, container: Container) -> None:
+        """Everything the kubelet checks before a container is created, in its order; then start it."""
+        image = str(container.spec.get("image") or "")
         try:
             env = self.agent.resolve_env(self.pod, container.spec)
         except ConfigError as e:
-            message = str(e)
-            if container.state.get("waiting", {}).get("message") != message:
-                self.agent.event(self.pod, "Warning", "Failed", f"Error: {message}", container.name)
-            container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": message}}
-            container.next_start = time.monotonic() + self.agent.config.config_retry_seconds
+            self._wait(container, "CreateContainerConfigError", str(e), [("Warning", "Failed", f"Error: {e}")])
             return
-        volumes = self._volumes(container.spec)
-        log_path = self.pod_dir / container.name / f"{container.restart_count}.log"
+        if not self._ensure_image(container, image):
+            return
+        pod_spec = self.pod.get("spec") or {}
+        security = effective_security_context(pod_spec, container.spec)
+        needs_image_user = security.run_as_non_root and security.run_as_user is None
+        refusal = run_as_non_root_violation(
+            security,
+            self.agent.runtime.image_user(image) if needs_image_user else None,
+            pod=f"{self.name}_{self.namespace}({self.uid})",
+            container=container.name,
+        )
+        if refusal:
+            self._wait(container, "CreateContainerConfigError", refusal, [("Warning", "Failed", f"Error: {refusal}")])
+            return
+        try:
+            volumes, read_only = self.volumes.mounts(container.spec)
+        except VolumeNotReady as e:  # the kubelet's volume manager keeps the Pod in ContainerCreating
+            failed_mount = ("Warning", "FailedMount", f"MountVolume.SetUp failed: {e}")
+            self._wait(container, "ContainerCreating", "", [failed_mount])
+            return
+        except UnsupportedVolume as e:
+            self._wait(container, "CreateContainerError", str(e), [("Warning", "Failed", f"Error: {e}")])
+            return
+        memory, cpu = limits(container.spec)
         spec = ContainerSpec(
             pod_namespace=self.namespace,
             pod_name=self.name,
             pod_uid=self.uid,
             name=container.name,
-            image=str(container.spec.get("image") or ""),
+            image=image,
             command=[str(a) for a in container.spec.get("command") or []],
             args=[str(a) for a in container.spec.get("args") or []],
             env=env,
             working_dir=container.spec.get("workingDir"),
             volumes=volumes,
-            log_path=log_path,
+            log_path=self.pod_dir / container.name / f"{container.restart_count}.log",
+            read_only_mounts=read_only,
+            restart_count=container.restart_count,
+            security=security,
+            memory_limit_bytes=memory,
+            cpu_limit=cpu,
         )
         try:
             container.handle = self.agent.runtime.start(spec)
         except ContainerError as e:  # retried, as the kubelet retries CreateContainerError
-            container.state = {"waiting": {"reason": "CreateContainerError", "message": str(e)}}
-            self.agent.event(self.pod, "Warning", "Failed", f"Error: {e}", container.name)
-            container.next_start = time.monotonic() + self.agent.config.config_retry_seconds
+            self._wait(container, "CreateContainerError", str(e), [("Warning", "Failed", f"Error: {e}")])
             return
         container.container_id = container.handle.id
         container.state = {"running": {"startedAt": now()}}
@@ -373,27 +435,64 @@ class PodWorker:
             self._phase = "Running"
         self.agent.event(self.pod, "Normal", "Started", f"Started container {container.name}", container.name)
 
-    def _volumes(self, container_spec: JSON) -> dict[str, Path]:
-        volumes = {v.get("name"): v for v in (self.pod.get("spec") or {}).get("volumes") or []}
-        mounts: dict[str, Path] = {}
-        for mount in container_spec.get("volumeMounts") or []:
-            volume = volumes.get(mount.get("name"))
-            if volume is not None and "emptyDir" in volume:
-                host_dir = self.pod_dir / "volumes" / str(volume["name"])
-                host_dir.mkdir(parents=True, exist_ok=True)
-                mounts[str(mount["mountPath"]).rstrip("/") or "/"] = host_dir
-        return mounts
+    def _wait(
+        self, container: Container, reason: str, message: str, events: list[tuple[str, str, str]],
+        retry_seconds: float | None = None,
+    ) -> None:  # fmt: skip
+        """Leave the container waiting with ``reason``; its Events are posted when the wait is new."""
+        waiting = {"reason": reason, "message": message} if message else {"reason": reason}
+        if container.state.get("waiting") != waiting:
+            for kind, event_reason, text in events:
+                self.agent.event(self.pod, kind, event_reason, text, container.name)
+        container.state = {"waiting": waiting}
+        delay = self.agent.config.config_retry_seconds if retry_seconds is None else retry_seconds
+        container.next_start = time.monotonic() + delay
+
+    def _ensure_image(self, container: Container, image: str) -> bool:
+        """The kubelet's image manager: the pull policy, pulls, and their back-off (per Pod and image)."""
+        runtime = self.agent.runtime
+        policy = container.spec.get("imagePullPolicy") or "IfNotPresent"  # the API server defaults it
+        present = runtime.image_present(image)
+        if policy == "Never" or (present and policy == "IfNotPresent"):
+            if present:
+                return True
+            message = f'Container image "{image}" is not present with pull policy of Never'
+            events = [("Warning", "ErrImageNeverPull", message), ("Warning", "Failed", "Error: ErrImageNeverPull")]
+            self._wait(container, "ErrImageNeverPull", message, events)
+            return False
+        backoff_end, backoff = self._pull_backoff.get(image, (0.0, 0.0))
+        if time.monotonic() < backoff_end:
+            message = f'Back-off pulling image "{image}"'
+            events = [("Normal", "BackOff", message), ("Warning", "Failed", "Error: ImagePullBackOff")]
+            self._wait(container, "ImagePullBackOff", message, events, retry_seconds=backoff_end - time.monotonic())
+            return False
+        self.agent.event(self.pod, "Normal", "Pulling", f'Pulling image "{image}"', container.name)
+        try:
+            runtime.pull_image(image)
+        except ImagePullError as e:
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS) if backoff else IMAGE_PULL_BACKOFF_SECONDS
+            self._pull_backoff[image] = (time.monotonic() + backoff, backoff)
+            events = [("Warning", "Failed", f'Failed to pull image "{image}": {e}'),
+                      ("Warning", "Failed", "Error: ErrImagePull")]  # fmt: skip
+            self._wait(container, "ErrImagePull", str(e), events)
+            return False
+        self._pull_backoff.pop(image, None)
+        self.agent.event(self.pod, "Normal", "Pulled", f'Successfully pulled image "{image}"', container.name)
+        return True
 
     def _record_exit(self, container: Container, code: int) -> None:
         started_at = (container.state.get("running") or {}).get("startedAt") or now()
+        own = container.handle.exit_reason() if container.handle is not None else None  # OOMKilled, StartError
         terminated: JSON = {
             "exitCode": code,
-            "reason": "Completed" if code == 0 else "Error",
+            "reason": own[0] if own else "Completed" if code == 0 else "Error",
             "startedAt": started_at,
             "finishedAt": now(),
             "containerID": container.container_id,
         }
-        if code != 0 and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        if own and own[1]:
+            terminated["message"] = own[1]
+        elif code != 0 and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             terminated["message"] = self._log_tail(container)
         container.handle = None
         container.state = {"terminated": terminated}
@@ -548,6 +647,7 @@ class NodeAgent:
         self._boot_id = str(uuid.uuid4())
         self._authorizations: dict[tuple[User, Attributes], tuple[float, bool, str]] = {}
         self.kubelet_server: KubeletServer | None = None
+        self._serving: threading.Thread | None = None
         if config.tls_cert_file and config.tls_private_key_file and config.client_ca_file:
             self.kubelet_server = KubeletServer(
                 node_name=config.node_name,
@@ -559,6 +659,7 @@ class NodeAgent:
                 host=NODE_IP,
                 port=config.kubelet_port,
             )
+        self.service_env = kubernetes_service_env(str(api.configuration.host))
 
     # -- API helpers ----------------------------------------------------------------------------------
 
@@ -698,7 +799,7 @@ class NodeAgent:
     def resolve_env(self, pod: JSON, container: JSON) -> dict[str, str]:
         """The container's environment as the kubelet builds it (``envFrom`` first, then ``env``)."""
         namespace = pod["metadata"]["namespace"]
-        env: dict[str, str] = {}
+        env: dict[str, str] = dict(self.service_env)  # the pod's own definitions override these
         cache: dict[tuple[str, str], dict[str, str] | None] = {}
 
         def source(kind: str, name: str, optional: bool) -> dict[str, str] | None:
@@ -725,7 +826,7 @@ class NodeAgent:
                 env[name] = ""
                 continue
             if "fieldRef" in value_from:
-                env[name] = self._field(pod, value_from["fieldRef"].get("fieldPath", ""))
+                env[name] = self.field(pod, value_from["fieldRef"].get("fieldPath", ""))
                 continue
             ref_key = "secretKeyRef" if "secretKeyRef" in value_from else "configMapKeyRef"
             ref = value_from.get(ref_key)
@@ -743,7 +844,7 @@ class NodeAgent:
             env[name] = values[ref["key"]]
         return env
 
-    def _field(self, pod: JSON, path: str) -> str:
+    def field(self, pod: JSON, path: str) -> str:
         meta = pod["metadata"]
         spec = pod.get("spec") or {}
         fields = {
@@ -759,6 +860,25 @@ class NodeAgent:
             group, _, key = path.partition("['")
             return str((meta.get(group.split(".")[1]) or {}).get(key.rstrip("']"), ""))
         return str(fields.get(path) or "")
+
+    def read_volume_source(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, str] | None:
+        try:
+            return self._read(kind, namespace, name, optional)
+        except ConfigError as e:
+            raise VolumeNotReady(str(e)) from e
+
+    def request_token(self, pod: JSON, namespace: str, account: str, audience: str | None, seconds: int) -> str:
+        """A TokenRequest for the Pod's ServiceAccount, bound to the Pod, as the kubelet makes one."""
+        meta = pod["metadata"]
+        bound = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience] if audience else [], "expirationSeconds": seconds,
+                         "boundObjectRef": bound}}  # fmt: skip
+        try:
+            response = self._json(self.core.create_namespaced_service_account_token, account, namespace, body)
+        except ApiException as e:  # the Node authorizer learns of a new Pod's ServiceAccount a moment late
+            raise VolumeNotReady(f"failed to fetch token for {namespace}/{account}: {e.reason}") from e
+        return str(response["status"]["token"])
 
     # -- the Node ------------------------------------------------------------------------------------
 
@@ -937,7 +1057,7 @@ class NodeAgent:
         """Register, then serve Pods until `stop()`."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         if self.kubelet_server is not None:
-            self.kubelet_server.serve_in_thread()
+            self._serving = self.kubelet_server.serve_in_thread()
         self.register()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         resource_version: str | None = None
@@ -970,10 +1090,12 @@ class NodeAgent:
             for container in worker.containers:
                 if container.handle is not None:
                     container.handle.kill()
+                    container.handle.poll()  # a runtime removes what has exited once it has seen it
         self._deleter.shutdown(wait=False, cancel_futures=True)
         self._prober.shutdown(wait=False, cancel_futures=True)
-        if self.kubelet_server is not None:
-            self.kubelet_server.shutdown()
+        if self.kubelet_server is not None and self._serving is not None:
+            self.kubelet_server.shutdown()  # waits for serve_forever: only once it was started
+            self._serving = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -981,6 +1103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kubeconfig", required=True, type=Path, help="credentials as system:node:<name>")
     parser.add_argument("--state-dir", required=True, type=Path, help="pod logs and volumes go here")
     parser.add_argument("--node-name", default="localcluster-node")
+    parser.add_argument("--runtime", choices=("host", "podman"), default="host",
+                        help="host: containers as host processes; podman: in their images")  # fmt: skip
     parser.add_argument("--images-dir", type=Path, help="host images (default: <state-dir>/images)")
     parser.add_argument("--working-dir", type=Path, default=Path.cwd(), help="containers' default working directory")
     parser.add_argument("--path", default=os.environ.get("PATH", os.defpath), help="PATH of every container")
@@ -1008,11 +1132,18 @@ def main(argv: list[str] | None = None) -> None:
     api = kubernetes.client.ApiClient(configuration)
     api.user_agent = "localcluster-node-agent"
     state_dir = args.state_dir.resolve()
-    runtime = HostProcessRuntime(
-        images_dir=(args.images_dir or state_dir / "images").resolve(),
-        working_dir=args.working_dir.resolve(),
-        path=args.path,
-    )
+    runtime: ContainerRuntime
+    if args.runtime == "podman":
+        podman = PodmanRuntime(agent_id=str(state_dir), seccomp_dir=state_dir / "seccomp")
+        for leftover in podman.remove_leftovers():
+            logger.info("removed container %s left by an earlier agent", leftover)
+        runtime = podman
+    else:
+        runtime = HostProcessRuntime(
+            images_dir=(args.images_dir or state_dir / "images").resolve(),
+            working_dir=args.working_dir.resolve(),
+            path=args.path,
+        )
     config = AgentConfig(
         node_name=args.node_name,
         state_dir=state_dir,

@@ -54,6 +54,23 @@ def expand(text: str, variables: Mapping[str, str]) -> str:
 
 
 @dataclass(frozen=True)
+class SecurityContext:
+    """The container's effective ``securityContext`` (the Pod's merged under the container's own)."""
+
+    run_as_user: int | None = None
+    run_as_group: int | None = None
+    run_as_non_root: bool = False
+    supplemental_groups: tuple[int, ...] = ()  # the Pod's supplementalGroups, then its fsGroup
+    read_only_root_filesystem: bool = False
+    allow_privilege_escalation: bool | None = None
+    privileged: bool = False
+    capabilities_add: tuple[str, ...] = ()
+    capabilities_drop: tuple[str, ...] = ()
+    seccomp_profile: str | None = None  # RuntimeDefault, Unconfined, Localhost; None: the kubelet's Unconfined
+    seccomp_localhost_profile: str | None = None
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """One container, resolved by the node agent: what the runtime needs and nothing else."""
 
@@ -68,10 +85,19 @@ class ContainerSpec:
     working_dir: str | None
     volumes: dict[str, Path] = field(default_factory=dict)  # mountPath -> host directory
     log_path: Path = Path(os.devnull)
+    read_only_mounts: frozenset[str] = frozenset()  # mountPaths of `volumes` mounted read-only
+    restart_count: int = 0
+    security: SecurityContext = field(default_factory=SecurityContext)
+    memory_limit_bytes: int | None = None  # resources.limits.memory
+    cpu_limit: float | None = None  # resources.limits.cpu, in cores
 
 
 class ContainerError(Exception):
     """The runtime could not create or start the container (kubelet reason CreateContainerError)."""
+
+
+class ImagePullError(Exception):
+    """Pulling the image failed (kubelet reason ErrImagePull); the message is the runtime's."""
 
 
 class RunningContainer(Protocol):
@@ -93,11 +119,26 @@ class RunningContainer(Protocol):
         Raises TimeoutError (after killing it) when it runs longer than ``timeout`` seconds.
         """
 
+    def exit_reason(self) -> tuple[str, str] | None:
+        """Once `poll` returned a code: the runtime's own (reason, message), e.g. OOMKilled; else None."""
+
 
 class ContainerRuntime(Protocol):
     name: str
+    # True: the container sees the agent's volume directories where they are mounted, so the
+    # agent provides every volume type it knows; False: emptyDir only, other volumes are ignored.
+    mounts_volumes: bool
 
     def start(self, spec: ContainerSpec) -> RunningContainer: ...
+
+    def image_present(self, image: str) -> bool:
+        """The image is in the node's local storage (CRI ImageStatus)."""
+
+    def pull_image(self, image: str) -> None:
+        """Pull the image into local storage; `ImagePullError` when that fails."""
+
+    def image_user(self, image: str) -> str | None:
+        """The image's configured user (``uid[:gid]`` or a name, "" for none); None: not known."""
 
 
 class HostProcess:
@@ -168,6 +209,9 @@ class HostProcess:
             raise TimeoutError(f"{argv[0]} ran longer than {timeout:g} s") from None
         return 128 - code if code < 0 else code
 
+    def exit_reason(self) -> tuple[str, str] | None:
+        return None
+
 
 @dataclass(frozen=True)
 class HostImage:
@@ -185,11 +229,21 @@ class HostProcessRuntime:
     """Runs each container as a process in its own session on this host (see the module docstring)."""
 
     name = "host"
+    mounts_volumes = False  # nothing is mounted: paths are rewritten instead (module docstring)
 
     def __init__(self, *, images_dir: Path, working_dir: Path, path: str) -> None:
         self.images_dir = images_dir
         self.working_dir = working_dir
         self.path = path
+
+    def image_present(self, image: str) -> bool:
+        return True  # an image without a file is the host itself
+
+    def pull_image(self, image: str) -> None:
+        return None  # nothing to pull: images are files the tests write
+
+    def image_user(self, image: str) -> str | None:
+        return None  # processes run as the agent's user; runAsNonRoot is not checked
 
     def image(self, name: str) -> HostImage:
         file = image_file(self.images_dir, name)

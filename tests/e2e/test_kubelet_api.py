@@ -43,6 +43,13 @@ def logs(cluster: LocalCluster, namespace: str, *args: str) -> str:
     return cluster.kubectl("logs", "-n", namespace, *args).stdout
 
 
+def refused(cluster: LocalCluster, namespace: str, *args: str) -> str:
+    """kubectl logs' stderr, once it has failed."""
+    result = cluster.kubectl("logs", "-n", namespace, *args, check=False)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
 def test_kubectl_logs_reads_the_container_log_with_tail_and_limit(
     cluster: LocalCluster, kube_client: kubernetes.client.ApiClient, namespace: str
 ) -> None:
@@ -55,9 +62,7 @@ def test_kubectl_logs_reads_the_container_log_with_tail_and_limit(
     assert logs(cluster, namespace, "talker", "--tail=2") == "two\nthree\n"
     assert logs(cluster, namespace, "talker", "--tail=0") == ""
     assert logs(cluster, namespace, "talker", "--limit-bytes=6") == "one\ntw"
-    timestamps = cluster.kubectl("logs", "-n", namespace, "talker", "--timestamps", check=False)
-    assert timestamps.returncode != 0
-    assert "timestamps is not supported by this node agent" in timestamps.stderr
+    assert "timestamps is not supported by this node agent" in refused(cluster, namespace, "talker", "--timestamps")
 
 
 def test_kubectl_logs_container_flag_picks_one_of_two_containers(
@@ -99,9 +104,8 @@ def test_kubectl_logs_previous_without_a_restart_is_refused(
     raw(core(kube_client).create_namespaced_pod, namespace, pod("once", ["sh", "-c", "echo hi; exec sleep 3600"]))
     wait_for(lambda: running(kube_client, namespace, "once") and "hi" in logs(cluster, namespace, "once"),
              timeout=120)  # fmt: skip
-    result = cluster.kubectl("logs", "-n", namespace, "once", "--previous", check=False)
-    assert result.returncode != 0
-    assert 'previous terminated container "main" in pod "once" not found' in result.stderr
+    message = refused(cluster, namespace, "once", "--previous")
+    assert 'previous terminated container "main" in pod "once" not found' in message
 
 
 def test_kubectl_logs_follow_streams_until_the_container_exits(
