@@ -1,6 +1,7 @@
 """The node agent: plays the kubelet of one Node, and nothing else, against a real API server.
 
     python -m localcluster.node_agent --kubeconfig NODE.kubeconfig --state-dir DIR [--node-name N]
+                                      [--runtime host|podman]
 
 It logs in as ``system:node:<name>`` (so the Node authorizer and NodeRestriction apply to it as to a
 kubelet), registers a Ready Node with the machine's capacity, renews its Lease in
@@ -8,16 +9,30 @@ kubelet), registers a Ready Node with the machine's capacity, renews its Lease i
 relisting on 410 Gone). For each Pod it does what a kubelet does:
 
 - resolves ``env`` (values with ``$(VAR)`` expansion, ``secretKeyRef``, ``configMapKeyRef`` with
-  ``optional``, ``fieldRef``) and ``envFrom``; what cannot be resolved leaves the container Waiting
-  with reason ``CreateContainerConfigError`` and the kubelet's message, retried until it resolves;
-- runs each container through a `localcluster.runtime.ContainerRuntime` (here: host processes) with
-  its output in ``<state>/pods/<namespace>_<pod>_<uid>/<container>/<restartCount>.log``, and one
-  host directory per ``emptyDir`` volume;
+  ``optional``, ``fieldRef``) and ``envFrom``, over the ``kubernetes`` Service's variables
+  (``KUBERNETES_SERVICE_HOST``/``_PORT``: the API server itself, on loopback); what cannot be
+  resolved leaves the container Waiting with reason ``CreateContainerConfigError`` and the
+  kubelet's message, retried until it resolves;
+- the image manager: ``imagePullPolicy`` against the runtime's local images. ``Never`` and absent:
+  Waiting ``ErrImageNeverPull``; a pull that fails: ``ErrImagePull``, then ``ImagePullBackOff``
+  until the kubelet's back-off (10 s doubling to 5 min, per Pod and image) lets it try again;
+- ``runAsNonRoot`` checked against the image's user as the kubelet does (root or a non-numeric
+  user without ``runAsUser``: ``CreateContainerConfigError``), where the runtime knows that user;
+- volumes (`localcluster.pod_volumes`): ``emptyDir``, and with a runtime that mounts them
+  (podman) ``secret``, ``configMap`` and ``projected``, which carries the ServiceAccount token
+  (TokenRequest bound to the Pod, renewed at 80% of its lifetime), ``ca.crt`` and the namespace
+  that the API server's ServiceAccount admission mounts when ``automountServiceAccountToken``
+  allows; other volume types are then ``CreateContainerError``;
+- runs each container through a `localcluster.runtime.ContainerRuntime` with its output in
+  ``<state>/pods/<namespace>_<pod>_<uid>/<container>/<restartCount>.log``: ``--runtime host``
+  (`localcluster.runtime.HostProcessRuntime`, host processes, no isolation) or ``--runtime
+  podman`` (`localcluster.podman_runtime.PodmanRuntime`: the Pod's image, its security context
+  and resource limits, on the host network), each documenting what it enforces;
 - writes the Pod's status: phase, the conditions (PodReadyToStartContainers, Initialized,
   ContainersReady, Ready; PodScheduled stays the scheduler's), ``startTime``, ``hostIP``/``podIP``
   (the node's loopback address: containers share the host's network) and ``containerStatuses``
-  (waiting / running / terminated with exit code, reason Completed or Error, timestamps,
-  ``restartCount``, ``lastState``);
+  (waiting / running / terminated with exit code, reason Completed, Error or the runtime's own
+  OOMKilled / StartError, timestamps, ``restartCount``, ``lastState``);
 - honours ``restartPolicy`` (Never; OnFailure and Always with the kubelet's doubling back-off);
 - ``activeDeadlineSeconds``: kills the Pod and fails it with reason ``DeadlineExceeded``;
 - on deletion (``deletionTimestamp``): SIGTERM, up to the deletion's grace period, SIGKILL, final
@@ -26,18 +41,19 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
   drives the container's ``ready`` and the Pod's ContainersReady/Ready, a startup probe gates the
   other two, and a startup or liveness probe reaching its ``failureThreshold`` stops the container
   (SIGTERM, SIGKILL after the grace period), which is then restarted per ``restartPolicy``;
-- posts the kubelet's Events on the Pod (Started, Killing, Failed, BackOff, Unhealthy);
+- posts the kubelet's Events on the Pod (Started, Killing, Failed, BackOff, Unhealthy, Pulling,
+  Pulled, ErrImageNeverPull, FailedMount);
 - with ``--tls-cert-file``, ``--tls-private-key-file`` and ``--client-ca-file``, serves the
   kubelet's HTTPS API on 127.0.0.1 (`localcluster.kubelet_api`: ``/containerLogs``, so ``kubectl
   logs`` works through the API server) and reports its port in the Node's
   ``status.daemonEndpoints``; requests are authorized with SubjectAccessReviews, as a kubelet with
   ``--authorization-mode=Webhook`` does.
 
-Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail), volumes
-other than emptyDir (ignored), resource limits, ``terminationMessagePath`` (only
+Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail),
+``subPath`` mounts, resource requests, ``terminationMessagePath`` (only
 ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
 was running when the agent stopped is reported ``ContainerStatusUnknown`` when it comes back, as a
-kubelet reports a container that vanished.
+kubelet reports a container that vanished (podman containers it left are removed at start).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from localcluster.runtime import ContainerError, ContainerSpec, ImagePullError, RunningContainer, expand
+from localcluster.runtime import ContainerError, ContainerSpec, ImagePullError, expand
 
 AGENT_LABEL = "io.localcluster.agent"
 START_ERROR_EXIT_CODE = 128  # containerd's exit code for a container whose process never started
@@ -222,7 +222,7 @@ class PodmanRuntime:
     def _image_uid(self, image: str) -> str:
         return (self.image_user(image) or "").split(":", 1)[0] or "0"
 
-    def start(self, spec: ContainerSpec) -> RunningContainer:
+    def start(self, spec: ContainerSpec) -> PodmanContainer:
         name = container_name(spec)
         # A container of this name is what an earlier agent process left behind at the same restart count.
         self.podman("rm", "--force", "--time", "0", name, check=False)

@@ -1,22 +1,32 @@
 """Container runtimes for the node agent: the seam between the kubelet's logic and a process.
 
-The node agent decides *what* runs (argv, environment, volumes, when to stop); a runtime starts
-and signals one container. `HostProcessRuntime` runs a container as a process on this host; a
-container-engine runtime (podman) implements the same two classes.
+The node agent decides *what* runs (argv, environment, volumes, security context, limits, when to
+stop); a runtime reports its images and starts and signals one container. Two implement it:
 
-Host processes cannot have their own mount namespace, user or root filesystem, so the host runtime
+- `localcluster.podman_runtime.PodmanRuntime` (``--runtime podman``) runs each container with
+  podman in the Pod's image on the host network, and enforces what a CRI runtime does: the image
+  from local storage, entrypoint/cmd replacement, user and groups, read-only root, capabilities,
+  no-new-privileges, seccomp, memory and CPU limits (with OOMKilled), every volume the agent sets
+  up mounted where the Pod says, SIGTERM to PID 1. Its module docstring has the details.
+- `HostProcessRuntime` (``--runtime host``, the fast one the e2e ``cluster`` fixture uses) runs
+  each container as a host process.
+
+A host process cannot have its own mount namespace, user or root filesystem, so the host runtime
 approximates a container as follows, and only this far:
 
 - *Images* are JSON files ``<images_dir>/<image>.json`` (``/`` and ``:`` in the name become ``_``)
   with optional ``entrypoint``, ``cmd`` (lists), ``env`` (object) and ``workingDir``, the parts of an
   OCI image config that matter to a process. An image without a file is the host itself: no
-  entrypoint, the runtime's working directory and ``PATH``.
+  entrypoint, the runtime's working directory and ``PATH``. Every image is present (pull policies
+  never wait) and its user unknown (``runAsNonRoot`` is not checked).
 - The command is resolved as Kubernetes does: ``command`` replaces the entrypoint, ``args`` replace
   ``cmd``.
-- *Volumes* are host directories. Since nothing is mounted, a path under a volume's ``mountPath`` in
+- *Volumes* are host directories, ``emptyDir`` only (other volume types, the ServiceAccount token's
+  among them, are ignored). Since nothing is mounted, a path under a volume's ``mountPath`` in
   the command (a whole argument) or in one of the pod's environment values is rewritten to that
   directory, and a volume mounted at ``/tmp`` becomes ``TMPDIR``.
-- The environment is only what the image and the pod define, plus ``PATH``, ``HOSTNAME`` and a
+- The environment is only what the image and the pod define (the agent adds the ``kubernetes``
+  Service's variables to the pod's), plus ``PATH``, ``HOSTNAME`` and a
   ``HOME`` (the pod's own directory) when neither sets one: the agent's own environment never leaks in.
 - ``securityContext`` (user, read-only root, capabilities) and resources are not enforced.
 - An exec probe's command (`RunningContainer.exec`) runs as another host process with the

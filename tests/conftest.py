@@ -1,9 +1,15 @@
-"""Shared fixtures: one real PostgreSQL server per test session, a fresh database per test."""
+"""Shared fixtures: one real PostgreSQL server per test session, a fresh database per test, and
+``podman_cluster``: a session `LocalCluster` whose node agent runs each Pod's containers with
+podman, in their images, on the host network (`localcluster.podman_runtime`). It serves tests/e2e
+and tests/image alike (tests that use it need podman: mark them ``image``); the e2e ``cluster``
+fixture is another cluster, whose node runs containers as host processes.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +17,8 @@ import psycopg
 import pytest
 
 from dbtbackfill.localpg import LocalPostgres
+from localcluster.cluster import LocalCluster
+from tests.support.session_clusters import session_cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _db_counter = itertools.count()
@@ -42,3 +50,16 @@ def create_database(server: LocalPostgres, name: str) -> str:
 def database_url(pg_server: LocalPostgres) -> str:
     """A URL to an empty database of its own, so tests stay independent."""
     return create_database(pg_server, f"t{os.getpid()}_{next(_db_counter)}")
+
+
+@pytest.fixture(scope="session")
+def podman_cluster() -> Iterator[LocalCluster]:
+    """A started cluster (CRD installed) whose Pods run in their images from local podman storage.
+
+    Images are not built here: use the ``image`` fixture of tests/image for the project's image,
+    or any image already in podman storage (``imagePullPolicy: Never`` or ``IfNotPresent``).
+    """
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed: the podman cluster needs it (.ci/run installs it)")
+    with session_cluster("podman", prefix="localcluster-podman-") as local:
+        yield local

@@ -11,18 +11,13 @@
 - ``namespace``: a fresh namespace per test (its ``default`` ServiceAccount exists), deleted after.
 
 One cluster serves the whole session (it starts in a few seconds); tests isolate by namespace.
-Its state lives in a temporary directory of its own, not under pytest's temp root, which another
-pytest session on the machine may prune while this one runs. ``LOCALCLUSTER_KEEP=1`` keeps it.
+Its state lives in a temporary directory of its own (`tests.support.session_clusters`);
+``LOCALCLUSTER_KEEP=1`` keeps it. ``podman_cluster`` (tests/conftest.py) is a second one whose
+node runs Pods in their images with podman.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import re
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,30 +25,13 @@ import kubernetes.client
 import pytest
 
 from localcluster.cluster import LocalCluster
-from localcluster.controlplane import MissingBinariesError, check_binaries, default_bin_dir
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO_ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
-_namespace_counter = itertools.count()
+from tests.support.session_clusters import REPO_ROOT, fresh_namespace, session_cluster
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    try:
-        check_binaries(default_bin_dir())
-    except MissingBinariesError as e:
-        pytest.fail(f"{e} (run `make cluster-bin`)", pytrace=False)
-    state_dir = Path(tempfile.mkdtemp(prefix="localcluster-"))
-    local = LocalCluster(state_dir, die_with_parent=True, agent_options=("--restart-backoff-seconds=1",))
-    try:
-        local.up()
-        local.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        local.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_PATH))
+    with session_cluster("host") as local:
         yield local
-    finally:
-        local.down()
-        if os.environ.get("LOCALCLUSTER_KEEP") != "1":
-            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -67,24 +45,8 @@ def namespace(
     cluster: LocalCluster, kube_client: kubernetes.client.ApiClient, request: pytest.FixtureRequest
 ) -> Iterator[str]:
     """A namespace of its own, named after the test; deleted (without waiting) afterwards."""
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:45].rstrip("-")
-    name = f"{slug}-{next(_namespace_counter)}"
-    core = kubernetes.client.CoreV1Api(kube_client)
-    core.create_namespace({"metadata": {"name": name}})
-    # Pods need the namespace's `default` ServiceAccount, which the controller manager adds.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            core.read_namespaced_service_account("default", name)
-            break
-        except kubernetes.client.ApiException as e:
-            if e.status != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    try:
+    with fresh_namespace(kube_client, request) as name:
         yield name
-    finally:
-        core.delete_namespace(name)
 
 
 OPERATOR_NAMESPACE = "dbt-backfill-system"
