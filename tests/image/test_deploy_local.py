@@ -12,8 +12,8 @@ operator's namespace and in the backfill namespace, the warehouse labelled for t
 One install serves the module (CI time); each test uses its own backfill.
 
 When ``$IMAGE`` names another tag than the overlay's (helpers sharing one podman storage build their
-own), the overlay is applied through a one-file overlay of it that only sets that image; in CI the
-overlay is applied as it is.
+own), the same overlay naming that image is applied from a temporary directory; in CI the overlay is
+applied as it is.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from dbtbackfill.localpg import LocalPostgres
 from localcluster.cluster import LocalCluster
 from tests.conftest import REPO_ROOT, create_database
 from tests.e2e.test_operator import audit_rows
+from tests.image.conftest import LOCAL_OVERLAY, overlay_image, with_image
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.image, pytest.mark.e2e, pytest.mark.integration]
 
-LOCAL_OVERLAY = REPO_ROOT / "deploy" / "overlays" / "local"
 OPERATOR_NAMESPACE = "dbt-backfill-system"
 NAMESPACE = "analytics"  # deploy/examples' namespace: the samples apply as they are
 WAREHOUSE_SECRET = "analytics-warehouse"
@@ -51,29 +51,15 @@ FIRST_DAYS = REPO_ROOT / "deploy" / "examples" / "backfill-first-days.yaml"
 WAREHOUSE_DATABASE = "analytics"
 
 
-def overlay_image() -> str:
-    (entry,) = yaml.safe_load((LOCAL_OVERLAY / "kustomization.yaml").read_text())["images"]
-    return f"{entry['newName']}:{entry['newTag']}"
-
-
 def overlay_for(image: str, workdir: Path) -> Path:
-    """deploy/overlays/local itself, or (for another tag) an overlay of it setting only the image."""
-    if image == overlay_image():
+    """deploy/overlays/local itself, or (for another tag) the same overlay naming that image, in ``workdir``."""
+    local = LOCAL_OVERLAY / "kustomization.yaml"
+    if overlay_image(yaml.safe_load(local.read_text())) == image:
         return LOCAL_OVERLAY
-    local = yaml.safe_load((LOCAL_OVERLAY / "kustomization.yaml").read_text())
-    name, _, tag = image.rpartition(":")
+    kustomization = with_image(local, image)
+    kustomization["resources"] = [os.path.relpath(LOCAL_OVERLAY / r, workdir) for r in kustomization["resources"]]
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(LOCAL_OVERLAY, workdir)],
-                "images": [{"name": overlay_image().rpartition(":")[0], "newName": name, "newTag": tag}],
-                "replacements": local["replacements"],  # the chunk Jobs' image follows, as in the overlay
-            }
-        )
-    )
+    (workdir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return workdir
 
 

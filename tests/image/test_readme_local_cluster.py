@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.image.conftest import LOCAL_OVERLAY, overlay_image, with_image
 from tests.support.polling import wait_for
 from tests.support.readme import readme_commands
 
@@ -54,12 +55,9 @@ def copy_of_the_repository(destination: Path) -> Path:
 
 
 def use_image(copy: Path, image: str) -> None:
-    path = copy / "deploy" / "overlays" / "local" / "kustomization.yaml"
-    kustomization = yaml.safe_load(path.read_text())
-    (entry,) = kustomization["images"]
-    if f"{entry['newName']}:{entry['newTag']}" != image:
-        entry["newName"], _, entry["newTag"] = image.rpartition(":")
-        path.write_text(yaml.safe_dump(kustomization))
+    path = copy / LOCAL_OVERLAY.relative_to(REPO_ROOT) / "kustomization.yaml"
+    if overlay_image(yaml.safe_load(path.read_text())) != image:
+        path.write_text(yaml.safe_dump(with_image(path, image)))
 
 
 class Terminal:
