@@ -271,6 +271,9 @@ def test_killing_the_operator_container_mid_run_finishes_every_chunk_exactly_onc
     wait_for(restarted, timeout=300, interval=0.2, message=lambda: json.dumps(install.operator_pod()["status"]))
     (last,) = install.operator_pod()["status"]["containerStatuses"]
     assert last["lastState"]["terminated"]["exitCode"] == 137  # SIGKILL, not a clean exit
+    # The killed container's log is still there (what `kubectl logs --previous` is for): it had this backfill.
+    previous = install.kubectl("-n", OPERATOR_NAMESPACE, "logs", before["metadata"]["name"], "--previous")
+    assert name in previous, previous[-3000:]
 
     status = install.wait_succeeded(name)
     assert status["progress"] == f"{chunks}/{chunks}"
