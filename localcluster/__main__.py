@@ -3,7 +3,8 @@
 ``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node agent
 (whatever is not running already) and prints the ``export KUBECONFIG=...`` line to use it. The
 node agent runs containers with ``--runtime`` (default: podman when it is installed, in the Pods'
-images; ``host``: as host processes, see `localcluster.runtime`);
+images; ``host``: as host processes, see `localcluster.runtime`; it applies when the node agent
+starts, so ``down`` first to change it);
 ``down`` stops them (state, certificates and data stay in the state directory, default
 ``<repo>/.cluster``); ``status`` prints what is running and exits 1 if anything is not.
 """

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes.client
 
 from localcluster.audit import read_audit_events
-from localcluster.controlplane import REPO_ROOT, ControlPlane, wait_for_process
+from localcluster.controlplane import REPO_ROOT, ControlPlane, MissingBinariesError, wait_for_process
 from localcluster.processes import ManagedProcess
 from localcluster.runtime import image_file
 
@@ -112,6 +112,8 @@ class LocalCluster:
 
     def up(self) -> None:
         """Start whatever is not running (idempotent); returns once the Node is Ready and schedulable."""
+        if self.runtime == "podman" and shutil.which("podman") is None:
+            raise MissingBinariesError("the podman runtime needs podman, which is not installed (or: --runtime host)")
         control_plane_was_up = all(self.control_plane.running().values()) and self.control_plane.ready()
         self.control_plane.up()
         if not control_plane_was_up:

@@ -184,8 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.wfile.write(body)
 
     def _authorized(self, path: str) -> bool:
         connection = self.connection
@@ -242,8 +241,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True  # the client went away (kubectl logs -f interrupted)
-
-    do_HEAD = do_GET
 
 
 class KubeletServer(ThreadingHTTPServer):

@@ -32,7 +32,8 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
   ContainersReady, Ready; PodScheduled stays the scheduler's), ``startTime``, ``hostIP``/``podIP``
   (the node's loopback address: containers share the host's network) and ``containerStatuses``
   (waiting / running / terminated with exit code, reason Completed, Error or the runtime's own
-  OOMKilled / StartError, timestamps, ``restartCount``, ``lastState``);
+  OOMKilled / StartError, the message the container wrote to its ``terminationMessagePath`` when
+  the runtime mounts it, timestamps, ``restartCount``, ``lastState``);
 - honours ``restartPolicy`` (Never; OnFailure and Always with the kubelet's doubling back-off);
 - ``activeDeadlineSeconds``: kills the Pod and fails it with reason ``DeadlineExceeded``;
 - on deletion (``deletionTimestamp``): SIGTERM, up to the deletion's grace period, SIGKILL, final
@@ -50,8 +51,8 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
   ``--authorization-mode=Webhook`` does.
 
 Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail),
-``subPath`` mounts, resource requests, ``terminationMessagePath`` (only
-``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
+``subPathExpr`` mounts, resource requests, ``terminationMessagePath`` with the host runtime (there
+only ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
 was running when the agent stopped is reported ``ContainerStatusUnknown`` when it comes back, as a
 kubelet reports a container that vanished (podman containers it left are removed at start).
 """
@@ -171,6 +172,12 @@ def kubernetes_service_env(server: str) -> dict[str, str]:
     }
 
 
+def pod_hostname(pod: JSON) -> str:
+    """``spec.hostname``, else the Pod's name, cut to 63 characters as the kubelet cuts it."""
+    name = str((pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"])
+    return name[:63].rstrip("-.")
+
+
 def machine_memory() -> str:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -189,6 +196,7 @@ class Container:
     handle: RunningContainer | None = None
     container_id: str | None = None
     next_start: float = 0.0  # monotonic time before which it is not (re)started
+    posted_wait: tuple[str, ...] = ()  # the wait whose Events were posted last
     done: bool = False  # terminated and not to be restarted
     prober: ContainerProber | None = None  # the running instance's probes
     kill_deadline: float | None = None  # a failed probe stopped it: SIGKILL at this monotonic time
@@ -421,6 +429,13 @@ class PodWorker:
         except UnsupportedVolume as e:
             self._wait(container, "CreateContainerError", str(e), [("Warning", "Failed", f"Error: {e}")])
             return
+        termination_path = container.spec.get("terminationMessagePath")  # the API server defaults it
+        if termination_path and self.agent.runtime.mounts_volumes:
+            message_file = self._termination_message_file(container)
+            message_file.parent.mkdir(parents=True, exist_ok=True)
+            message_file.write_bytes(b"")
+            message_file.chmod(0o666)  # as the kubelet makes it: writable by any container user
+            volumes = volumes | {str(termination_path): message_file}
         memory, cpu = limits(container.spec)
         spec = ContainerSpec(
             pod_namespace=self.namespace,
@@ -439,6 +454,7 @@ class PodWorker:
             security=security,
             memory_limit_bytes=memory,
             cpu_limit=cpu,
+            hostname=None if pod_spec.get("hostNetwork") else pod_hostname(self.pod),
         )
         try:
             container.handle = self.agent.runtime.start(spec)
@@ -447,6 +463,7 @@ class PodWorker:
             return
         container.container_id = container.handle.id
         container.state = {"running": {"startedAt": now()}}
+        container.posted_wait = ()
         if self._phase == "Pending":
             self._phase = "Running"
         self.agent.event(self.pod, "Normal", "Started", f"Started container {container.name}", container.name)
@@ -457,9 +474,12 @@ class PodWorker:
     ) -> None:  # fmt: skip
         """Leave the container waiting with ``reason``; its Events are posted when the wait is new."""
         waiting = {"reason": reason, "message": message} if message else {"reason": reason}
-        if container.state.get("waiting") != waiting:
+        # Keyed by the Events too: a FailedMount leaves the state ContainerCreating, as it was.
+        wait = (reason, message, *(text for _, _, text in events))
+        if container.posted_wait != wait:
             for kind, event_reason, text in events:
                 self.agent.event(self.pod, kind, event_reason, text, container.name)
+            container.posted_wait = wait
         container.state = {"waiting": waiting}
         delay = self.agent.config.config_retry_seconds if retry_seconds is None else retry_seconds
         container.next_start = time.monotonic() + delay
@@ -506,7 +526,10 @@ class PodWorker:
             "finishedAt": now(),
             "containerID": container.container_id,
         }
-        if own and own[1]:
+        written = self._termination_message(container)
+        if written:
+            terminated["message"] = written
+        elif own and own[1]:
             terminated["message"] = own[1]
         elif code != 0 and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             terminated["message"] = self._log_tail(container)
@@ -532,6 +555,17 @@ class PodWorker:
             message = f"back-off {delay:.0f}s restarting failed container={container.name} pod={pod}"
             container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
             self.agent.event(self.pod, "Warning", "BackOff", "Back-off restarting failed container", container.name)
+
+    def _termination_message_file(self, container: Container) -> Path:
+        return self.pod_dir / container.name / f"{container.restart_count}.termination-log"
+
+    def _termination_message(self, container: Container, limit: int = 4096) -> str:
+        """What the container wrote to its ``terminationMessagePath`` (the kubelet reads 4 KiB of it)."""
+        try:
+            with self._termination_message_file(container).open("rb") as file:
+                return file.read(limit).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def _log_tail(self, container: Container, lines: int = 80, limit: int = 2048) -> str:
         path = self.pod_dir / container.name / f"{container.restart_count}.log"

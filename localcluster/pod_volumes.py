@@ -7,12 +7,15 @@
   ``configMap``, ``downwardAPI``): files written once before the first container starts, with
   ``items``, ``optional`` and ``defaultMode``/``mode`` (default 0644); always mounted read-only.
   A ``serviceAccountToken`` comes from the TokenRequest API, bound to the Pod (``boundObjectRef``),
-  as the Node authorizer lets a node request for the ServiceAccounts of its Pods, and is replaced
+  as the API server lets a node request for the ServiceAccounts of its Pods (and only for an
+  audience a Pod's spec asks for: ServiceAccountNodeAudienceRestriction), and is replaced
   (atomically, by rename) once 80% of its ``expirationSeconds`` has passed, as the kubelet's token
   manager does. This is how ``automountServiceAccountToken`` reaches a container: the API server's
   ServiceAccount admission adds the ``kube-api-access-*`` projected volume (token, ``ca.crt`` from
   the ``kube-root-ca.crt`` ConfigMap, the namespace) and its mount at
   ``/var/run/secrets/kubernetes.io/serviceaccount`` to every Pod that automounts, and to no other.
+- ``subPath`` mounts that file or directory of the volume (created in an ``emptyDir``);
+  ``subPathExpr`` is not provided.
 - A missing Secret or ConfigMap (not optional) keeps the container waiting (`VolumeNotReady`,
   the kubelet's ``FailedMount``) and is tried again; any other volume type is `UnsupportedVolume`.
 """
@@ -115,9 +118,21 @@ class PodVolumes:
                 if self.all_types:
                     raise UnsupportedVolume(f"volume {volume['name']!r}: type {kind} is not supported by this node")
                 continue
-            if mount.get("subPath") or mount.get("subPathExpr"):
-                raise UnsupportedVolume(f"volume {volume['name']!r}: subPath is not supported by this node")
+            if mount.get("subPathExpr"):
+                if not self.all_types:
+                    continue
+                raise UnsupportedVolume(f"volume {volume['name']!r}: subPathExpr is not supported by this node")
             host_dir = self._set_up(volume, kind)
+            if mount.get("subPath"):  # the API server has refused absolute paths and ".."
+                root, host_dir = host_dir, host_dir / str(mount["subPath"])
+                if kind == "emptyDir" and not host_dir.exists():
+                    # As the kubelet makes it: the volume root's mode and owner.
+                    host_dir.mkdir(parents=True)
+                    owner = root.stat()
+                    os.chown(host_dir, owner.st_uid, owner.st_gid)
+                    host_dir.chmod(owner.st_mode & 0o7777)
+                elif not host_dir.exists():
+                    raise VolumeNotReady(f"volume {volume['name']!r} has no {mount['subPath']!r}")
             path = str(mount["mountPath"]).rstrip("/") or "/"
             mounts[path] = host_dir
             if kind != "emptyDir" or mount.get("readOnly"):
@@ -206,9 +221,9 @@ class PodVolumes:
             os.chown(token.path, -1, int(self.fs_group))
         token.obtained_at = time.monotonic()
 
-    def refresh_tokens(self) -> None:
-        """Renew each token that is 80% through its lifetime (an API error is tried again next time)."""
-        now = time.monotonic()
+    def refresh_tokens(self, now: float | None = None) -> None:
+        """Renew each token 80% through its lifetime at ``now`` (monotonic; an API error: next time)."""
+        now = time.monotonic() if now is None else now
         for token in self._tokens:
             if token_refresh_due(token.obtained_at, token.expiration_seconds, now):
                 with contextlib.suppress(VolumeNotReady):

@@ -6,9 +6,13 @@ file, plain lines) on the host network, so 127.0.0.1 is the node's loopback: Pos
 API server are reached there. What it enforces, from the `ContainerSpec` the agent resolved:
 
 - the image from local storage only (``--pull never``; the agent asks `image_present` and
-  `pull_image` first, as the kubelet's image manager asks CRI);
+  `pull_image` first, as the kubelet's image manager asks CRI). No registry is reachable from
+  these machines, so ``imagePullPolicy: Always`` (the API server's default for ``:latest`` and
+  untagged images) fails to pull even an image that is in local storage, as a kubelet's pull would:
+  give Pods ``IfNotPresent`` or ``Never`` and a tagged image;
 - ``command`` as the entrypoint (``--entrypoint``, which also drops the image's cmd), ``args`` as
   the cmd, both with ``$(VAR)`` expanded from the container's environment; ``env``; ``workingDir``;
+  the Pod's hostname (its own UTS namespace; the network is the host's);
 - the security context: ``--user`` from ``runAsUser``/``runAsGroup`` (``runAsGroup`` alone keeps
   the image's user), ``--group-add`` for ``supplementalGroups`` and ``fsGroup``, ``--read-only``
   without podman's extra tmpfs mounts for ``readOnlyRootFilesystem`` (only volumes are
@@ -188,6 +192,8 @@ class PodmanRuntime:
             argv += ["--env", f"{key}={value}"]
         if spec.working_dir:
             argv += ["--workdir", spec.working_dir]
+        if spec.hostname:  # its own UTS namespace on the host's network, as a Pod has
+            argv += ["--hostname", spec.hostname]
         if sc.run_as_user is not None or sc.run_as_group is not None:
             user = str(sc.run_as_user) if sc.run_as_user is not None else self._image_uid(spec.image)
             argv += ["--user", user if sc.run_as_group is None else f"{user}:{sc.run_as_group}"]

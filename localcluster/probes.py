@@ -205,4 +205,6 @@ def run_probe(probe: ProbeState, container_spec: JSON, handle: RunningContainer)
                 return action()
             except ProbeError as e:
                 return False, str(e)
+            except Exception as e:  # a runtime's exec gone wrong fails the probe, never the Pod's worker
+                return False, f"probe errored: {e}"
     return False, "grpc probes are not supported by this node agent" if "grpc" in probe.spec else "no probe action"

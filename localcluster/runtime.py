@@ -100,6 +100,7 @@ class ContainerSpec:
     security: SecurityContext = field(default_factory=SecurityContext)
     memory_limit_bytes: int | None = None  # resources.limits.memory
     cpu_limit: float | None = None  # resources.limits.cpu, in cores
+    hostname: str | None = None  # the Pod's hostname; None: the node's (hostNetwork)
 
 
 class ContainerError(Exception):

@@ -1,8 +1,9 @@
 """Shared fixtures: one real PostgreSQL server per test session, a fresh database per test, and
 ``podman_cluster``: a session `LocalCluster` whose node agent runs each Pod's containers with
-podman, in their images, on the host network (`localcluster.podman_runtime`). It serves tests/e2e
-and tests/image alike (tests that use it need podman: mark them ``image``); the e2e ``cluster``
-fixture is another cluster, whose node runs containers as host processes.
+podman, in their images, on the host network (`localcluster.podman_runtime`), with
+``podman_kube_client`` (admin) and ``podman_namespace`` (a fresh namespace per test) on it. They
+serve tests/e2e and tests/image alike (tests that use them need podman: mark them ``image``); the
+e2e ``cluster`` fixture is another cluster, whose node runs containers as host processes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes.client
 import psycopg
 import pytest
 
 from dbtbackfill.localpg import LocalPostgres
 from localcluster.cluster import LocalCluster
-from tests.support.session_clusters import session_cluster
+from tests.support.session_clusters import fresh_namespace, session_cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _db_counter = itertools.count()
@@ -63,3 +65,16 @@ def podman_cluster() -> Iterator[LocalCluster]:
         pytest.fail("podman is not installed: the podman cluster needs it (.ci/run installs it)")
     with session_cluster("podman", prefix="localcluster-podman-") as local:
         yield local
+
+
+@pytest.fixture(scope="session")
+def podman_kube_client(podman_cluster: LocalCluster) -> Iterator[kubernetes.client.ApiClient]:
+    with podman_cluster.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def podman_namespace(podman_kube_client: kubernetes.client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace of its own on ``podman_cluster``, named after the test; deleted (without waiting) after."""
+    with fresh_namespace(podman_kube_client, request) as name:
+        yield name

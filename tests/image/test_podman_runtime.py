@@ -13,21 +13,23 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
+import kubernetes.config
 import kubernetes.watch
 import pytest
 
 from dbtbackfill import pod_start
 from localcluster.cluster import LocalCluster
+from localcluster.node_agent import AgentConfig, NodeAgent
+from localcluster.pod_volumes import PodVolumes
 from localcluster.podman_runtime import PodmanRuntime
 from localcluster.runtime import ContainerSpec, SecurityContext
 from tests.conftest import REPO_ROOT
 from tests.support.polling import wait_for
-from tests.support.session_clusters import fresh_namespace
 
 pytestmark = pytest.mark.image
 
@@ -58,16 +60,14 @@ def test_image() -> str:
     return TEST_IMAGE
 
 
-@pytest.fixture(scope="module")
-def client(podman_cluster: LocalCluster) -> Iterator[kubernetes.client.ApiClient]:
-    with podman_cluster.api_client() as api:
-        yield api
+@pytest.fixture
+def client(podman_kube_client: kubernetes.client.ApiClient) -> kubernetes.client.ApiClient:
+    return podman_kube_client
 
 
 @pytest.fixture
-def ns(client: kubernetes.client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    with fresh_namespace(client, request) as name:
-        yield name
+def ns(podman_namespace: str) -> str:
+    return podman_namespace
 
 
 def core(client: kubernetes.client.ApiClient) -> Any:
@@ -173,10 +173,11 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
     podman_cluster: LocalCluster, client: kubernetes.client.ApiClient, ns: str, test_image: str
 ) -> None:
     script = """
-        echo "uid=$(id -u) gid=$(id -g) groups=$(id -G)"
+        echo "uid=$(id -u) gid=$(id -g) groups=$(id -G) hostname=$(hostname)"
         echo "arg=$1 pwd=$(pwd)"
         touch /rootfs-probe 2>/dev/null && echo root-writable || echo root-read-only
         echo data > /tmp/probe && echo tmp-writable
+        echo data > /cache/entry && echo "subpath=$(ls /tmp/cache)"
         stat -c 'tmp-group=%g' /tmp
         grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t'
         cd /sys/fs/cgroup && echo "cpu-quota=$(cat cpu/cpu.cfs_quota_us) memory=$(cat memory/memory.limit_in_bytes)"
@@ -188,7 +189,8 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
         "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
         "resources": {"limits": {"cpu": "500m", "memory": "128Mi"}},
-        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"},
+                         {"name": "scratch", "mountPath": "/cache", "subPath": "cache"}],
     }  # fmt: skip
     create(client, ns, pod(
         "secure", container, volumes=[{"name": "scratch", "emptyDir": {}}], automountServiceAccountToken=False,
@@ -200,10 +202,11 @@ def test_a_container_runs_as_its_security_context_with_env_args_limits_and_volum
     output = log(podman_cluster, ns, "secure", "main").splitlines()
     assert done["status"]["phase"] == "Succeeded", output
     assert output == [
-        "uid=10002 gid=10003 groups=10003 10004",
+        "uid=10002 gid=10003 groups=10003 10004 hostname=secure",
         "arg=hello world pwd=/tmp",
         "root-read-only",
         "tmp-writable",
+        "subpath=entry",
         "tmp-group=10004",
         "CapEff:0000000000000000",
         "NoNewPrivs:1",
@@ -239,9 +242,30 @@ print(json.dumps({{"uid": me["metadata"]["uid"], "sub": claims["sub"], "pod": cl
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     create(client, ns, pod("mounted", {"name": "main", "image": test_image, "imagePullPolicy": "Never",
                                        "args": ["python", "-c", program], "env": env}))  # fmt: skip
-    create(client, ns, pod("unmounted", {"name": "main", "image": test_image, "imagePullPolicy": "Never",
-                                         "args": ["sh", "-c", f"ls {SA_DIR} || echo no-token"]},
-                           automountServiceAccountToken=False))  # fmt: skip
+    # Without the token, and with the volumes a Pod mounts its own configuration from.
+    raw(core(client).create_namespaced_config_map, ns, {"metadata": {"name": "settings"}, "data": {"greeting": "hi"}})
+    script = (f"ls {SA_DIR} 2>/dev/null || echo no-token; cat /etc/settings/greeting.txt; echo; "
+              "stat -c %a /etc/settings/greeting.txt; cat /etc/creds/password; echo; "
+              "touch /etc/settings/x 2>/dev/null || echo settings-read-only")  # fmt: skip
+    greeting = {"key": "greeting", "path": "greeting.txt", "mode": 0o444}
+    create(client, ns, pod(
+        "unmounted",
+        {"name": "main", "image": test_image, "imagePullPolicy": "Never", "args": ["sh", "-c", script],
+         "volumeMounts": [{"name": "settings", "mountPath": "/etc/settings"},
+                          {"name": "creds", "mountPath": "/etc/creds"}]},
+        automountServiceAccountToken=False,
+        volumes=[{"name": "settings", "configMap": {"name": "settings", "items": [greeting]}},
+                 {"name": "creds", "secret": {"secretName": "creds"}}],
+    ))  # fmt: skip
+
+    # Its Secret does not exist yet: the kubelet's FailedMount, then the Pod runs once it does.
+    def failed_mount() -> bool:
+        return any(reason == "FailedMount" and 'secret "creds" not found' in text
+                   for reason, text in events(client, ns, "unmounted"))  # fmt: skip
+
+    wait_for(failed_mount, timeout=120)
+    assert states(read(client, ns, "unmounted"))["main"] == {"waiting": {"reason": "ContainerCreating"}}
+    raw(core(client).create_namespaced_secret, ns, {"metadata": {"name": "creds"}, "stringData": {"password": "pw"}})
 
     mounted = finished(client, ns, "mounted")
     output = log(podman_cluster, ns, "mounted", "main")
@@ -253,7 +277,13 @@ print(json.dumps({{"uid": me["metadata"]["uid"], "sub": claims["sub"], "pod": cl
     }
     unmounted = finished(client, ns, "unmounted")
     assert unmounted["status"]["phase"] == "Succeeded"
-    assert log(podman_cluster, ns, "unmounted", "main").splitlines()[-1] == "no-token"
+    assert log(podman_cluster, ns, "unmounted", "main").splitlines() == [
+        "no-token",
+        "hi",
+        "444",
+        "pw",
+        "settings-read-only",
+    ]
 
 
 def test_exit_codes_and_the_oom_killer_give_the_kubelets_termination_reasons(
@@ -266,7 +296,7 @@ def test_exit_codes_and_the_oom_killer_give_the_kubelets_termination_reasons(
     create(client, ns, pod(
         "exits",
         container("ok", "print('fine')"),
-        container("fails", "raise SystemExit(3)"),
+        container("fails", "open('/dev/termination-log', 'w').write('no such table'); raise SystemExit(3)"),
         container("hog", "x = bytearray(512 * 1024 * 1024); print('survived')",
                   resources={"limits": {"memory": "64Mi"}}),
         automountServiceAccountToken=False,
@@ -276,6 +306,7 @@ def test_exit_codes_and_the_oom_killer_give_the_kubelets_termination_reasons(
     assert done["status"]["phase"] == "Failed"
     reasons = {name: (s["terminated"]["exitCode"], s["terminated"]["reason"]) for name, s in states(done).items()}
     assert reasons == {"ok": (0, "Completed"), "fails": (3, "Error"), "hog": (137, "OOMKilled")}
+    assert states(done)["fails"]["terminated"]["message"] == "no such table"  # its terminationMessagePath
 
 
 def test_deletion_sends_sigterm_through_tini_then_sigkill_after_the_grace_period(
@@ -369,3 +400,49 @@ def test_the_runtime_execs_in_a_running_container_and_reports_a_start_error(tmp_
     reason = broken.exit_reason()
     assert code == 128 and reason is not None and reason[0] == "StartError", (code, reason)
     assert runtime.remove_leftovers() == []
+
+
+def test_a_token_the_node_renews_replaces_the_file_a_running_container_reads(
+    podman_cluster: LocalCluster, client: kubernetes.client.ApiClient, ns: str, test_image: str, tmp_path: Path
+) -> None:
+    """Renewal itself (the kubelet's at 80% of the lifetime) as the node does it, with the node's
+    credentials against the real API server, for a real Pod bound to the node; the clock is the
+    one thing moved forward, by `PodVolumes.refresh_tokens`' ``now``."""
+    # Automounted: the Pod's spec then asks for the API server's audience, and a node may only
+    # request tokens for audiences its Pods ask for (ServiceAccountNodeAudienceRestriction).
+    create(client, ns, pod("holder", {"name": "main", "image": test_image, "imagePullPolicy": "Never",
+                                      "args": ["sleep", "600"]}))  # fmt: skip
+    bound = wait_for(lambda: (p := read(client, ns, "holder"))["status"].get("phase") == "Running" and p, timeout=120)
+    kubeconfig, _ = podman_cluster.control_plane.node_credentials(podman_cluster.node_name)
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    runtime = PodmanRuntime(agent_id=f"test-{tmp_path.name}", seccomp_dir=tmp_path)
+    with kubernetes.client.ApiClient(configuration) as node_api:
+        agent = NodeAgent(node_api, AgentConfig(node_name=podman_cluster.node_name, state_dir=tmp_path), runtime)
+        source = {"serviceAccountToken": {"path": "token", "expirationSeconds": 600}}
+        holder = bound | {"spec": bound["spec"] | {"volumes": [{"name": "tokens", "projected": {"sources": [source]}}]}}
+        volumes = PodVolumes(tmp_path / "pod", holder, read=agent.read_volume_source, field_value=str, all_types=True,
+                             request_token=lambda n, a, aud, s: agent.request_token(holder, n, a, aud, s))  # fmt: skip
+        before = time.monotonic()
+        mounts, read_only = volumes.mounts({"volumeMounts": [{"name": "tokens", "mountPath": "/tokens"}]})
+        first = (mounts["/tokens"] / "token").read_text()
+        reader = runtime.start(ContainerSpec(
+            pod_namespace=ns, pod_name="reader", pod_uid=tmp_path.name, name="reader", image=test_image, command=[],
+            args=["sh", "-c", "while true; do cat /tokens/token; echo; sleep 0.2; done"], env={}, working_dir=None,
+            volumes=mounts, read_only_mounts=read_only, log_path=tmp_path / "reader.log",
+        ))  # fmt: skip
+        try:
+            wait_for(lambda: first in (tmp_path / "reader.log").read_text(), timeout=120)
+            volumes.refresh_tokens(now=before + 479)  # before 80% of its 600 s: kept
+            assert (mounts["/tokens"] / "token").read_text() == first
+            volumes.refresh_tokens(now=time.monotonic() + 480)  # a new token (each has its own jti)
+            renewed = (mounts["/tokens"] / "token").read_text()
+            assert renewed != first
+            wait_for(lambda: renewed in (tmp_path / "reader.log").read_text(), timeout=120)
+        finally:
+            reader.kill()
+            reader.poll()
+    review: Any = kubernetes.client.AuthenticationV1Api(client)
+    status = review.create_token_review({"spec": {"token": renewed}}).status
+    assert status.authenticated and status.user.username == f"system:serviceaccount:{ns}:default"
+    assert status.user.extra["authentication.kubernetes.io/pod-name"] == ["holder"]

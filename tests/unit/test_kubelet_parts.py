@@ -15,7 +15,15 @@ import pytest
 
 from localcluster import kubelet_api
 from localcluster.kubelet_api import ContainerLog, User, peer_user, read_log, request_attributes, tail_offset
-from localcluster.probes import ContainerProber, ProbeError, ProbeState, http_get, resolve_port, tcp_socket
+from localcluster.probes import (
+    ContainerProber,
+    ProbeError,
+    ProbeState,
+    http_get,
+    resolve_port,
+    run_probe,
+    tcp_socket,
+)
 from localcluster.runtime import ContainerSpec, HostProcessRuntime, RunningContainer
 
 
@@ -218,3 +226,19 @@ def test_host_exec_runs_with_the_containers_env_cwd_and_volume_paths(
     assert sleeping.exec(["no-such-command-here"], 10) == 127
     with pytest.raises(TimeoutError):
         sleeping.exec(["sleep", "30"], 0.2)
+
+
+class BrokenExec:
+    """A runtime whose exec fails in a way no probe action expects."""
+
+    id = "broken://1"
+
+    def exec(self, argv: list[str], timeout: float) -> int:
+        raise OSError("the runtime went away")
+
+
+def test_a_probe_whose_runtime_fails_fails_rather_than_raising() -> None:
+    probe = ProbeState("Liveness", {"exec": {"command": ["true"]}}, next_due=0, result=True)
+    assert run_probe(probe, {}, BrokenExec()) == (False, "probe errored: the runtime went away")  # type: ignore[arg-type]
+    grpc = ProbeState("Liveness", {"grpc": {"port": 1}}, next_due=0, result=True)
+    assert run_probe(grpc, {}, BrokenExec()) == (False, "grpc probes are not supported by this node agent")  # type: ignore[arg-type]

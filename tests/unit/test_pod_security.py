@@ -97,10 +97,11 @@ def test_the_security_context_and_limits_become_podman_options() -> None:
     sc = SecurityContext(run_as_user=10001, run_as_group=10002, supplemental_groups=(10003,),
                          read_only_root_filesystem=True, allow_privilege_escalation=False,
                          capabilities_drop=("ALL",), seccomp_profile="RuntimeDefault")  # fmt: skip
-    argv = " ".join(arguments(security=sc, memory_limit_bytes=1024, cpu_limit=0.5, restart_count=2))
+    argv = " ".join(arguments(security=sc, memory_limit_bytes=1024, cpu_limit=0.5, restart_count=2, hostname="p"))
     for option in ("--user 10001:10002", "--group-add 10003", "--read-only --read-only-tmpfs=false",
                    "--security-opt no-new-privileges", "--cap-drop ALL", "--memory 1024b --memory-swap 1024b",
-                   "--cpus 0.5", "--name k8s_c_p_ns_u_2", "--network host", "--pull never"):  # fmt: skip
+                   "--cpus 0.5", "--name k8s_c_p_ns_u_2", "--network host", "--pull never",
+                   "--hostname p"):  # fmt: skip
         assert option in argv
     assert "seccomp=" not in argv  # RuntimeDefault: podman's own profile
     # No profile is the kubelet's Unconfined; Localhost names a file in the agent's directory.
