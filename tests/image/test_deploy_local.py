@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections import Counter
@@ -167,6 +168,7 @@ def install(podman_cluster: LocalCluster, image: str, pg_server: LocalPostgres) 
         operator_pods = "app.kubernetes.io/name=dbt-backfill-operator"
         podman_cluster.kubectl("-n", OPERATOR_NAMESPACE, "wait", "--for=delete", "pod", "-l", operator_pods,
                                "--timeout=90s", check=False)  # fmt: skip
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def chunk_pods(install: Install, name: str) -> list[dict[str, Any]]:
