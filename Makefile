@@ -14,7 +14,7 @@ RUNTIME ?= $(if $(shell command -v podman),podman,host)
 # The built kubectl (same version as the API server) comes first for everything make runs.
 export PATH := $(CLUSTER_BIN_DIR):$(PATH)
 
-.PHONY: venv demo test lint typecheck unit integration e2e bench clean cluster-bin cluster-up cluster-down image image-test constraints
+.PHONY: venv demo demo-db demo-db-down test lint typecheck unit integration e2e bench clean cluster-bin cluster-up cluster-down image image-test constraints
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ venv: $(BIN)/.installed
 ## A real chunked backfill on a local PostgreSQL (or $$DATABASE_URL) with demo data.
 demo: venv
 	$(BIN)/dbt-backfill demo
+
+## The demo data on a local PostgreSQL that stays running (state in .demo/postgres), for the local
+## cluster: prints WAREHOUSE_URL and AUDIT_URL as export lines (also in .demo/postgres/env).
+demo-db: venv
+	@$(BIN)/python -m scripts.demo_database up
+
+demo-db-down: venv
+	@$(BIN)/python -m scripts.demo_database down
 
 ## Everything CI runs: lint, types, the image, and the whole test suite (real PostgreSQL, real dbt,
 ## a real Kubernetes control plane).

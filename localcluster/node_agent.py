@@ -51,9 +51,8 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
   ``--authorization-mode=Webhook`` does.
 
 Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail),
-``subPathExpr`` mounts, resource requests, ``terminationMessagePath`` with the host
-runtime (there only ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods.
-A container that
+``subPathExpr`` mounts, resource requests, ``terminationMessagePath`` with the host runtime (there
+only ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
 was running when the agent stopped is reported ``ContainerStatusUnknown`` when it comes back, as a
 kubelet reports a container that vanished (podman containers it left are removed at start).
 """

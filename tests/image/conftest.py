@@ -15,12 +15,31 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
 
 IMAGE = os.environ.get("IMAGE", "localhost/dbt-backfill-operator:dev")
+LOCAL_OVERLAY = REPO_ROOT / "deploy" / "overlays" / "local"
+
+
+def overlay_image(kustomization: dict[str, Any]) -> str:
+    (entry,) = kustomization["images"]
+    return f"{entry['newName']}:{entry['newTag']}"
+
+
+def with_image(kustomization_file: Path, image: str) -> dict[str, Any]:
+    """deploy/overlays/local's kustomization (or a copy's) with its one image set to ``image``.
+
+    Helpers sharing one podman storage build their own tag (``$IMAGE``); in CI it is the same.
+    """
+    kustomization: dict[str, Any] = yaml.safe_load(kustomization_file.read_text())
+    (entry,) = kustomization["images"]
+    entry["newName"], _, entry["newTag"] = image.rpartition(":")
+    return kustomization
 
 
 @pytest.fixture(scope="session")

@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.readme import readme_commands
+
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MARKER = "<!-- readme-test: local -->"
-
-
-def readme_commands() -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text()
-    assert MARKER in text, "the README lost its tested local-commands block"
-    block = re.search(r"```bash\n(.*?)```", text[text.index(MARKER) :], re.S)
-    assert block is not None
-    joined = block.group(1).replace("\\\n", " ")
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def test_the_block_holds_the_documented_contract() -> None:
-    commands = readme_commands()
+    commands = readme_commands("local")
     assert any(c.startswith("python -m scripts.run_dbt_backfill") and "--tenant-id" in c for c in commands)
     assert any("--models staging+ facts+" in c for c in commands)
     assert any(c.startswith("dbt-backfill history") for c in commands)
@@ -39,7 +30,7 @@ def test_every_local_command_in_the_readme_works(database_url: str) -> None:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     outputs = {}
-    for command in readme_commands():
+    for command in readme_commands("local"):
         result = subprocess.run(
             ["bash", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
         )

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 EXAMPLES = DEPLOY / "examples"
 PEERING = DEPLOY / "components" / "peering"
+LOCAL = DEPLOY / "overlays" / "local"
 
 NAMESPACE = "dbt-backfill-system"
 OPERATOR_SA = "dbt-backfill-operator"
@@ -86,6 +87,11 @@ def _kustomize(directory: Path) -> list[dict[str, Any]]:
 @functools.cache
 def _render_default() -> tuple[dict[str, Any], ...]:
     return tuple(_kustomize(DEPLOY))
+
+
+@functools.cache
+def _render_local() -> tuple[dict[str, Any], ...]:
+    return tuple(_kustomize(LOCAL))
 
 
 @functools.cache
@@ -284,9 +290,10 @@ def test_namespaced_objects_live_in_the_operator_namespace(objects: list[dict[st
 
 def test_no_secret_is_rendered_and_the_templates_hold_only_placeholders(objects: list[dict[str, Any]]) -> None:
     assert not [o for o in objects if o["kind"] == "Secret"]
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    assert "secret-audit-db.example.yaml" not in kustomization["resources"]
-    assert not kustomization.get("secretGenerator")
+    for path in (DEPLOY / "kustomization.yaml", DEPLOY / "base" / "kustomization.yaml", LOCAL / "kustomization.yaml"):
+        kustomization = yaml.safe_load(path.read_text())
+        assert not any("secret" in resource for resource in kustomization["resources"]), path
+        assert not kustomization.get("secretGenerator"), path
     templates = [DEPLOY / "secret-audit-db.example.yaml", EXAMPLES / "secret-database-url.yaml"]
     for path in templates:
         (secret,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
@@ -578,3 +585,56 @@ def test_deployment_sets_a_valid_policy_that_allows_only_the_defaults(objects: l
     assert not job_policy.allows_image("registry.example/anything:latest")
     assert job_policy.allows_service_account(JOB_SA)
     assert not job_policy.allows_service_account("default")
+
+
+# --------------------------------------------------------------------------------------------
+# The local overlay (deploy/overlays/local, for `make cluster-up`)
+# --------------------------------------------------------------------------------------------
+
+
+def built_image() -> str:
+    """The image `make image` builds when IMAGE is not set (deploy/image/build.sh)."""
+    match = re.search(r"^image=\$\{IMAGE:-([^}]+)\}$", (DEPLOY / "image" / "build.sh").read_text(), re.M)
+    assert match is not None, "build.sh lost its default image"
+    return match[1]
+
+
+def test_the_local_overlay_renders_valid_objects_and_no_secret() -> None:
+    local = list(_render_local())
+    errors = validation_errors(local)
+    assert not errors, "\n".join(errors)
+    assert not [o for o in local if o["kind"] == "Secret"]
+
+
+def test_the_local_overlay_runs_the_image_make_image_builds_and_never_pulls() -> None:
+    container = operator_container(copy.deepcopy(list(_render_local())))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"] == built_image()
+    # The chunk Jobs run the same image: the overlay re-copies it after changing it.
+    assert env["DBT_BACKFILL_DEFAULT_IMAGE"] == built_image()
+    assert container["imagePullPolicy"] == "Never"  # local storage only; no registry to pull from
+
+
+def test_the_local_overlay_changes_nothing_but_the_image_and_its_pull_policy(objects: list[dict[str, Any]]) -> None:
+    def without_image(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        objs = copy.deepcopy(objs)
+        container = operator_container(objs)
+        del container["image"], container["imagePullPolicy"]
+        (default_image,) = [e for e in container["env"] if e["name"] == "DBT_BACKFILL_DEFAULT_IMAGE"]
+        del default_image["value"]
+        return {object_id(o): o for o in objs}
+
+    local, default = without_image(list(_render_local())), without_image(objects)
+    assert sorted(local) == sorted(default)
+    for key, obj in default.items():
+        assert local[key] == obj, key
+
+
+def test_the_local_policy_allows_the_local_image_only() -> None:
+    from dbtbackfill.policy import ALLOWED_IMAGES_ENV, build_policy
+
+    env = {e["name"]: e.get("value") for e in operator_container(copy.deepcopy(list(_render_local())))["env"]}
+    policy = build_policy(env["DBT_BACKFILL_DEFAULT_IMAGE"], env["DBT_BACKFILL_JOB_SERVICE_ACCOUNT"],
+                          env[ALLOWED_IMAGES_ENV], "")  # fmt: skip
+    assert policy.allows_image(built_image())
+    assert not policy.allows_image(IMAGE)
