@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from dbtbackfill.planner import Window, compress_indices
+from dbtbackfill.planner import Cell, Window, compress_indices
 from dbtbackfill.reconcile import ChunkState, Phase, failures_to_status, state_to_status
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -25,6 +25,58 @@ def _format_time(moment: datetime) -> str:
 def date_ranges(windows: Sequence[Window], indices: frozenset[int] | set[int]) -> list[str]:
     """``["2024-01-01..2024-01-12", ...]``: runs of adjacent chunks as date ranges."""
     return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices) if b < len(windows)]
+
+
+def _window_ranges(windows: Mapping[int, Window], indices: Sequence[int]) -> list[str]:
+    return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices)]
+
+
+def matrix_date_ranges(cells: Sequence[Cell], indices: frozenset[int] | set[int]) -> list[str]:
+    """Date ranges of the windows whose every tenant's cell is in ``indices``."""
+    windows: dict[int, Window] = {}
+    per_window: dict[int, int] = {}
+    tenants = len({c.tenant for c in cells})
+    for cell in cells:
+        windows.setdefault(cell.window_index, cell)
+        if cell.index in indices:
+            per_window[cell.window_index] = per_window.get(cell.window_index, 0) + 1
+    return _window_ranges(windows, [w for w, n in per_window.items() if n == tenants])
+
+
+def tenant_progress(cells: Sequence[Cell], state: ChunkState) -> list[dict[str, Any]]:
+    """Counts and date ranges per tenant, tenants in the same state grouped into one entry.
+
+    Grouping keeps the status small (each tenant id is written once, in plan order): a
+    window-major run has most tenants at the same point, a tenant-major one has done
+    tenants, one tenant in progress, and tenants not started.
+    """
+    windows: dict[int, Window] = {}
+    done: dict[str | None, list[int]] = {}
+    failed: dict[str | None, list[int]] = {}
+    for cell in cells:
+        windows.setdefault(cell.window_index, cell)
+        done.setdefault(cell.tenant, [])
+        failed.setdefault(cell.tenant, [])
+        if cell.index in state.succeeded:
+            done[cell.tenant].append(cell.window_index)
+        elif cell.index in state.failed:
+            failed[cell.tenant].append(cell.window_index)
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for tenant in done:
+        ok, bad = _window_ranges(windows, done[tenant]), _window_ranges(windows, failed[tenant])
+        key = (len(done[tenant]), len(failed[tenant]), tuple(ok), tuple(bad))
+        group = groups.setdefault(
+            key,
+            {
+                "tenants": [],
+                "succeeded": key[0],
+                "failed": key[1],
+                "succeededRanges": ok,
+                "failedRanges": bad,
+            },
+        )
+        group["tenants"].append(tenant or "")
+    return list(groups.values())
 
 
 def eta(state: ChunkState, remaining: int, parallelism: int, now: datetime) -> datetime | None:
@@ -102,9 +154,23 @@ def invalid_spec_status(
     message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
 ) -> dict[str, Any]:
     """Status for a spec that can never run: Failed, with the reason, and no Jobs."""
+    return _unplanned_status("Failed", "InvalidSpec", message, generation, previous, now)
+
+
+def waiting_status(
+    reason: str, message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    """Status of a backfill that cannot be planned yet for a reason fixable outside it (its
+    tenant list's ConfigMap is missing): Pending, with the reason on the Succeeded condition."""
+    return _unplanned_status("Pending", reason, message, generation, previous, now)
+
+
+def _unplanned_status(
+    phase: Phase, reason: str, message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
     prev_conditions = (previous or {}).get("conditions") or []
     conditions = conditions_for(
-        "Failed",
+        phase,
         progress="0/0",
         blocked_by=None,
         failure=None,
@@ -112,8 +178,8 @@ def invalid_spec_status(
         previous=prev_conditions,
         now=now,
     )
-    conditions[0].update(reason="InvalidSpec", message=message[:1024])
-    return {"phase": "Failed", "observedGeneration": generation, "progress": "0/0", "conditions": conditions}
+    conditions[0].update(reason=reason, message=message[:1024])
+    return {"phase": phase, "observedGeneration": generation, "progress": "0/0", "conditions": conditions}
 
 
 def summarise(
@@ -127,8 +193,14 @@ def summarise(
     previous: Mapping[str, Any] | None,
     now: datetime,
     blocked_by: str | None = None,
+    matrix: bool = False,
 ) -> dict[str, Any]:
-    """The whole ``.status`` for one reconcile pass (the caller patches only if it changed)."""
+    """The whole ``.status`` for one reconcile pass (the caller patches only if it changed).
+
+    ``matrix``: ``windows`` are the cells of a tenant x window plan. Counts are of cells, the
+    date ranges hold the days done (or failed) for every tenant, and ``tenantProgress`` has
+    the counts and ranges per tenant.
+    """
     previous = previous or {}
     total = len(windows)
     done = len(state.succeeded)
@@ -150,6 +222,7 @@ def summarise(
         "recordsProcessed": state.records,
         "succeededRanges": date_ranges(windows, state.succeeded),
         "failedRanges": date_ranges(windows, state.failed),
+        **(_matrix_fields(windows, state) if matrix else {}),
         "recentFailures": failures_to_status(state),
         "chunkState": state_to_status(state),
         "queuedBehind": blocked_by if phase == "Queued" else None,
@@ -175,6 +248,18 @@ def summarise(
         moment = eta(state, total - done, parallelism, now) if phase == "Running" else None
         status["estimatedCompletionTime"] = _format_time(moment) if moment else None
     return status
+
+
+def _matrix_fields(windows: Sequence[Window], state: ChunkState) -> dict[str, Any]:
+    cells = [w for w in windows if isinstance(w, Cell)]
+    # Failed days: any tenant's cell of the day failed (not all of them, as for succeeded).
+    failed_days = {c.window_index for c in cells if c.index in state.failed}
+    firsts = {c.window_index: c for c in cells}
+    return {
+        "succeededRanges": matrix_date_ranges(cells, state.succeeded),
+        "failedRanges": _window_ranges(firsts, sorted(failed_days)),
+        "tenantProgress": tenant_progress(cells, state),
+    }
 
 
 FAILURE_CONDITION: Final = "ReconcileFailure"

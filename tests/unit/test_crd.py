@@ -406,6 +406,8 @@ def test_status_fields() -> None:
         "estimatedCompletionTime",
         "succeededRanges",
         "failedRanges",
+        "tenants",  # a matrix backfill's tenant count, hash and tenantIdsFrom snapshot
+        "tenantProgress",
         "recentFailures",
         "chunkState",
         "auditExecutionId",
@@ -530,6 +532,7 @@ def test_printer_columns() -> None:
         "Phase": (".status.phase", "string", 0),
         "Progress": (".status.progress", "string", 0),
         "Tenant": (".spec.tenantId", "string", 0),
+        "Tenants": (".status.tenants.count", "integer", 1),
         "Start": (".spec.startDate", "string", 0),
         "End": (".spec.endDate", "string", 0),
         "Age": (".metadata.creationTimestamp", "date", 0),
