@@ -187,6 +187,14 @@ class CellPlan(Sequence[Cell]):
     def __len__(self) -> int:
         return len(self.windows) * len(self.tenants)
 
+    def position(self, index: int) -> tuple[int, int]:
+        """(tenant position, window index) of cell ``index``, by arithmetic alone."""
+        if self.order == "windowMajor":
+            w, t = divmod(index, len(self.tenants))
+        else:
+            t, w = divmod(index, len(self.windows))
+        return t, self.windows[w].index
+
     @overload
     def __getitem__(self, index: int) -> Cell: ...
     @overload
@@ -199,10 +207,7 @@ class CellPlan(Sequence[Cell]):
             index += size
         if not 0 <= index < size:
             raise IndexError(f"cell {index} is not in a plan of {size}")
-        if self.order == "windowMajor":
-            w, t = divmod(index, len(self.tenants))
-        else:
-            t, w = divmod(index, len(self.windows))
+        t, w = self.position(index)
         window = self.windows[w]
         return Cell(index, window.start, window.end, tenant=self.tenants[t], window_index=window.index)
 

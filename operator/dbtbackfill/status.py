@@ -7,11 +7,13 @@ chunks fit well under etcd's object limit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
-from dbtbackfill.planner import Cell, Window, compress_indices
+from dbtbackfill.planner import Cell, CellPlan, Window, compress_indices
 from dbtbackfill.reconcile import ChunkState, Phase, failures_to_status, state_to_status
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -27,56 +29,81 @@ def date_ranges(windows: Sequence[Window], indices: frozenset[int] | set[int]) -
     return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices) if b < len(windows)]
 
 
-def _window_ranges(windows: Mapping[int, Window], indices: Sequence[int]) -> list[str]:
+def _window_ranges(windows: Mapping[int, Window], indices: Iterable[int]) -> list[str]:
     return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices)]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where each cell index lies: its tenant's position and its window's index. A
+    :class:`CellPlan` answers by arithmetic, so a pass over 365,000 cells makes no cell."""
+
+    tenants: tuple[str | None, ...]
+    windows: Mapping[int, Window]
+    locate: Callable[[int], tuple[int, int]]
+    size: int
+
+
+def _grid(cells: Sequence[Cell]) -> _Grid:
+    if isinstance(cells, CellPlan):
+        plan = cells
+        return _Grid(plan.tenants, {w.index: w for w in plan.windows}, plan.position, len(plan))
+    tenants = tuple(dict.fromkeys(c.tenant for c in cells))
+    where = {t: i for i, t in enumerate(tenants)}
+    cell_at = {c.index: (where[c.tenant], c.window_index) for c in cells}
+    return _Grid(tenants, {c.window_index: c for c in cells}, cell_at.__getitem__, len(cells))
+
+
+def _per_tenant(grid: _Grid, indices: Iterable[int]) -> list[list[int]]:
+    """The window indices among ``indices``, for each tenant."""
+    out: list[list[int]] = [[] for _ in grid.tenants]
+    for i in indices:
+        if 0 <= i < grid.size:
+            t, w = grid.locate(i)
+            out[t].append(w)
+    return out
 
 
 def matrix_date_ranges(cells: Sequence[Cell], indices: frozenset[int] | set[int]) -> list[str]:
     """Date ranges of the windows whose every tenant's cell is in ``indices``."""
-    windows: dict[int, Window] = {}
-    per_window: dict[int, int] = {}
-    tenants = len({c.tenant for c in cells})
-    for cell in cells:
-        windows.setdefault(cell.window_index, cell)
-        if cell.index in indices:
-            per_window[cell.window_index] = per_window.get(cell.window_index, 0) + 1
-    return _window_ranges(windows, [w for w, n in per_window.items() if n == tenants])
+    grid = _grid(cells)
+    per_window = Counter(w for ws in _per_tenant(grid, indices) for w in ws)
+    return _window_ranges(grid.windows, [w for w, n in per_window.items() if n == len(grid.tenants)])
 
 
 def tenant_progress(cells: Sequence[Cell], state: ChunkState) -> list[dict[str, Any]]:
     """Counts and date ranges per tenant, tenants in the same state grouped into one entry.
 
-    Grouping keeps the status small (each tenant id is written once, in plan order): a
-    window-major run has most tenants at the same point, a tenant-major one has done
-    tenants, one tenant in progress, and tenants not started.
+    Grouping keeps the status small: a window-major run has most tenants at the same point, a
+    tenant-major one has done tenants, one tenant in progress, and tenants not started. An
+    entry names its tenants as runs in plan order, ``FIRST..LAST`` for consecutive tenants (ids
+    never hold a dot), so 1,000 tenants take a handful of strings, not 1,000 ids.
     """
-    windows: dict[int, Window] = {}
-    done: dict[str | None, list[int]] = {}
-    failed: dict[str | None, list[int]] = {}
-    for cell in cells:
-        windows.setdefault(cell.window_index, cell)
-        done.setdefault(cell.tenant, [])
-        failed.setdefault(cell.tenant, [])
-        if cell.index in state.succeeded:
-            done[cell.tenant].append(cell.window_index)
-        elif cell.index in state.failed:
-            failed[cell.tenant].append(cell.window_index)
-    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for tenant in done:
-        ok, bad = _window_ranges(windows, done[tenant]), _window_ranges(windows, failed[tenant])
-        key = (len(done[tenant]), len(failed[tenant]), tuple(ok), tuple(bad))
-        group = groups.setdefault(
-            key,
-            {
-                "tenants": [],
-                "succeeded": key[0],
-                "failed": key[1],
-                "succeededRanges": ok,
-                "failedRanges": bad,
-            },
-        )
-        group["tenants"].append(tenant or "")
-    return list(groups.values())
+    grid = _grid(cells)
+    done = _per_tenant(grid, state.succeeded)
+    failed = _per_tenant(grid, state.failed)
+    groups: dict[tuple[Any, ...], tuple[list[int], dict[str, Any]]] = {}
+    for t in range(len(grid.tenants)):
+        ok, bad = _window_ranges(grid.windows, done[t]), _window_ranges(grid.windows, failed[t])
+        key = (len(done[t]), len(failed[t]), tuple(ok), tuple(bad))
+        entry = {"succeeded": key[0], "failed": key[1], "succeededRanges": ok, "failedRanges": bad}
+        groups.setdefault(key, ([], entry))[0].append(t)
+    names = [t or "" for t in grid.tenants]
+    out = []
+    for members, entry in groups.values():
+        runs = [names[a] if a == b else f"{names[a]}..{names[b]}" for a, b in compress_indices(members)]
+        out.append({"tenants": runs, "count": len(members), **entry})
+    return out
+
+
+def expand_tenant_runs(runs: Sequence[str], tenants: Sequence[str]) -> list[str]:
+    """Inverse of the tenant runs of :func:`tenant_progress`, given the plan's tenant list."""
+    where = {t: i for i, t in enumerate(tenants)}
+    out: list[str] = []
+    for run in runs:
+        first, _, last = run.partition("..")
+        out += tenants[where[first] : where[last or first] + 1]
+    return out
 
 
 def eta(state: ChunkState, remaining: int, parallelism: int, now: datetime) -> datetime | None:
@@ -251,13 +278,13 @@ def summarise(
 
 
 def _matrix_fields(windows: Sequence[Window], state: ChunkState) -> dict[str, Any]:
-    cells = [w for w in windows if isinstance(w, Cell)]
+    cells = cast(Sequence[Cell], windows)
+    grid = _grid(cells)
     # Failed days: any tenant's cell of the day failed (not all of them, as for succeeded).
-    failed_days = {c.window_index for c in cells if c.index in state.failed}
-    firsts = {c.window_index: c for c in cells}
+    failed_days = {w for ws in _per_tenant(grid, state.failed) for w in ws}
     return {
         "succeededRanges": matrix_date_ranges(cells, state.succeeded),
-        "failedRanges": _window_ranges(firsts, sorted(failed_days)),
+        "failedRanges": _window_ranges(grid.windows, failed_days),
         "tenantProgress": tenant_progress(cells, state),
     }
 
