@@ -295,7 +295,7 @@ _FAILURE_REASONS: Final = frozenset({"InProgress"})
 
 def api_failure_reason(verb: str, resource: str) -> str:
     """``JobCreateFailed``, ``PodListFailed``...: the Event and condition reason of a failed call."""
-    kind = {"jobs": "Job", "pods": "Pod", "events": "Event", "dbtbackfills": "Backfill"}.get(
+    kind = {"jobs": "Job", "pods": "Pod", "events": "Event", "dbtbackfills": "Backfill", "configmaps": "ConfigMap"}.get(
         resource.split("/")[0], "Api"
     )
     if resource.endswith("/status"):

@@ -467,3 +467,9 @@ def test_status_of_a_thousand_tenants_for_a_year_stays_under_64_kib(order: str, 
     assert len(status["tenantProgress"]) <= 70  # 2 fronts plus one entry per scattered failed cell
     groups = status["tenantProgress"]
     assert sorted(t for g in groups for t in _tenants_of(g, groups, ids)) == sorted(ids)
+
+
+def test_a_failed_config_map_read_has_its_own_reason() -> None:
+    from dbtbackfill.status import api_failure_reason
+
+    assert api_failure_reason("get", "configmaps/tenants") == "ConfigMapGetFailed"
