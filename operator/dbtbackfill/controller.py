@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
-from dbtbackfill import jobs, kube, metrics, pod_start, policy, reconcile, status
+from dbtbackfill import cost, jobs, kube, metrics, pod_start, policy, reconcile, status
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.planner import Window
 from dbtbackfill.policy import JobPolicy
@@ -146,6 +146,18 @@ class AuditLog:
         except Exception as exc:  # the database being down must not stop the backfill
             metrics.AUDIT_WRITE_FAILURES.inc()
             log.warning("audit: cannot read chunk rows (will use Job conditions): %s", exc)
+            return None
+
+    def durations(self, models: Sequence[str]) -> cost.History | None:
+        """Past completed chunks of exactly ``models``; None when the database cannot be read."""
+        if not self.url:
+            return None
+        from dbtbackfill import audit
+
+        try:
+            return cost.History(*audit.chunk_durations(self._engine(), models))
+        except Exception as exc:  # an estimate is never worth failing a pass for
+            log.warning("audit: cannot read past chunk durations for the dry run's estimate: %s", exc)
             return None
 
     def start(self, owner: Owner, spec: BackfillSpec) -> bool:
@@ -496,6 +508,8 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     tenant_block = tenants_status(spec, tenants)
     if tenant_block is not None:
         new["tenants"] = tenant_block
+    if spec.dry_run:
+        new["costEstimate"] = _cost_estimate(previous, generation, spec, windows, auditlog)
     new["retryFailedObserved"] = spec.retry_failed or ""
     new["audit"] = _audit(previous.get("audit") or {}, owner, spec, decision.phase, new, auditlog)
     events += _phase_events(previous.get("phase"), decision.phase, new)
@@ -553,6 +567,28 @@ def _patched_status(
             events.append(Event("Warning", *_failure_of(exc)))
             return exc
     return failure
+
+
+def _cost_estimate(
+    previous: Mapping[str, Any], generation: int | None, spec: BackfillSpec, cells: Sequence[Window], auditlog: AuditLog
+) -> dict[str, Any]:
+    """A dry run's ETA for the real run: past completed chunks of the same models, per day, over
+    this plan's cells and parallelism (read once per generation). Each cell's source-row
+    estimate is in its dry-run chunk's log."""
+    prior = previous.get("costEstimate") or {}
+    if prior and prior.get("observedGeneration") == generation:
+        return dict(prior)
+    history = auditlog.durations(spec.models)
+    days = sum(c.days for c in cells)
+    per_day = history.seconds_per_day if history else None
+    seconds = None if per_day is None else round(per_day * days / spec.parallelism, 1)
+    return {
+        "observedGeneration": generation,
+        "cells": len(cells),
+        "days": days,
+        "estimatedSeconds": seconds,
+        "pastChunks": history.chunks if history else 0,
+    }
 
 
 def _audit_pending(new: Mapping[str, Any]) -> bool:

@@ -408,6 +408,7 @@ def test_status_fields() -> None:
         "failedRanges",
         "tenants",  # a matrix backfill's tenant count, hash and tenantIdsFrom snapshot
         "tenantProgress",
+        "costEstimate",  # spec.dryRun's ETA from past chunks of the same models
         "recentFailures",
         "chunkState",
         "auditExecutionId",
