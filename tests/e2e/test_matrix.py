@@ -167,3 +167,27 @@ def test_the_api_server_refuses_an_invalid_tenant_in_tenant_ids(
         create(kube_client, both)
     assert "set at most one of tenantId, tenantIds and tenantIdsFrom" in json.loads(refused.value.body)["message"]
     assert get_backfill(kube_client, namespace, "invalid") is None
+
+
+def test_a_dry_run_matrix_reports_the_eta_of_the_real_run_from_past_chunks(
+    kube_client: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, analytics_db: str
+) -> None:
+    models = ["stg_orders+", "stg_customers+"]
+    create(kube_client, backfill(namespace, "real", "2024-01-05", "2024-01-05", tenantId="tenant-001", models=models))
+    wait_phase(kube_client, operator, namespace, "real", "Succeeded", timeout=600)
+    [past] = [r for r in audit_rows(analytics_db, "real") if r["kind"] == "chunk"]
+
+    dry = {"tenantIds": TENANTS, "models": models, "dryRun": True, "parallelism": 2}
+    create(kube_client, backfill(namespace, "estimate", "2024-01-06", "2024-01-07", **dry))
+    status = wait_phase(kube_client, operator, namespace, "estimate", "Succeeded", timeout=600)
+    estimate = status["costEstimate"]
+    assert {k: estimate[k] for k in ("cells", "days", "pastChunks")} == {"cells": 4, "days": 4, "pastChunks": 1}
+    # The past chunk's seconds per day, times 4 cell-days, over parallelism 2.
+    assert estimate["estimatedSeconds"] == pytest.approx(past["duration_seconds"] * 4 / 2, abs=0.1)
+    for job in jobs_of(kube_client, namespace, "estimate"):
+        assert "--dry-run" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    with psycopg.connect(analytics_db) as conn:
+        written = conn.execute(
+            "select count(*) from analytics.fact_orders where order_date between '2024-01-06' and '2024-01-07'"
+        ).fetchone()
+    assert written == (0,)  # a dry run writes no data
