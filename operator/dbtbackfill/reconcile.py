@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from dbtbackfill.planner import Cell, Window, compress_indices, expand_runs
+from dbtbackfill.planner import Cell, CellPlan, Window, compress_indices, expand_runs
 from dbtbackfill.spec import BackfillSpec, parse_spec
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled"]
@@ -384,10 +384,11 @@ def decide(
         backing_off = sum(1 for c, t in retry_at.items() if t > now and c not in running and c not in state.failed)
         capacity = spec.parallelism - len(running) - max(0, backing_off - spec.parallelism)
         holding = launch_after is not None and launch_after > now
-        for window in windows:
+        # A matrix plan's cell index is its position: no cell is made just to be skipped.
+        order = range(len(windows)) if isinstance(windows, CellPlan) else [w.index for w in windows]
+        for position, c in enumerate(order):
             if capacity <= 0 or holding:
                 break
-            c = window.index
             if c in state.succeeded or c in running or c in state.failed:
                 continue
             if c in busy:
@@ -396,7 +397,7 @@ def decide(
             if due is not None and due > now:
                 continue
             attempt = attempts.get(c, 0) + 1
-            launch.append(Launch(window, attempt))
+            launch.append(Launch(windows[position], attempt))
             attempts[c] = attempt
             retry_at.pop(c, None)
             capacity -= 1
