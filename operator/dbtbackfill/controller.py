@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
-from dbtbackfill import cost, jobs, kube, metrics, pod_start, policy, reconcile, status
+from dbtbackfill import jobs, kube, metrics, pod_start, policy, reconcile, status
+from dbtbackfill.cost import History
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.planner import Window
 from dbtbackfill.policy import JobPolicy
@@ -148,14 +149,14 @@ class AuditLog:
             log.warning("audit: cannot read chunk rows (will use Job conditions): %s", exc)
             return None
 
-    def durations(self, models: Sequence[str]) -> cost.History | None:
+    def durations(self, models: Sequence[str]) -> History | None:
         """Past completed chunks of exactly ``models``; None when the database cannot be read."""
         if not self.url:
             return None
         from dbtbackfill import audit
 
         try:
-            return cost.History(*audit.chunk_durations(self._engine(), models))
+            return History(*audit.chunk_durations(self._engine(), models))
         except Exception as exc:  # an estimate is never worth failing a pass for
             log.warning("audit: cannot read past chunk durations for the dry run's estimate: %s", exc)
             return None

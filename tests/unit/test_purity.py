@@ -18,13 +18,13 @@ PURE_MODULES = (
     "jobs",
     "reconcile",
     "status",
+    "cost",
     "compiled",
     "contract_check",
     "policy",
     "pod_start",
     "window_tests",
     "parse_key",
-    "cost",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
