@@ -458,6 +458,16 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     except kube.ApiFailure as exc:  # the policy's Secret lookup, the tenant list's ConfigMap
         return _report_failure(namespace, name, body, previous, exc, now)
 
+    if spec.tenant_ids_from is not None and reconcile.snapshot_ids(previous) is None:
+        # The snapshot lands before any Job exists: a pass that dies after creating Jobs must
+        # find the list those Jobs were numbered by, not whatever the ConfigMap says by then.
+        snapshot = {"tenants": tenants_status(spec, tenants)}
+        try:
+            kube.patch_backfill_status(namespace, name, snapshot)
+        except kube.ApiFailure as exc:
+            return _report_failure(namespace, name, body, previous, exc, now)
+        previous.update(snapshot)
+
     owner = owner_of(body)
     state = reconcile.state_from_status(previous)
     events: list[Event] = []
@@ -577,8 +587,8 @@ def _cost_estimate(
     this plan's cells and parallelism (read once per generation). Each cell's source-row
     estimate is in its dry-run chunk's log."""
     prior = previous.get("costEstimate") or {}
-    if prior and prior.get("observedGeneration") == generation:
-        return dict(prior)
+    if prior.get("observedGeneration") == generation and prior.get("estimatedSeconds") is not None:
+        return dict(prior)  # without past chunks (or a readable audit log) it is looked up again
     history = auditlog.durations(spec.models)
     days = sum(c.days for c in cells)
     per_day = history.seconds_per_day if history else None
