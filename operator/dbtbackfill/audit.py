@@ -327,3 +327,29 @@ def history(
 def get(engine: sa.Engine, execution_id: uuid.UUID) -> BackfillExecution | None:
     with orm.Session(engine, expire_on_commit=False) as session:
         return session.get(BackfillExecution, execution_id)
+
+
+def chunk_durations(engine: sa.Engine, models: Sequence[str], limit: int = 500) -> tuple[int, int, float]:
+    """(chunks, days, seconds) of the latest ``limit`` completed chunk runs of exactly ``models``:
+    what an ETA of another backfill of the same models can go by."""
+    row = BackfillExecution
+    latest = (
+        sa.select(
+            (row.end_date - row.start_date + 1).label("days"),
+            row.duration_seconds.label("seconds"),
+        )
+        .where(
+            row.kind.in_(("chunk", "run")),
+            row.status == "completed",
+            row.duration_seconds.is_not(None),
+            row.models == list(models),
+        )
+        .order_by(row.created_at.desc())
+        .limit(limit)
+        .subquery()
+    )
+    query = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(latest.c.days), 0),
+                      sa.func.coalesce(sa.func.sum(latest.c.seconds), 0.0))  # fmt: skip
+    with engine.connect() as conn:
+        chunks, days, seconds = conn.execute(query).one().tuple()
+    return int(chunks), int(days or 0), float(seconds or 0.0)

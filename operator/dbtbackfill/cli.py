@@ -8,6 +8,7 @@ an unusable environment (nothing was written), or a run refused before it touche
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import re
@@ -22,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, contract_check, database_url, lifecycle, planner, runner
+from dbtbackfill import audit, contract_check, cost, database_url, lifecycle, planner, runner
 from dbtbackfill.compiled import NotCompilable
 from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.jobs import AUDIT_URL_ENV
@@ -255,6 +256,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
             print(f"verify: {len(verify.tests)} data test(s) of {scoped} model(s), per window", file=sys.stderr)
         if args.dry_run:
             reporter.engine(runner.describe_engine(session, tenant, models, args.engine, len(windows)))
+            reporter.cost(_cost(session, audit_url, windows, tenant, models, args.models or models))
             return _dry_run(session, windows, tenant, args.models, reporter)
         try:
             return _execute(args, audit_url, session, windows, tenant, models, reporter, verify)
@@ -322,6 +324,31 @@ def _check_contract(
 
 
 OVERRIDE_FLAGS: tuple[str, ...] = tuple(sorted(set(contract_check.OVERRIDES.values())))
+
+
+def _cost(
+    session: runner.DbtSession,
+    audit_url: str,
+    windows: list[Window],
+    tenant: str | None,
+    models: Sequence[str],
+    recorded: Sequence[str],
+) -> cost.CostReport:
+    """Each window's source rows (planner estimates) and the ETA from the audit log's past chunks
+    of the same models (``recorded``: the models as runs record them). Reads only."""
+    import sqlalchemy as sa
+
+    micro = set(session.microbatch_models(models))
+    try:
+        nodes = session.compile_params(tenant, [m for m in models if m not in micro])
+        report = cost.window_estimates(session.connect_args(), nodes, windows)
+    except NotCompilable as exc:
+        report = cost.CostReport(tuple(cost.WindowCost(w, {}) for w in windows), notes=(f"not estimated: {exc}",))
+    try:
+        history = cost.History(*audit.chunk_durations(audit.engine_for(audit_url), recorded))
+    except sa.exc.DBAPIError:  # no audit table yet (nothing ever ran here): no history
+        history = cost.History()
+    return dataclasses.replace(report, history=history)
 
 
 def _dry_run(

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import kopf
 
 from dbtbackfill import jobs, kube, metrics, pod_start, policy, queue_gate, queue_status, reconcile, status
+from dbtbackfill.cost import History
 from dbtbackfill.jobs import JobDefaults, Owner
+from dbtbackfill.planner import Window
 from dbtbackfill.policy import JobPolicy
 from dbtbackfill.queue_admission import Member, Verdict
 from dbtbackfill.reconcile import ChunkState, Event, JobView
-from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
+from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec, parse_tenant_list, tenant_list_hash
 
 if TYPE_CHECKING:
     from dbtbackfill.audit import ExecutionStart
@@ -95,8 +97,10 @@ def _execution_start(
     parent_id: uuid.UUID | None = None,
     chunk_index: int | None = None,
     attempt: int | None = None,
+    tenant_id: str | None = None,
 ) -> ExecutionStart:
-    """The audit row of the backfill (no parent) or of one chunk attempt of it."""
+    """The audit row of the backfill (no parent) or of one chunk attempt of it. A chunk row
+    carries its cell's tenant; a matrix backfill's own row has none (it spans its tenants)."""
     from dbtbackfill import audit
 
     return audit.ExecutionStart(
@@ -105,7 +109,7 @@ def _execution_start(
         parent_id=parent_id,
         start_date=start,
         end_date=end,
-        tenant_id=spec.tenant_id,
+        tenant_id=tenant_id if parent_id else spec.tenant_id,
         models=spec.models,
         backfill_name=owner.name,
         backfill_namespace=owner.namespace,
@@ -147,6 +151,18 @@ class AuditLog:
             log.warning("audit: cannot read chunk rows (will use Job conditions): %s", exc)
             return None
 
+    def durations(self, models: Sequence[str]) -> History | None:
+        """Past completed chunks of exactly ``models``; None when the database cannot be read."""
+        if not self.url:
+            return None
+        from dbtbackfill import audit
+
+        try:
+            return History(*audit.chunk_durations(self._engine(), models))
+        except Exception as exc:  # an estimate is never worth failing a pass for
+            log.warning("audit: cannot read past chunk durations for the dry run's estimate: %s", exc)
+            return None
+
     def start(self, owner: Owner, spec: BackfillSpec) -> bool:
         if not self.url:
             return True
@@ -163,13 +179,13 @@ class AuditLog:
             log.warning("audit: start of %s/%s not written yet, will retry: %s", owner.namespace, owner.name, exc)
             return False
 
-    def unstarted(self, owner: Owner, spec: BackfillSpec, chunk: int, attempt: int, message: str) -> None:
+    def unstarted(self, owner: Owner, spec: BackfillSpec, window: Window, attempt: int, message: str) -> None:
         """The chunk row of an attempt whose Pod never started (its runner never ran)."""
         if not self.url:
             return
         from dbtbackfill import audit
 
-        window = spec.windows()[chunk]
+        chunk = window.index
         execution_id = jobs.chunk_execution_id(owner, chunk, attempt)
         try:
             engine = self._engine()
@@ -184,6 +200,7 @@ class AuditLog:
                     parent_id=jobs.backfill_execution_id(owner),
                     chunk_index=chunk,
                     attempt=attempt,
+                    tenant_id=jobs.tenant_of(spec, window),
                 ),
             )
             audit.record_finish(
@@ -264,7 +281,9 @@ def _observe_cluster(owner: Owner, spec: BackfillSpec, now: datetime) -> Observe
     return Observed(out, busy)
 
 
-def _with_audit(observed: Observed, owner: Owner, state: ChunkState, auditlog: AuditLog) -> Observed:
+def _with_audit(
+    observed: Observed, owner: Owner, spec: BackfillSpec, cells: Sequence[Window], state: ChunkState, auditlog: AuditLog
+) -> Observed:
     """Records and dbt's error text come from the chunks' audit rows, and so does the end of an
     attempt whose Job vanished unseen (a TTL while the operator was down): without a readable
     row such a chunk is held, never relaunched blind."""
@@ -281,8 +300,47 @@ def _with_audit(observed: Observed, owner: Owner, state: ChunkState, auditlog: A
         out.append(replace(v, records=row.records, message=row.error or v.message) if row else v)
     for c, a in lost:
         row = rows.get(jobs.chunk_execution_id(owner, c, a)) or ChunkRow(None, None, None)
-        out.append(reconcile.view_from_audit(c, a, row.status, row.records, row.error, jobs.job_name(owner, c, a)))
+        name = jobs.cell_job_name(owner, spec, cells[c], a) if c < len(cells) else jobs.job_name(owner, c, a)
+        out.append(reconcile.view_from_audit(c, a, row.status, row.records, row.error, name))
     return Observed(out, observed.busy)
+
+
+class TenantListUnavailable(Exception):
+    """spec.tenantIdsFrom names a ConfigMap or key that is not there (yet): retried."""
+
+
+def resolve_tenants(namespace: str, spec: BackfillSpec, previous: Mapping[str, Any]) -> tuple[str | None, ...]:
+    """The tenants of the plan. A tenantIdsFrom list is read from its ConfigMap until a valid
+    one is snapshotted into ``status.tenants``, then always taken from there: cell numbers, Job
+    names and audit ids depend on it, and a rewrite of fact tables must not change tenants
+    halfway. Raises :class:`SpecError` for an invalid list."""
+    listed = spec.tenants()
+    if listed is not None:
+        return listed
+    assert spec.tenant_ids_from is not None
+    snapshot = reconcile.snapshot_ids(previous)
+    if snapshot is not None:
+        return snapshot
+    source = spec.tenant_ids_from
+    data = kube.get_configmap_data(namespace, source.name)
+    if data is None:
+        raise TenantListUnavailable(f"spec.tenantIdsFrom: ConfigMap {source.name} not found in namespace {namespace}")
+    if source.key not in data:
+        raise TenantListUnavailable(f"spec.tenantIdsFrom: ConfigMap {source.name} has no key {source.key}")
+    return parse_tenant_list(data[source.key], source)
+
+
+def tenants_status(spec: BackfillSpec, tenants: Sequence[str | None]) -> dict[str, Any] | None:
+    """``status.tenants``: the matrix's tenant count and list hash, and for a tenantIdsFrom
+    list the snapshot itself, taken the first time the list is read and valid."""
+    if not jobs.is_matrix(spec):
+        return None
+    ids = [t or "" for t in tenants]
+    source = spec.tenant_ids_from.describe() if spec.tenant_ids_from else "spec.tenantIds"
+    out: dict[str, Any] = {"count": len(ids), "hash": tenant_list_hash(ids), "source": source}
+    if spec.tenant_ids_from is not None:
+        out["ids"] = ids
+    return out
 
 
 def _peers(namespace: str) -> list[reconcile.Peer]:
@@ -420,19 +478,40 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     now = _now()
     previous: dict[str, Any] = dict(body.get("status") or {})
     generation = body["metadata"].get("generation")
+    spec: BackfillSpec | None = None
     try:
         spec = parse_spec(body.get("spec") or {})
-        windows = spec.windows()
         enforce_policy(namespace, spec, cfg.policy)
+        tenants = resolve_tenants(namespace, spec, previous)
+        windows: Sequence[Window] = spec.cells(tenants)
     except SpecError as exc:
         new = status.invalid_spec_status(str(exc), generation, previous, now)
         patch = status.changed(previous, new)
         if patch:
             kube.patch_backfill_status(namespace, name, patch)
-        recheck = SECRET_RECHECK_SECONDS if isinstance(exc, policy.SecretRefusal) else None
+        # Fixable without touching the backfill: a Secret's label, a ConfigMap's tenant list.
+        fixable = isinstance(exc, policy.SecretRefusal) or (spec is not None and spec.tenant_ids_from is not None)
+        recheck = SECRET_RECHECK_SECONDS if fixable else None
         return Outcome(recheck, (Event("Warning", "InvalidSpec", str(exc)),) if patch else (), body, "Failed")
-    except kube.ApiFailure as exc:  # the policy's Secret lookup
+    except TenantListUnavailable as exc:
+        new = status.waiting_status("TenantListUnavailable", str(exc), generation, previous, now)
+        patch = status.changed(previous, new)
+        if patch:
+            kube.patch_backfill_status(namespace, name, patch)
+        told = (Event("Warning", "TenantListUnavailable", str(exc)),) if patch else ()
+        return Outcome(SECRET_RECHECK_SECONDS, told, body, "Pending")
+    except kube.ApiFailure as exc:  # the policy's Secret lookup, the tenant list's ConfigMap
         return _report_failure(namespace, name, body, previous, exc, now)
+
+    if spec.tenant_ids_from is not None and reconcile.snapshot_ids(previous) is None:
+        # The snapshot lands before any Job exists: a pass that dies after creating Jobs must
+        # find the list those Jobs were numbered by, not whatever the ConfigMap says by then.
+        snapshot = {"tenants": tenants_status(spec, tenants)}
+        try:
+            kube.patch_backfill_status(namespace, name, snapshot)
+        except kube.ApiFailure as exc:
+            return _report_failure(namespace, name, body, previous, exc, now)
+        previous.update(snapshot)
 
     owner = owner_of(body)
     state = reconcile.state_from_status(previous)
@@ -450,12 +529,12 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         state = reconcile.reset_failed(state)
 
     try:
-        observed = _with_audit(_observe_cluster(owner, spec, now), owner, state, auditlog)
+        observed = _with_audit(_observe_cluster(owner, spec, now), owner, spec, windows, state, auditlog)
         not_started = not state.attempts and not state.succeeded and not observed.views
         blocked_by = None
         if not_started and not spec.suspend:
             blocked_by = reconcile.blocking_peer(
-                name, body["metadata"].get("creationTimestamp") or "", spec, _peers(namespace)
+                name, body["metadata"].get("creationTimestamp") or "", spec, _peers(namespace), tenants
             )
     except kube.ApiFailure as exc:
         return _report_failure(namespace, name, body, previous, exc, now)
@@ -488,7 +567,13 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         previous=previous,
         now=now,
         blocked_by=decision.blocked_by,
+        matrix=jobs.is_matrix(spec),
     )
+    tenant_block = tenants_status(spec, tenants)
+    if tenant_block is not None:
+        new["tenants"] = tenant_block
+    if spec.dry_run:
+        new["costEstimate"] = _cost_estimate(previous, generation, spec, windows, auditlog)
     new["retryFailedObserved"] = spec.retry_failed or ""
     if queued is not None:
         new = queue_status.with_queue(new, queued.verdict, spec.priority, previous, generation, now)
@@ -501,7 +586,7 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     # killed in between finds the reason written, not a Job that vanished unexplained.
     new_failure = _patched_status(namespace, name, previous, new, failure, generation, now, events)
     for chunk, attempt, message in decision.unstarted:
-        auditlog.unstarted(owner, spec, chunk, attempt, message)
+        auditlog.unstarted(owner, spec, windows[chunk], attempt, message)
     for job_name in decision.delete:
         try:
             kube.delete_job(namespace, job_name)
@@ -552,6 +637,28 @@ def _patched_status(
             events.append(Event("Warning", *_failure_of(exc)))
             return exc
     return failure
+
+
+def _cost_estimate(
+    previous: Mapping[str, Any], generation: int | None, spec: BackfillSpec, cells: Sequence[Window], auditlog: AuditLog
+) -> dict[str, Any]:
+    """A dry run's ETA for the real run: past completed chunks of the same models, per day, over
+    this plan's cells and parallelism (read once per generation). Each cell's source-row
+    estimate is in its dry-run chunk's log."""
+    prior = previous.get("costEstimate") or {}
+    if prior.get("observedGeneration") == generation and prior.get("estimatedSeconds") is not None:
+        return dict(prior)  # without past chunks (or a readable audit log) it is looked up again
+    history = auditlog.durations(spec.models)
+    days = sum(c.days for c in cells)
+    per_day = history.seconds_per_day if history else None
+    seconds = None if per_day is None else round(per_day * days / spec.parallelism, 1)
+    return {
+        "observedGeneration": generation,
+        "cells": len(cells),
+        "days": days,
+        "estimatedSeconds": seconds,
+        "pastChunks": history.chunks if history else 0,
+    }
 
 
 def _audit_pending(new: Mapping[str, Any]) -> bool:

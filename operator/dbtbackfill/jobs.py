@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from dbtbackfill.planner import Window
+from dbtbackfill.planner import Cell, Window
 from dbtbackfill.reconcile import JobPhase, JobView
 from dbtbackfill.spec import BackfillSpec
 
@@ -87,6 +87,27 @@ def job_name(owner: Owner, chunk: int, attempt: int) -> str:
     return f"{prefix}-{digest}-c{chunk}-a{attempt}"
 
 
+def tenant_of(spec: BackfillSpec, window: Window) -> str | None:
+    """The tenant a chunk runs for: its cell's, or the spec's (a plain window of a one-tenant plan)."""
+    return window.tenant if isinstance(window, Cell) else spec.tenant_id
+
+
+def is_matrix(spec: BackfillSpec) -> bool:
+    return bool(spec.tenant_ids) or spec.tenant_ids_from is not None
+
+
+def cell_job_name(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -> str:
+    """A chunk's Job name. In a matrix, a hash of the tenant and the window's own index name the
+    cell, so the name says which tenant it is (the same tenant's Jobs share it) and never depends
+    on the cell order; a one-tenant plan keeps the plain chunk-index name."""
+    if not is_matrix(spec) or not isinstance(window, Cell):
+        return job_name(owner, window.index, attempt)
+    digest = hashlib.sha256(owner.uid.encode()).hexdigest()[:5]
+    tenant = hashlib.sha256((window.tenant or "").encode()).hexdigest()[:6]
+    prefix = owner.name[:30].replace(".", "-").rstrip("-")
+    return f"{prefix}-{digest}-t{tenant}-w{window.window_index}-a{attempt}"
+
+
 def selector(owner: Owner) -> str:
     return f"{LABEL_BACKFILL_UID}={owner.uid}"
 
@@ -98,7 +119,7 @@ def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -
         LABEL_BACKFILL_UID: owner.uid,
         LABEL_CHUNK: str(window.index),
         LABEL_ATTEMPT: str(attempt),
-        LABEL_TENANT: tenant_label(spec.tenant_id),
+        LABEL_TENANT: tenant_label(tenant_of(spec, window)),
         LABEL_WINDOW_START: window.start.isoformat(),
         LABEL_WINDOW_END: window.end.isoformat(),
         **({LABEL_QUEUE: spec.queue_name} if spec.queue_name else {}),
@@ -108,8 +129,9 @@ def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -
 def job_annotations(spec: BackfillSpec, window: Window) -> dict[str, str]:
     """What labels cannot hold exactly: the window as a range, and the tenant id as given."""
     annotations = {f"{GROUP}/window": window.label()}
-    if spec.tenant_id is not None:
-        annotations[ANNOTATION_TENANT] = spec.tenant_id
+    tenant = tenant_of(spec, window)
+    if tenant is not None:
+        annotations[ANNOTATION_TENANT] = tenant
     return annotations
 
 
@@ -124,8 +146,9 @@ def runner_command(owner: Owner, spec: BackfillSpec, window: Window, attempt: in
         "--end-date",
         window.end.isoformat(),
     ]
-    if spec.tenant_id:
-        argv += ["--tenant-id", spec.tenant_id]
+    tenant = tenant_of(spec, window)
+    if tenant:
+        argv += ["--tenant-id", tenant]
     if spec.models:
         argv += ["--models", *spec.models]
     if spec.threads:
@@ -242,7 +265,7 @@ def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, de
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(owner, window.index, attempt),
+            "name": cell_job_name(owner, spec, window, attempt),
             "namespace": owner.namespace,
             "labels": labels,
             "annotations": job_annotations(spec, window),

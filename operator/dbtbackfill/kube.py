@@ -32,6 +32,8 @@ API_CALLS: Final = frozenset(
         ("batch", "jobs", "delete"),
         # The policy's label check on spec.databaseSecretRef: metadata only (see below).
         ("", "secrets", "get"),
+        # spec.tenantIdsFrom: the one ConfigMap a matrix backfill names, read once (snapshot).
+        ("", "configmaps", "get"),
         # Why a chunk's Pod never started: its waiting reason, PodScheduled condition, and
         # whether any Pod of an earlier attempt is still alive; and the Job controller's
         # FailedCreate Events when it could not make a Pod at all.
@@ -228,6 +230,21 @@ def get_secret_labels(namespace: str, name: str) -> dict[str, str] | None:
             raise
     labels: dict[str, str] = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
     return labels
+
+
+def get_configmap_data(namespace: str, name: str) -> dict[str, str] | None:
+    """A ConfigMap's ``data``, or None if it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    with _calling("get", f"configmaps/{name}"):
+        try:
+            response = _core().read_namespaced_config_map(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if _status_of(exc) == 404:
+                return None
+            raise
+    data: dict[str, str] = json.loads(response.data).get("data") or {}
+    return data
 
 
 def delete_job(namespace: str, name: str) -> None:

@@ -7,10 +7,10 @@ through :func:`plan_windows`, so a chunk means the same thing in both.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Final, Literal, get_args
+from typing import Final, Literal, get_args, overload
 
 from dateutil.relativedelta import relativedelta
 
@@ -152,3 +152,78 @@ def compress_indices(indices: Iterable[int]) -> list[tuple[int, int]]:
 def expand_runs(runs: Sequence[Sequence[int]]) -> set[int]:
     """Inverse of :func:`compress_indices`."""
     return {i for first, last in runs for i in range(first, last + 1)}
+
+
+# --- tenant x window matrix ------------------------------------------------------------------
+
+CellOrder = Literal["windowMajor", "tenantMajor"]
+CELL_ORDERS: Final[tuple[str, ...]] = get_args(CellOrder)
+# One object rebuilds every tenant of a platform; past this, split the tenants over backfills.
+MAX_TENANTS: Final = 1000
+
+
+@dataclass(frozen=True, order=True)
+class Cell(Window):
+    """One chunk of a matrix backfill: a window of one tenant (None: all tenants).
+
+    ``index`` is the cell's position in the plan (what Job labels, audit ids and the status's
+    index runs count); ``window_index`` is its window's position among the windows. A backfill
+    with one tenant (or none) has one cell per window, with the same index as its window.
+    """
+
+    tenant: str | None = None
+    window_index: int = 0
+
+
+class CellPlan(Sequence[Cell]):
+    """The cells of a tenant x window plan, made on demand: 1,000 tenants x 3,660 windows would
+    otherwise be millions of objects held for the whole run."""
+
+    def __init__(self, windows: Sequence[Window], tenants: Sequence[str | None], order: CellOrder) -> None:
+        self.windows = tuple(windows)
+        self.tenants = tuple(tenants)
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.windows) * len(self.tenants)
+
+    def position(self, index: int) -> tuple[int, int]:
+        """(tenant position, window index) of cell ``index``, by arithmetic alone."""
+        if self.order == "windowMajor":
+            w, t = divmod(index, len(self.tenants))
+        else:
+            t, w = divmod(index, len(self.windows))
+        return t, self.windows[w].index
+
+    @overload
+    def __getitem__(self, index: int) -> Cell: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Cell]: ...
+    def __getitem__(self, index: int | slice) -> Cell | list[Cell]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError(f"cell {index} is not in a plan of {size}")
+        t, w = self.position(index)
+        window = self.windows[w]
+        return Cell(index, window.start, window.end, tenant=self.tenants[t], window_index=window.index)
+
+    def __iter__(self) -> Iterator[Cell]:
+        return (self[i] for i in range(len(self)))
+
+
+def plan_cells(windows: Sequence[Window], tenants: Sequence[str | None], order: str = "windowMajor") -> CellPlan:
+    """Every (tenant, window) cell exactly once, numbered in launch order.
+
+    ``windowMajor`` runs every tenant of a window before the next window (a day is done for the
+    whole platform early); ``tenantMajor`` runs all of one tenant's windows before the next
+    tenant (each tenant is done as early as possible).
+    """
+    if order not in CELL_ORDERS:
+        raise PlanError(f"order must be one of {', '.join(CELL_ORDERS)}, got {order!r}")
+    if not tenants:
+        raise PlanError("a backfill needs at least one tenant (None stands for all tenants)")
+    return CellPlan(windows, tenants, order)  # type: ignore[arg-type]  # membership checked above

@@ -20,6 +20,7 @@ from dbtbackfill.planner import Window
 
 if TYPE_CHECKING:
     from dbtbackfill.audit import BackfillExecution
+    from dbtbackfill.cost import CostReport
     from dbtbackfill.project import Target
     from dbtbackfill.runner import BackfillOutcome, WindowResult
 
@@ -58,6 +59,11 @@ class Reporter:
         if self.dry_run:
             for w in self.windows:
                 self._line(f"  window {w.index + 1}: {w.label()} ({w.days} day(s))")
+
+    def cost(self, report: CostReport) -> None:
+        """A dry run's cost before launch: source rows per window, their total, and the ETA."""
+        for line in report.lines():
+            self._line(line)
 
     def target(self, target: Target, audit: str | None) -> None:
         """Where the data goes; ``audit`` names the audit database when it is another one."""

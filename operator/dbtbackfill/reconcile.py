@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from dbtbackfill.planner import Window, compress_indices, expand_runs
+from dbtbackfill.planner import Cell, CellPlan, Window, compress_indices, expand_runs
 from dbtbackfill.spec import BackfillSpec, parse_spec
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled"]
@@ -55,6 +55,18 @@ class Failure:
     attempts: int
     message: str
     time: datetime
+    tenant: str | None = None
+
+
+def describe(window: Window) -> str:
+    """``2024-01-01..2024-01-01``, or ``tenant acme, 2024-01-01..2024-01-01`` for a cell."""
+    if isinstance(window, Cell) and window.tenant is not None:
+        return f"tenant {window.tenant}, {window.label()}"
+    return window.label()
+
+
+def tenant_in(window: Window) -> str | None:
+    return window.tenant if isinstance(window, Cell) else None
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ def state_from_status(status: Mapping[str, Any] | None) -> ChunkState:
             attempts=int(f.get("attempts", 0)),
             message=str(f.get("message", "")),
             time=parse_time(f.get("time")) or datetime.min,
+            tenant=f.get("tenant"),
         )
         for f in status.get("recentFailures") or ()
     )
@@ -159,6 +172,7 @@ def failures_to_status(state: ChunkState) -> list[dict[str, Any]]:
         {
             "chunk": f.chunk,
             "window": f.window,
+            **({"tenant": f.tenant} if f.tenant is not None else {}),
             "attempts": f.attempts,
             "message": f.message,
             "time": _format_time(f.time),
@@ -206,7 +220,7 @@ def _absorb(
             if tries < 1:
                 continue  # an attempt retryFailed has forgiven: already reported, not charged again
             message = (job.message or "chunk Job failed").strip()[:MAX_MESSAGE_CHARS]
-            recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now)]
+            recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now, tenant_in(window))]
             recent = recent[-MAX_RECENT_FAILURES:]
             if tries <= spec.retry_limit:
                 delay = spec.backoff_for(tries)
@@ -215,7 +229,7 @@ def _absorb(
                     Event(
                         "Warning",
                         "ChunkRetry",
-                        f"chunk {job.chunk} ({window.label()}) failed on attempt {tries}; "
+                        f"chunk {job.chunk} ({describe(window)}) failed on attempt {tries}; "
                         f"retrying in {delay}s: {message[:200]}",
                     )
                 )
@@ -225,7 +239,7 @@ def _absorb(
                     Event(
                         "Warning",
                         "ChunkFailed",
-                        f"chunk {job.chunk} ({window.label()}) failed after {tries} attempt(s): {message[:200]}",
+                        f"chunk {job.chunk} ({describe(window)}) failed after {tries} attempt(s): {message[:200]}",
                     )
                 )
     new_state = ChunkState(
@@ -370,10 +384,11 @@ def decide(
         backing_off = sum(1 for c, t in retry_at.items() if t > now and c not in running and c not in state.failed)
         capacity = spec.parallelism - len(running) - max(0, backing_off - spec.parallelism)
         holding = launch_after is not None and launch_after > now
-        for window in windows:
+        # A matrix plan's cell index is its position: no cell is made just to be skipped.
+        order = range(len(windows)) if isinstance(windows, CellPlan) else [w.index for w in windows]
+        for position, c in enumerate(order):
             if capacity <= 0 or holding:
                 break
-            c = window.index
             if c in state.succeeded or c in running or c in state.failed:
                 continue
             if c in busy:
@@ -382,7 +397,7 @@ def decide(
             if due is not None and due > now:
                 continue
             attempt = attempts.get(c, 0) + 1
-            launch.append(Launch(window, attempt))
+            launch.append(Launch(windows[position], attempt))
             attempts[c] = attempt
             retry_at.pop(c, None)
             capacity -= 1
@@ -419,11 +434,18 @@ class Peer:
     spec: BackfillSpec
     phase: str | None
     started: bool
+    tenants: tuple[str, ...] | None = None  # a tenantIdsFrom peer's snapshot, once taken
 
 
 # Only a backfill that has not started consults its peers (``blocking_peer``); a started one
 # never waits for another, so a peer's end has nothing to tell it.
 UNSTARTED_PHASES: Final = frozenset({"Pending", "Queued"})
+
+
+def snapshot_ids(status: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The tenant list a tenantIdsFrom backfill took from its ConfigMap (``status.tenants.ids``)."""
+    ids = ((status or {}).get("tenants") or {}).get("ids")
+    return tuple(str(i) for i in ids) if isinstance(ids, list) and ids else None
 
 
 def waiting_for_peers(phases: Mapping[str, str], backfills: Iterable[str]) -> list[str]:
@@ -435,7 +457,13 @@ def waiting_for_peers(phases: Mapping[str, str], backfills: Iterable[str]) -> li
     return [b for b in backfills if phases.get(b) is None or phases[b] in UNSTARTED_PHASES]
 
 
-def blocking_peer(name: str, created: str, spec: BackfillSpec, peers: Sequence[Peer]) -> str | None:
+def blocking_peer(
+    name: str,
+    created: str,
+    spec: BackfillSpec,
+    peers: Sequence[Peer],
+    tenants: Sequence[str | None] | None = None,
+) -> str | None:
     """The overlapping backfill this one must wait for, or None.
 
     A backfill waits for any overlapping one that has started and not ended, and for
@@ -445,7 +473,7 @@ def blocking_peer(name: str, created: str, spec: BackfillSpec, peers: Sequence[P
     from dbtbackfill.spec import overlaps
 
     for peer in sorted(peers, key=lambda p: (p.created, p.name)):
-        if peer.name == name or not overlaps(spec, peer.spec):
+        if peer.name == name or not overlaps(spec, peer.spec, tenants, peer.tenants):
             continue
         if peer.phase in TERMINAL_PHASES:
             continue
@@ -473,6 +501,7 @@ def peer_of(item: Mapping[str, Any]) -> Peer | None:
             spec=spec,
             phase=status.get("phase"),
             started=bool(status.get("startTime")),
+            tenants=snapshot_ids(status) if spec.tenant_ids_from is not None else None,
         )
     except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError):
         return None  # SpecError is a ValueError

@@ -14,20 +14,26 @@ e.g. ``spec.endDate: start_date must be <= end_date``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from dbtbackfill.planner import (
+    CELL_ORDERS,
+    MAX_TENANTS,
     MAX_WINDOWS,
     TENANT_ID_PATTERN,
+    Cell,
+    CellOrder,
     ChunkUnit,
     PlanError,
     Window,
     parse_date,
+    plan_cells,
     plan_windows,
     validate_range,
     validate_tenant_id,
@@ -90,6 +96,9 @@ SPEC_FIELDS: Final = frozenset(
         "startDate",
         "endDate",
         "tenantId",
+        "tenantIds",
+        "tenantIdsFrom",
+        "order",
         "models",
         "chunk",
         "parallelism",
@@ -135,6 +144,17 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
+class ConfigMapKeyRef:
+    """``spec.tenantIdsFrom``: a key of a ConfigMap in the backfill's namespace."""
+
+    name: str
+    key: str
+
+    def describe(self) -> str:
+        return f"ConfigMap {self.name} key {self.key}"
+
+
+@dataclass(frozen=True)
 class BackfillSpec:
     """A validated DbtBackfill spec, with the CRD's defaults filled in.
 
@@ -147,6 +167,11 @@ class BackfillSpec:
     secret_name: str
     secret_key: str = DEFAULT_DATABASE_URL_KEY
     tenant_id: str | None = None
+    # The tenant x window matrix: the tenants listed in the spec, or the ConfigMap key that
+    # lists them (read once by the operator, see :func:`parse_tenant_list`), and the cell order.
+    tenant_ids: tuple[str, ...] = ()
+    tenant_ids_from: ConfigMapKeyRef | None = None
+    order: CellOrder = "windowMajor"
     models: tuple[str, ...] = ()
     chunk_unit: ChunkUnit = "day"
     chunk_size: int = 1
@@ -177,6 +202,21 @@ class BackfillSpec:
         """The chunks of this backfill, in order (see :func:`dbtbackfill.planner.plan_windows`)."""
         return plan_windows(self.start_date, self.end_date, self.chunk_unit, self.chunk_size)
 
+    def tenants(self) -> tuple[str | None, ...] | None:
+        """The tenants of the plan: None stands for all tenants. None (the method's result)
+        when they are in a ConfigMap, which only the operator reads."""
+        if self.tenant_ids_from is not None:
+            return None
+        return self.tenant_ids or (self.tenant_id,)
+
+    def cells(self, tenants: Sequence[str | None] | None = None) -> Sequence[Cell]:
+        """The (tenant, window) cells of this backfill, in launch order. ``tenants`` is required
+        for a spec with tenantIdsFrom: the list read from (or snapshotted of) its ConfigMap."""
+        chosen = self.tenants() if tenants is None else tenants
+        if chosen is None:
+            raise ValueError("tenantIdsFrom: pass the tenants read from the ConfigMap")
+        return plan_cells(self.windows(), chosen, self.order)
+
     def backoff_for(self, attempt: int) -> int:
         """Seconds to wait before retry number ``attempt`` (1 = the first retry) of a chunk.
 
@@ -188,12 +228,25 @@ class BackfillSpec:
         return min(self.backoff_seconds << shift, self.max_backoff_seconds)
 
 
-def overlaps(a: BackfillSpec, b: BackfillSpec) -> bool:
-    """Whether two backfills may write the same rows: their date ranges intersect and their
-    tenants do too (no tenant means all tenants)."""
+def overlaps(
+    a: BackfillSpec,
+    b: BackfillSpec,
+    a_tenants: Sequence[str | None] | None = None,
+    b_tenants: Sequence[str | None] | None = None,
+) -> bool:
+    """Whether two backfills may write the same rows: they share a (tenant, day) cell.
+
+    Their date ranges intersect and their tenant sets do too, where no tenant means all
+    tenants. ``a_tenants``/``b_tenants`` are the tenant lists of a spec with tenantIdsFrom
+    (read from its status); unknown (not read yet) counts as all tenants, the safe side.
+    Models are not compared: two selectors may share a table only the manifest would show.
+    """
     dates_meet = a.start_date <= b.end_date and b.start_date <= a.end_date
-    tenants_meet = a.tenant_id is None or b.tenant_id is None or a.tenant_id == b.tenant_id
-    return dates_meet and tenants_meet
+    ta = a.tenants() if a_tenants is None else tuple(a_tenants)
+    tb = b.tenants() if b_tenants is None else tuple(b_tenants)
+    if ta is None or tb is None or None in ta or None in tb:
+        return dates_meet
+    return dates_meet and not set(ta).isdisjoint(tb)
 
 
 def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
@@ -226,6 +279,9 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
     # server's regexp engine does not.
     if tenant_id is not None and not _TENANT_RE.fullmatch(tenant_id):
         raise SpecError(f"spec.tenantId: tenant_id must match {TENANT_ID_PATTERN}, got {tenant_id!r}")
+    tenant_ids, tenant_ids_from, order = _matrix(spec)
+    if sum(x is not None for x in (tenant_id, tenant_ids or None, tenant_ids_from)) > 1:
+        raise SpecError("spec.tenantIds: set at most one of tenantId, tenantIds and tenantIdsFrom")
 
     models = _models(spec)
 
@@ -281,6 +337,9 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         secret_name=secret_name,
         secret_key=secret_key,
         tenant_id=tenant_id,
+        tenant_ids=tenant_ids,
+        tenant_ids_from=tenant_ids_from,
+        order=order,
         models=models,
         chunk_unit=chunk_unit,
         chunk_size=chunk_size,
@@ -323,6 +382,78 @@ def parse_spec(spec: Mapping[str, Any]) -> BackfillSpec:
         # wedges the reconciler (and, through the overlap guard, the whole namespace).
         raise SpecError(f"spec.chunk: the chunks of {start_date}..{end_date} cannot be planned: {exc}") from None
     return parsed
+
+
+# --- tenant x window matrix ----------------------------------------------------------------
+
+_CONFIG_MAP_KEY_RE: Final = re.compile(r"^[-._a-zA-Z0-9]+$")
+_TENANT_IDS_FROM_FIELDS: Final = frozenset({"name", "key"})
+
+
+def validate_tenant_ids(ids: object, where: str, places: Sequence[str] | None = None) -> tuple[str, ...]:
+    """A list of tenant ids, each checked exactly as ``spec.tenantId`` is, no duplicates,
+    1 to :data:`MAX_TENANTS` of them. ``places`` names each item in errors (default ``[i]``)."""
+    if isinstance(ids, str | bytes) or not isinstance(ids, list | tuple):
+        raise SpecError(f"{where}: must be a list of tenant ids, got {_type_name(ids)}")
+    if not ids:
+        raise SpecError(f"{where}: must not be empty; omit it to backfill all tenants")
+    if len(ids) > MAX_TENANTS:
+        raise SpecError(
+            f"{where}: at most {MAX_TENANTS} tenants are allowed, got {len(ids)}; split them over several DbtBackfills"
+        )
+    seen: set[str] = set()
+    for i, tenant in enumerate(ids):
+        item = f"{where}{places[i] if places else f'[{i}]'}"
+        if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
+            raise SpecError(f"{item}: tenant_id must match {TENANT_ID_PATTERN}, got {tenant!r}")
+        if tenant in seen:
+            raise SpecError(f"{item}: duplicate tenant id {tenant!r}")
+        seen.add(tenant)
+    return tuple(ids)
+
+
+def parse_tenant_list(text: object, source: ConfigMapKeyRef) -> tuple[str, ...]:
+    """The tenant ids of a ConfigMap value: one per line, surrounding whitespace ignored, and
+    blank lines and lines starting with ``#`` skipped. Each id is validated like tenantId;
+    errors name the line (``spec.tenantIdsFrom: ConfigMap tenants key ids line 3: ...``)."""
+    where = f"spec.tenantIdsFrom: {source.describe()}"
+    if not isinstance(text, str):
+        raise SpecError(f"{where}: must be text, got {_type_name(text)}")
+    ids: list[str] = []
+    places: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        tenant = line.strip()
+        if tenant and not tenant.startswith("#"):
+            ids.append(tenant)
+            places.append(f" line {number}")
+    if not ids:
+        raise SpecError(f"{where}: lists no tenant id (one per line; blank lines and # comments are skipped)")
+    return validate_tenant_ids(ids, where, places)
+
+
+def tenant_list_hash(ids: Sequence[str]) -> str:
+    """A short, stable digest of a tenant list (order included: it numbers the cells)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _matrix(spec: Mapping[str, Any]) -> tuple[tuple[str, ...], ConfigMapKeyRef | None, CellOrder]:
+    raw_ids = _optional(spec, "tenantIds")
+    tenant_ids = () if raw_ids is None else validate_tenant_ids(raw_ids, "spec.tenantIds")
+    source = None
+    if _optional(spec, "tenantIdsFrom") is not None:
+        ref = _sub_mapping(spec, "tenantIdsFrom", _TENANT_IDS_FROM_FIELDS)
+        for key in ("name", "key"):
+            if _optional(ref, key) is None:
+                raise SpecError(f"spec.tenantIdsFrom.{key}: required")
+        name = _string(ref["name"], "spec.tenantIdsFrom.name", _DNS_SUBDOMAIN_RE, max_length=253)
+        key = _string(ref["key"], "spec.tenantIdsFrom.key", _CONFIG_MAP_KEY_RE, max_length=253)
+        source = ConfigMapKeyRef(name, key)
+    order = _optional(spec, "order")
+    if order is None:
+        return tenant_ids, source, "windowMajor"
+    if order not in CELL_ORDERS:
+        raise SpecError(f"spec.order: must be one of {', '.join(CELL_ORDERS)}, got {order!r}")
+    return tenant_ids, source, cast(CellOrder, order)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ chunks fit well under etcd's object limit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
-from dbtbackfill.planner import Window, compress_indices
+from dbtbackfill.planner import Cell, CellPlan, Window, compress_indices
 from dbtbackfill.reconcile import ChunkState, Phase, failures_to_status, state_to_status
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -25,6 +27,83 @@ def _format_time(moment: datetime) -> str:
 def date_ranges(windows: Sequence[Window], indices: frozenset[int] | set[int]) -> list[str]:
     """``["2024-01-01..2024-01-12", ...]``: runs of adjacent chunks as date ranges."""
     return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices) if b < len(windows)]
+
+
+def _window_ranges(windows: Mapping[int, Window], indices: Iterable[int]) -> list[str]:
+    return [f"{windows[a].start}..{windows[b].end}" for a, b in compress_indices(indices)]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where each cell index lies: its tenant's position and its window's index. A
+    :class:`CellPlan` answers by arithmetic, so a pass over 365,000 cells makes no cell."""
+
+    tenants: tuple[str | None, ...]
+    windows: Mapping[int, Window]
+    locate: Callable[[int], tuple[int, int]]
+    size: int
+
+
+def _grid(cells: Sequence[Cell]) -> _Grid:
+    if isinstance(cells, CellPlan):
+        plan = cells
+        return _Grid(plan.tenants, {w.index: w for w in plan.windows}, plan.position, len(plan))
+    tenants = tuple(dict.fromkeys(c.tenant for c in cells))
+    where = {t: i for i, t in enumerate(tenants)}
+    cell_at = {c.index: (where[c.tenant], c.window_index) for c in cells}
+    return _Grid(tenants, {c.window_index: c for c in cells}, cell_at.__getitem__, len(cells))
+
+
+def _per_tenant(grid: _Grid, indices: Iterable[int]) -> list[list[int]]:
+    """The window indices among ``indices``, for each tenant."""
+    out: list[list[int]] = [[] for _ in grid.tenants]
+    for i in indices:
+        if 0 <= i < grid.size:
+            t, w = grid.locate(i)
+            out[t].append(w)
+    return out
+
+
+def matrix_date_ranges(cells: Sequence[Cell], indices: frozenset[int] | set[int]) -> list[str]:
+    """Date ranges of the windows whose every tenant's cell is in ``indices``."""
+    grid = _grid(cells)
+    per_window = Counter(w for ws in _per_tenant(grid, indices) for w in ws)
+    return _window_ranges(grid.windows, [w for w, n in per_window.items() if n == len(grid.tenants)])
+
+
+def tenant_progress(cells: Sequence[Cell], state: ChunkState) -> list[dict[str, Any]]:
+    """Counts and date ranges per tenant, tenants in the same state grouped into one entry.
+
+    Grouping keeps the status small: a window-major run has most tenants at the same point, a
+    tenant-major one has done tenants, one tenant in progress, and tenants not started. An
+    entry names its tenants as runs in plan order, ``FIRST..LAST`` for consecutive tenants (ids
+    never hold a dot), so 1,000 tenants take a handful of strings, not 1,000 ids.
+    """
+    grid = _grid(cells)
+    done = _per_tenant(grid, state.succeeded)
+    failed = _per_tenant(grid, state.failed)
+    groups: dict[tuple[Any, ...], tuple[list[int], dict[str, Any]]] = {}
+    for t in range(len(grid.tenants)):
+        ok, bad = _window_ranges(grid.windows, done[t]), _window_ranges(grid.windows, failed[t])
+        key = (len(done[t]), len(failed[t]), tuple(ok), tuple(bad))
+        entry = {"succeeded": key[0], "failed": key[1], "succeededRanges": ok, "failedRanges": bad}
+        groups.setdefault(key, ([], entry))[0].append(t)
+    names = [t or "" for t in grid.tenants]
+    out = []
+    for members, entry in groups.values():
+        runs = [names[a] if a == b else f"{names[a]}..{names[b]}" for a, b in compress_indices(members)]
+        out.append({"tenants": runs, "count": len(members), **entry})
+    return out
+
+
+def expand_tenant_runs(runs: Sequence[str], tenants: Sequence[str]) -> list[str]:
+    """Inverse of the tenant runs of :func:`tenant_progress`, given the plan's tenant list."""
+    where = {t: i for i, t in enumerate(tenants)}
+    out: list[str] = []
+    for run in runs:
+        first, _, last = run.partition("..")
+        out += tenants[where[first] : where[last or first] + 1]
+    return out
 
 
 def eta(state: ChunkState, remaining: int, parallelism: int, now: datetime) -> datetime | None:
@@ -102,9 +181,23 @@ def invalid_spec_status(
     message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
 ) -> dict[str, Any]:
     """Status for a spec that can never run: Failed, with the reason, and no Jobs."""
+    return _unplanned_status("Failed", "InvalidSpec", message, generation, previous, now)
+
+
+def waiting_status(
+    reason: str, message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    """Status of a backfill that cannot be planned yet for a reason fixable outside it (its
+    tenant list's ConfigMap is missing): Pending, with the reason on the Succeeded condition."""
+    return _unplanned_status("Pending", reason, message, generation, previous, now)
+
+
+def _unplanned_status(
+    phase: Phase, reason: str, message: str, generation: int | None, previous: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
     prev_conditions = (previous or {}).get("conditions") or []
     conditions = conditions_for(
-        "Failed",
+        phase,
         progress="0/0",
         blocked_by=None,
         failure=None,
@@ -112,8 +205,8 @@ def invalid_spec_status(
         previous=prev_conditions,
         now=now,
     )
-    conditions[0].update(reason="InvalidSpec", message=message[:1024])
-    return {"phase": "Failed", "observedGeneration": generation, "progress": "0/0", "conditions": conditions}
+    conditions[0].update(reason=reason, message=message[:1024])
+    return {"phase": phase, "observedGeneration": generation, "progress": "0/0", "conditions": conditions}
 
 
 def summarise(
@@ -127,8 +220,14 @@ def summarise(
     previous: Mapping[str, Any] | None,
     now: datetime,
     blocked_by: str | None = None,
+    matrix: bool = False,
 ) -> dict[str, Any]:
-    """The whole ``.status`` for one reconcile pass (the caller patches only if it changed)."""
+    """The whole ``.status`` for one reconcile pass (the caller patches only if it changed).
+
+    ``matrix``: ``windows`` are the cells of a tenant x window plan. Counts are of cells, the
+    date ranges hold the days done (or failed) for every tenant, and ``tenantProgress`` has
+    the counts and ranges per tenant.
+    """
     previous = previous or {}
     total = len(windows)
     done = len(state.succeeded)
@@ -150,6 +249,7 @@ def summarise(
         "recordsProcessed": state.records,
         "succeededRanges": date_ranges(windows, state.succeeded),
         "failedRanges": date_ranges(windows, state.failed),
+        **(_matrix_fields(windows, state) if matrix else {}),
         "recentFailures": failures_to_status(state),
         "chunkState": state_to_status(state),
         "queuedBehind": blocked_by if phase == "Queued" else None,
@@ -177,13 +277,25 @@ def summarise(
     return status
 
 
+def _matrix_fields(windows: Sequence[Window], state: ChunkState) -> dict[str, Any]:
+    cells = cast(Sequence[Cell], windows)
+    grid = _grid(cells)
+    # Failed days: any tenant's cell of the day failed (not all of them, as for succeeded).
+    failed_days = {w for ws in _per_tenant(grid, state.failed) for w in ws}
+    return {
+        "succeededRanges": matrix_date_ranges(cells, state.succeeded),
+        "failedRanges": _window_ranges(grid.windows, failed_days),
+        "tenantProgress": tenant_progress(cells, state),
+    }
+
+
 FAILURE_CONDITION: Final = "ReconcileFailure"
 _FAILURE_REASONS: Final = frozenset({"InProgress"})
 
 
 def api_failure_reason(verb: str, resource: str) -> str:
     """``JobCreateFailed``, ``PodListFailed``...: the Event and condition reason of a failed call."""
-    kind = {"jobs": "Job", "pods": "Pod", "events": "Event", "dbtbackfills": "Backfill"}.get(
+    kind = {"jobs": "Job", "pods": "Pod", "events": "Event", "dbtbackfills": "Backfill", "configmaps": "ConfigMap"}.get(
         resource.split("/")[0], "Api"
     )
     if resource.endswith("/status"):

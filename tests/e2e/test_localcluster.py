@@ -251,15 +251,17 @@ def test_rbac_of_deploy_grants_the_operator_what_it_uses_and_nothing_else(
         return result.stdout.strip() == "yes"
 
     # get secrets: the policy reads the labels of the one Secret a backfill names (metadata only);
-    # list pods: why a chunk's Pod never started, and whether an earlier attempt's Pod still runs.
+    # list pods: why a chunk's Pod never started, and whether an earlier attempt's Pod still runs;
+    # get configmaps: the one ConfigMap a matrix backfill's tenantIdsFrom names.
     granted = [("create", "jobs.batch"), ("delete", "jobs.batch"), ("watch", "dbtbackfills.dbt-backfill.io"),
                ("patch", "dbtbackfills.dbt-backfill.io/status"), ("create", "events"), ("get", "secrets"),
-               ("list", "pods")]  # fmt: skip
+               ("list", "pods"), ("get", "configmaps")]  # fmt: skip
     for verb, resource in granted:
         assert can(verb, resource), f"deploy/ should grant {verb} {resource}"
     for verb, resource in [("list", "secrets"), ("watch", "secrets"), ("get", "pods/log"), ("delete", "pods"),
                            ("patch", "jobs.batch"), ("delete", "dbtbackfills.dbt-backfill.io"),
-                           ("create", "pods")]:  # fmt: skip
+                           ("create", "pods"), ("list", "configmaps"), ("watch", "configmaps"),
+                           ("update", "configmaps")]:  # fmt: skip
         assert not can(verb, resource), f"deploy/ must not grant {verb} {resource}"
     denied = cluster.kubectl("get", "secrets", "-n", namespace, kubeconfig=operator_kubeconfig, check=False)
     assert denied.returncode != 0

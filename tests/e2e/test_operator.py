@@ -297,10 +297,12 @@ def test_a_month_in_daily_chunks_succeeds_with_bounded_parallelism(
 
     # What a user sees with kubectl: the server-side printer columns, wait, describe with Events.
     table = cluster.kubectl("get", "dbf", "january", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "PROGRESS", "TENANT", "START", "END", "AGE", "FAILED", "RECORDS"]
+    assert table[0].split() == [
+        "NAME", "PHASE", "PROGRESS", "TENANT", "TENANTS", "START", "END", "AGE", "FAILED", "RECORDS"
+    ]  # fmt: skip
     row = table[1].split()
     assert row[:3] == ["january", "Succeeded", "31/31"]
-    assert row[3:5] == ["2024-01-01", "2024-01-31"]  # no tenant: the column is empty
+    assert row[3:5] == ["2024-01-01", "2024-01-31"]  # no tenant, not a matrix: both columns are empty
     assert row[-2:] == ["0", str(status["recordsProcessed"])]
     waited = cluster.kubectl("wait", "--for=condition=Succeeded", "dbf/january", "-n", namespace, "--timeout=10s")
     assert "condition met" in waited.stdout

@@ -9,6 +9,7 @@ with, as ``controller`` does on every pass.
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,7 +111,9 @@ def test_records_and_errors_reach_the_status_in_either_layout(
         JobView(name=jobs.job_name(OWNER, 1, 1), chunk=1, attempt=1, phase="failed", message="BackoffLimitExceeded"),
     ]
     state = ChunkState(attempts={0: 1, 1: 1})
-    observed = controller._with_audit(controller.Observed(views, frozenset()), OWNER, state, auditlog)
+    observed = controller._with_audit(
+        controller.Observed(views, frozenset()), OWNER, SPEC, SPEC.windows(), state, auditlog
+    )
     decision = reconcile.decide(SPEC, SPEC.windows(), state, observed.views, NOW)
     new = status.summarise(
         windows=SPEC.windows(),
@@ -135,7 +138,7 @@ def test_a_succeeded_chunk_whose_job_vanished_is_never_run_again(
     # Its Job finished and its TTL deleted it while the operator was down: no Job is listed.
     state = ChunkState(attempts={0: 1, 1: 1}, succeeded=frozenset())
     observed = controller._with_audit(
-        controller.Observed([], frozenset()), OWNER, state, controller.AuditLog(audit_url)
+        controller.Observed([], frozenset()), OWNER, SPEC, SPEC.windows(), state, controller.AuditLog(audit_url)
     )
     decision = reconcile.decide(SPEC, SPEC.windows(), state, observed.views, NOW)
     assert decision.state.succeeded == frozenset({0})
@@ -147,7 +150,7 @@ def test_a_succeeded_chunk_whose_job_vanished_is_never_run_again(
 def test_an_unreadable_audit_database_holds_a_vanished_chunk() -> None:
     state = ChunkState(attempts={0: 1})
     down = controller.AuditLog("postgresql://postgres@127.0.0.1:1/nowhere")
-    observed = controller._with_audit(controller.Observed([], frozenset()), OWNER, state, down)
+    observed = controller._with_audit(controller.Observed([], frozenset()), OWNER, SPEC, SPEC.windows(), state, down)
     assert observed.audit_unreadable and observed.busy == frozenset({0})
     decision = reconcile.decide(SPEC, SPEC.windows(), state, observed.views, NOW, busy=observed.busy)
     assert [i.window.index for i in decision.launch] == [1]  # chunk 0 waits for the audit database
@@ -157,8 +160,17 @@ def test_an_unreadable_audit_database_holds_a_vanished_chunk() -> None:
 def test_the_operator_writes_the_chunk_row_of_an_attempt_that_never_started(database_url: str) -> None:
     auditlog = controller.AuditLog(register_url(database_url))
     message = "no Pod started within startDeadlineSeconds=60: CreateContainerConfigError: couldn't find key X"
-    auditlog.unstarted(OWNER, SPEC, 1, 2, message)
+    auditlog.unstarted(OWNER, SPEC, SPEC.windows()[1], 2, message)
     [row] = audit_rows(database_url)
     assert row["id"] == jobs.chunk_execution_id(OWNER, 1, 2)
     assert (row["kind"], row["status"], row["error_message"]) == ("chunk", "failed", message)
     assert (row["chunk_index"], row["attempt"], row["parent_id"]) == (1, 2, jobs.backfill_execution_id(OWNER))
+
+
+def test_the_unstarted_row_of_a_matrix_cell_carries_its_tenant(database_url: str) -> None:
+    auditlog = controller.AuditLog(register_url(database_url))
+    matrix = replace(SPEC, tenant_id=None, tenant_ids=("acme", "globex"))
+    cell = matrix.cells()[3]  # window-major: the second window of globex
+    auditlog.unstarted(OWNER, matrix, cell, 1, "no Pod started")
+    [row] = audit_rows(database_url)
+    assert (row["tenant_id"], row["chunk_index"], row["start_date"]) == ("globex", 3, cell.start)

@@ -406,6 +406,9 @@ def test_status_fields() -> None:
         "estimatedCompletionTime",
         "succeededRanges",
         "failedRanges",
+        "tenants",  # a matrix backfill's tenant count, hash and tenantIdsFrom snapshot
+        "tenantProgress",
+        "costEstimate",  # spec.dryRun's ETA from past chunks of the same models
         "recentFailures",
         "chunkState",
         "auditExecutionId",
@@ -531,6 +534,7 @@ def test_printer_columns() -> None:
         "Phase": (".status.phase", "string", 0),
         "Progress": (".status.progress", "string", 0),
         "Tenant": (".spec.tenantId", "string", 0),
+        "Tenants": (".status.tenants.count", "integer", 1),
         "Start": (".spec.startDate", "string", 0),
         "End": (".spec.endDate", "string", 0),
         "Age": (".metadata.creationTimestamp", "date", 0),
@@ -744,6 +748,34 @@ def test_updates(change: dict[str, Any], allowed: bool) -> None:
         assert len(failures) == 1
         assert "immutable" in failures[0][1]
         assert failures[0][0] == f"spec.{next(iter(change))}"
+
+
+MATRIX_UPDATES = [
+    pytest.param({"parallelism": 12, "suspend": True}, True, id="parallelism-and-suspend"),
+    pytest.param({"tenantIds": ["acme", "globex", "hooli"]}, False, id="tenant-ids-changed"),
+    pytest.param({"tenantIds": ["globex", "acme", "initech"]}, False, id="tenant-ids-reordered"),
+    pytest.param({"tenantIds": None}, False, id="tenant-ids-removed"),
+    pytest.param({"order": "tenantMajor"}, False, id="order-changed"),
+]
+
+
+@pytest.mark.parametrize(("change", "allowed"), MATRIX_UPDATES)
+def test_matrix_updates(change: dict[str, Any], allowed: bool) -> None:
+    """Cell numbers, Job names and audit ids follow the tenant list and the order."""
+    old = load_yaml(ROOT / "crds" / "samples" / "tenants-matrix.yaml")
+    failures = admit(with_spec(old, **change), old)
+    if allowed:
+        assert failures == []
+    else:
+        assert [where for where, _ in failures] == [f"spec.{next(iter(change))}"]
+        assert "immutable" in failures[0][1]
+
+
+def test_tenant_ids_from_is_immutable() -> None:
+    old = with_spec(manifest(), tenantIdsFrom={"name": "tenants", "key": "ids"})
+    assert admit(old, old) == []
+    failures = admit(with_spec(old, tenantIdsFrom={"name": "tenants", "key": "other"}), old)
+    assert [where for where, _ in failures] == ["spec.tenantIdsFrom"]
 
 
 @pytest.mark.parametrize(

@@ -481,7 +481,9 @@ def test_framework_and_application_roles_are_separate(objects: list[dict[str, An
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, "framework rules are read-only"
     # Only namespaced kinds, so the same ClusterRole can be bound per namespace with RoleBindings.
     application_resources = {r.split("/")[0] for rule in application["rules"] for r in rule["resources"]}
-    assert application_resources == {"dbtbackfills", "dbtbackfillqueues", "jobs", "events", "pods", "secrets"}
+    assert application_resources == {
+        "dbtbackfills", "dbtbackfillqueues", "jobs", "events", "pods", "secrets", "configmaps"
+    }  # fmt: skip
     for name in ("dbt-backfill-operator-framework", "dbt-backfill-operator"):
         binding = find(objects, "ClusterRoleBinding", name)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}

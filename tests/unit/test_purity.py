@@ -18,6 +18,7 @@ PURE_MODULES = (
     "jobs",
     "reconcile",
     "status",
+    "cost",
     "compiled",
     "contract_check",
     "policy",
