@@ -103,12 +103,14 @@ class LocalCluster:
         if not control_plane_was_up:
             self.agent.stop()  # its credentials and server address may have changed
         if not self.agent.alive():
-            kubeconfig, _serving = self.control_plane.node_credentials(self.node_name)
+            kubeconfig, serving = self.control_plane.node_credentials(self.node_name)
             self.images_dir.mkdir(parents=True, exist_ok=True)
             self.agent.start(
                 [sys.executable, "-m", "localcluster.node_agent", f"--kubeconfig={kubeconfig}",
                  f"--state-dir={self.node_state_dir}", f"--node-name={self.node_name}",
-                 f"--working-dir={self.working_dir}", f"--path={self.path}", *self.agent_options],
+                 f"--working-dir={self.working_dir}", f"--path={self.path}",
+                 f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
+                 f"--client-ca-file={self.control_plane.pki.ca.cert}", *self.agent_options],
                 cwd=REPO_ROOT,
                 die_with_parent=self.die_with_parent,
             )  # fmt: skip

@@ -9,8 +9,10 @@ The API server runs as a production one is configured in the parts this project 
 Node and RBAC authorization, the default admission plugins plus ``NodeRestriction`` and
 ``OwnerReferencesPermissionEnforcement``, ServiceAccount tokens signed by a key of its own, and an
 audit log with one ``Metadata`` line per request (``audit_events()`` reads it). The controller
-manager runs only the controllers a batch workload needs (see ``CONTROLLERS``), each under its own
-ServiceAccount. ``up()`` is idempotent and ``down()`` stops what ``up()`` started, from any process.
+manager runs only the controllers a batch workload and the operator's Deployment need (see
+``CONTROLLERS``), each under its own ServiceAccount. The API server reaches the node agent's kubelet
+API (``kubectl logs``) with a client certificate of its own, bound to ``system:kubelet-api-admin``.
+``up()`` is idempotent and ``down()`` stops what ``up()`` started, from any process.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 BINARIES = (*COMPONENTS, "kubectl")
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/12"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"  # the API server, when it calls a kubelet
+KUBELET_CLIENT_BINDING = "localcluster:kube-apiserver-kubelet-api-admin"
 # Canonical names (kube-controller-manager --help). node-lifecycle removes the not-ready taint the
 # TaintNodesByCondition admission puts on every new Node; without it nothing is ever scheduled.
 # root-ca-certificate-publisher writes kube-root-ca.crt, which ServiceAccount token volumes reference.
+# deployment and replicaset: `kubectl apply -k deploy/` and `kubectl rollout status` work as in a cluster.
 CONTROLLERS = (
     "job-controller",
+    "deployment-controller",
+    "replicaset-controller",
     "garbage-collector-controller",
     "ttl-after-finished-controller",
     "namespace-controller",
@@ -270,9 +277,9 @@ class ControlPlane:
             dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                  "kubernetes.default.svc.cluster.local"),
         )  # fmt: skip
-        kubelet_client = self.pki.certificate(
-            "apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client", organizations=("system:masters",)
-        )
+        # Not in system:masters: the node agent asks the API server whether this user may use the
+        # kubelet API, and the binding to system:kubelet-api-admin (below) is what says yes.
+        kubelet_client = self.pki.certificate("kube-apiserver-kubelet-client", common_name=KUBELET_CLIENT_USER)
         write_kubeconfig(self.kubeconfig, server=self.server, ca_cert=ca.cert, user="admin",
                          client=self._admin_credential())  # fmt: skip
         component_kubeconfigs = {
@@ -331,6 +338,7 @@ class ControlPlane:
             "--profiling=false",
         ])  # fmt: skip
         wait_for_process(self.processes["kube-apiserver"], self.ready, timeout=120, what="/readyz")
+        self._bind_kubelet_client()
 
         self._start("kube-controller-manager", [
             f"--kubeconfig={component_kubeconfigs['kube-controller-manager']}",
@@ -357,6 +365,27 @@ class ControlPlane:
         # The ServiceAccount controller creating `default` proves the controller manager works.
         wait_for_process(self.processes["kube-controller-manager"], self._default_service_account_exists,
                          timeout=60, what="the default ServiceAccount")  # fmt: skip
+
+    def _bind_kubelet_client(self) -> None:
+        """Let the API server's kubelet client use every node's kubelet API (kubeadm binds it alike)."""
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": KUBELET_CLIENT_BINDING},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:kubelet-api-admin",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBELET_CLIENT_USER}],
+        }
+        with self.api_client() as client:
+            rbac: Any = kubernetes.client.RbacAuthorizationV1Api(client)  # a plain dict body
+            try:
+                rbac.create_cluster_role_binding(binding)
+            except kubernetes.client.ApiException as e:
+                if e.status != 409:  # already there from an earlier start
+                    raise
 
     def _start(self, name: str, args: list[str]) -> None:
         self.processes[name].start([str(self.bin_dir / name), *args], die_with_parent=self.die_with_parent)

@@ -22,10 +22,19 @@ relisting on 410 Gone). For each Pod it does what a kubelet does:
 - ``activeDeadlineSeconds``: kills the Pod and fails it with reason ``DeadlineExceeded``;
 - on deletion (``deletionTimestamp``): SIGTERM, up to the deletion's grace period, SIGKILL, final
   status, then deletes the Pod with grace period 0, which completes a graceful deletion;
-- posts the kubelet's Events on the Pod (Started, Killing, Failed, BackOff).
+- plays the containers' startup, liveness and readiness probes (`localcluster.probes`): readiness
+  drives the container's ``ready`` and the Pod's ContainersReady/Ready, a startup probe gates the
+  other two, and a startup or liveness probe reaching its ``failureThreshold`` stops the container
+  (SIGTERM, SIGKILL after the grace period), which is then restarted per ``restartPolicy``;
+- posts the kubelet's Events on the Pod (Started, Killing, Failed, BackOff, Unhealthy);
+- with ``--tls-cert-file``, ``--tls-private-key-file`` and ``--client-ca-file``, serves the
+  kubelet's HTTPS API on 127.0.0.1 (`localcluster.kubelet_api`: ``/containerLogs``, so ``kubectl
+  logs`` works through the API server) and reports its port in the Node's
+  ``status.daemonEndpoints``; requests are authorized with SubjectAccessReviews, as a kubelet with
+  ``--authorization-mode=Webhook`` does.
 
-Not played: init containers (reported as CreateContainerError), probes (a running container is
-ready), volumes other than emptyDir (ignored), resource limits, ``terminationMessagePath`` (only
+Not played: init containers (reported as CreateContainerError), ``grpc`` probes (they fail), volumes
+other than emptyDir (ignored), resource limits, ``terminationMessagePath`` (only
 ``FallbackToLogsOnError`` yields a message), node-pressure eviction, static Pods. A container that
 was running when the agent stopped is reported ``ContainerStatusUnknown`` when it comes back, as a
 kubelet reports a container that vanished.
@@ -48,7 +57,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +67,8 @@ import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from localcluster.kubelet_api import Attributes, ContainerLog, KubeletServer, LogError, User
+from localcluster.probes import ContainerProber, ProbeState, run_probe
 from localcluster.runtime import (
     ContainerError,
     ContainerRuntime,
@@ -75,6 +86,9 @@ LEASE_NAMESPACE = "kube-node-lease"
 MANAGED_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
 TERMINAL_PHASES = ("Succeeded", "Failed")
 MAX_BACKOFF_SECONDS = 300.0  # the kubelet's cap on CrashLoopBackOff
+# The kubelet's --authorization-webhook-cache-authorized-ttl and -unauthorized-ttl defaults.
+AUTHORIZED_TTL_SECONDS = 300.0
+UNAUTHORIZED_TTL_SECONDS = 30.0
 
 
 def now() -> str:
@@ -106,6 +120,12 @@ class AgentConfig:
     config_retry_seconds: float = 2.0  # how soon an unresolvable Secret/ConfigMap is tried again
     restart_backoff_seconds: float = 10.0  # the kubelet's initial CrashLoopBackOff
     watch_timeout_seconds: int = 300
+    # The kubelet API (serving certificate, key, the CA its clients' certificates must come from);
+    # without them the Node reports port 0 and nothing is served.
+    tls_cert_file: Path | None = None
+    tls_private_key_file: Path | None = None
+    client_ca_file: Path | None = None
+    kubelet_port: int = 0  # 0: a free port
 
 
 def machine_memory() -> str:
@@ -127,19 +147,28 @@ class Container:
     container_id: str | None = None
     next_start: float = 0.0  # monotonic time before which it is not (re)started
     done: bool = False  # terminated and not to be restarted
+    prober: ContainerProber | None = None  # the running instance's probes
+    kill_deadline: float | None = None  # a failed probe stopped it: SIGKILL at this monotonic time
 
     @property
     def name(self) -> str:
         return str(self.spec["name"])
 
+    @property
+    def started(self) -> bool:
+        return "running" in self.state and (self.prober is None or self.prober.started)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.kill_deadline is None and (self.prober is None or self.prober.ready)
+
     def status(self) -> JSON:
-        running = "running" in self.state
         status: JSON = {
             "name": self.name,
             "image": self.spec.get("image", ""),
             "imageID": "",
-            "ready": running,
-            "started": running,
+            "ready": self.ready,
+            "started": self.started,
             "restartCount": self.restart_count,
             "state": self.state,
             "lastState": self.last_state,
@@ -263,8 +292,48 @@ class PodWorker:
                 code = container.handle.poll()
                 if code is not None:
                     self._record_exit(container, code)
+                else:
+                    self._probe(container, container.handle)
             elif not container.done and time.monotonic() >= container.next_start:
                 self._start_container(container)
+                if container.handle is not None:
+                    container.kill_deadline = None
+                    container.prober = ContainerProber.for_container(
+                        container.spec, container.restart_count, time.monotonic()
+                    )
+
+    def _probe(self, container: Container, handle: RunningContainer) -> None:
+        """Collect finished probes, start due ones, stop the container once one says it must go."""
+        if container.kill_deadline is not None:
+            if time.monotonic() >= container.kill_deadline:
+                handle.kill()
+            return
+        prober = container.prober
+        if prober is None:
+            return
+        for probe in prober.active():
+            if probe.pending is not None and probe.pending.done():
+                passed, output = probe.pending.result()
+                probe.pending = None
+                if not passed:
+                    message = f"{probe.kind} probe failed: {output}"
+                    self.agent.event(self.pod, "Warning", "Unhealthy", message, container.name)
+                probe.record(passed)
+            if probe.pending is None and time.monotonic() >= probe.next_due:
+                probe.next_due = time.monotonic() + probe.period
+                probe.pending = self.agent.submit_probe(probe, container.spec, handle, self._changed.set)
+        failed = prober.failed()
+        if failed is not None:
+            self._stop_unhealthy(container, handle, failed)
+
+    def _stop_unhealthy(self, container: Container, handle: RunningContainer, probe: ProbeState) -> None:
+        """The kubelet's kill for a failed startup/liveness probe; `_step` restarts it per restartPolicy."""
+        restarts = "will be restarted" if self.restart_policy != "Never" else "will not be restarted"
+        message = f"Container {container.name} failed {probe.kind.lower()} probe, {restarts}"
+        self.agent.event(self.pod, "Normal", "Killing", message, container.name)
+        grace = probe.spec.get("terminationGracePeriodSeconds")
+        container.kill_deadline = time.monotonic() + (self._grace_seconds() if grace is None else float(grace))
+        handle.terminate()
 
     def _start_container(self, container: Container) -> None:
         try:
@@ -419,7 +488,7 @@ class PodWorker:
 
     def _status(self) -> JSON:
         terminal = self._phase in TERMINAL_PHASES
-        ready = not terminal and bool(self.containers) and all("running" in c.state for c in self.containers)
+        ready = not terminal and bool(self.containers) and all(c.ready for c in self.containers)
         not_ready_reason = "PodCompleted" if terminal else "ContainersNotReady"
         ours = [
             self._condition("PodReadyToStartContainers", not terminal),
@@ -465,15 +534,31 @@ class NodeAgent:
         # Any: the calls below ask for raw JSON (_preload_content=False), not the typed models.
         self.core: Any = kubernetes.client.CoreV1Api(api)
         self.coordination: Any = kubernetes.client.CoordinationV1Api(api)
+        self.authorization: Any = kubernetes.client.AuthorizationV1Api(api)
         self.workers: dict[str, PodWorker] = {}
+        self.pods_by_name: dict[tuple[str, str], JSON] = {}  # (namespace, name) -> the Pod last seen
         self.finished_uids: set[str] = set()
         self._deletions: set[str] = set()  # uids whose final delete (grace 0) was sent
         self._deletions_lock = threading.Lock()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._deleter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pod-delete")
+        self._prober = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
         self._node_uid: str | None = None
         self._boot_id = str(uuid.uuid4())
+        self._authorizations: dict[tuple[User, Attributes], tuple[float, bool, str]] = {}
+        self.kubelet_server: KubeletServer | None = None
+        if config.tls_cert_file and config.tls_private_key_file and config.client_ca_file:
+            self.kubelet_server = KubeletServer(
+                node_name=config.node_name,
+                cert_file=config.tls_cert_file,
+                key_file=config.tls_private_key_file,
+                client_ca_file=config.client_ca_file,
+                authorize=self.authorize,
+                logs=self,
+                host=NODE_IP,
+                port=config.kubelet_port,
+            )
 
     # -- API helpers ----------------------------------------------------------------------------------
 
@@ -530,6 +615,68 @@ class NodeAgent:
             self._json(self.core.create_namespaced_event, meta["namespace"], body)
         except ApiException as e:  # an Event is best effort, as in the kubelet
             logger.debug("event %s on %s/%s not posted: %s", reason, meta["namespace"], meta["name"], e.reason)
+
+    def submit_probe(
+        self, probe: ProbeState, container: JSON, handle: RunningContainer, done: Callable[[], None]
+    ) -> Future[tuple[bool, str]]:
+        """Run one probe in the probe threads (the Pod loop never waits on it); ``done()`` when it ends."""
+        future = self._prober.submit(run_probe, probe, container, handle)
+        future.add_done_callback(lambda _: done())
+        return future
+
+    # -- the kubelet API -----------------------------------------------------------------------------
+
+    def authorize(self, user: User, attributes: Attributes) -> tuple[bool, str]:
+        """A SubjectAccessReview, as the kubelet's webhook authorizer asks it (and caches the answer)."""
+        key = (user, attributes)
+        cached = self._authorizations.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1], cached[2]
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user.name,
+                "groups": list(user.groups),
+                "resourceAttributes": {"verb": attributes.verb, "version": "v1", "resource": attributes.resource,
+                                       "subresource": attributes.subresource, "name": attributes.name},
+            },
+        }  # fmt: skip
+        status = self._json(self.authorization.create_subject_access_review, review).get("status") or {}
+        allowed, reason = bool(status.get("allowed")), str(status.get("reason") or "")
+        ttl = AUTHORIZED_TTL_SECONDS if allowed else UNAUTHORIZED_TTL_SECONDS
+        self._authorizations[key] = (time.monotonic() + ttl, allowed, reason)
+        return allowed, reason
+
+    def container_log(self, namespace: str, pod: str, container: str, *, previous: bool) -> ContainerLog:
+        """The log file of the container's latest (or, with ``previous``, the one before) instance."""
+        with self._lock:
+            obj = self.pods_by_name.get((namespace, pod))
+            worker = None if obj is None else self.workers.get(str(obj["metadata"]["uid"]))
+        if obj is None:
+            raise LogError(404, f"pod {pod!r} does not exist".replace("'", '"'))
+        names = [str(c.get("name")) for c in (obj.get("spec") or {}).get("containers") or []]
+        if container not in names:
+            raise LogError(404, f'container "{container}" not found in pod "{pod}"')
+        uid = str(obj["metadata"]["uid"])
+        directory = self.config.state_dir / "pods" / f"{namespace}_{pod}_{uid}" / container
+        instances = sorted(int(f.stem) for f in directory.glob("*.log") if f.stem.isdigit())
+        if previous:
+            if len(instances) < 2:
+                raise LogError(400, f'previous terminated container "{container}" in pod "{pod}" not found')
+            return ContainerLog(directory / f"{instances[-2]}.log", lambda: False)
+        if not instances:
+            raise LogError(400, f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating')
+        latest = instances[-1]
+        state = None if worker is None else next(c for c in worker.containers if c.name == container)
+
+        def still_running() -> bool:
+            return (
+                state is not None and not worker.finished  # type: ignore[union-attr]
+                and state.handle is not None and state.restart_count == latest
+            )  # fmt: skip
+
+        return ContainerLog(directory / f"{latest}.log", still_running)
 
     # -- environment ---------------------------------------------------------------------------------
 
@@ -615,6 +762,10 @@ class NodeAgent:
 
     # -- the Node ------------------------------------------------------------------------------------
 
+    @property
+    def kubelet_port(self) -> int:
+        return 0 if self.kubelet_server is None else self.kubelet_server.port
+
     def _node_status(self) -> JSON:
         stamp = now()
         ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
@@ -641,7 +792,7 @@ class NodeAgent:
                 {"type": "InternalIP", "address": NODE_IP},
                 {"type": "Hostname", "address": self.config.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
                 "machineID": "", "systemUUID": "", "bootID": self._boot_id,
                 "kernelVersion": uname.release, "osImage": "localcluster node agent",
@@ -724,8 +875,14 @@ class NodeAgent:
 
     def _handle(self, kind: str, pod: JSON) -> None:
         uid = str(pod["metadata"]["uid"])
+        key = (str(pod["metadata"]["namespace"]), str(pod["metadata"]["name"]))
         with self._lock:
             worker = self.workers.get(uid)
+            known = self.pods_by_name.get(key)
+            if kind != "DELETED":
+                self.pods_by_name[key] = pod
+            elif known is not None and known["metadata"]["uid"] == uid:
+                del self.pods_by_name[key]
             if kind == "DELETED":
                 if worker is not None:
                     worker.vanished()
@@ -779,6 +936,8 @@ class NodeAgent:
     def run(self) -> None:
         """Register, then serve Pods until `stop()`."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.kubelet_server is not None:
+            self.kubelet_server.serve_in_thread()
         self.register()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         resource_version: str | None = None
@@ -812,6 +971,9 @@ class NodeAgent:
                 if container.handle is not None:
                     container.handle.kill()
         self._deleter.shutdown(wait=False, cancel_futures=True)
+        self._prober.shutdown(wait=False, cancel_futures=True)
+        if self.kubelet_server is not None:
+            self.kubelet_server.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -827,6 +989,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pods", type=int, default=110)
     parser.add_argument("--config-retry-seconds", type=float, default=2.0)
     parser.add_argument("--restart-backoff-seconds", type=float, default=10.0)
+    # The kubelet's own flag names for its HTTPS API.
+    parser.add_argument("--tls-cert-file", type=Path, help="serving certificate of the kubelet API")
+    parser.add_argument("--tls-private-key-file", type=Path)
+    parser.add_argument("--client-ca-file", type=Path, help="CA that signs the kubelet API's clients")
+    parser.add_argument("--port", type=int, default=0, help="kubelet API port on 127.0.0.1 (0: a free one)")
     return parser
 
 
@@ -854,6 +1021,10 @@ def main(argv: list[str] | None = None) -> None:
         max_pods=args.max_pods,
         config_retry_seconds=args.config_retry_seconds,
         restart_backoff_seconds=args.restart_backoff_seconds,
+        tls_cert_file=args.tls_cert_file,
+        tls_private_key_file=args.tls_private_key_file,
+        client_ca_file=args.client_ca_file,
+        kubelet_port=args.port,
     )
     agent = NodeAgent(api, config, runtime)
 

@@ -18,7 +18,10 @@ approximates a container as follows, and only this far:
   directory, and a volume mounted at ``/tmp`` becomes ``TMPDIR``.
 - The environment is only what the image and the pod define, plus ``PATH``, ``HOSTNAME`` and a
   ``HOME`` (the pod's own directory) when neither sets one: the agent's own environment never leaks in.
-- ``securityContext`` (user, read-only root, capabilities), resources and probes are not enforced.
+- ``securityContext`` (user, read-only root, capabilities) and resources are not enforced.
+- An exec probe's command (`RunningContainer.exec`) runs as another host process with the
+  container's environment and working directory, its paths under a volume rewritten as above, in a
+  session of its own (it is not in the container's process group, and its output is discarded).
 - Stopping sends the signal to the container's main process (what a runtime sends to PID 1); a kill
   is SIGKILL to its whole process group (what stopping a container's cgroup does).
 """
@@ -31,7 +34,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -84,6 +87,12 @@ class RunningContainer(Protocol):
     def kill(self) -> None:
         """Stop it now (SIGKILL to every process in it)."""
 
+    def exec(self, argv: list[str], timeout: float) -> int:
+        """Run ``argv`` in the container (an exec probe) and return its exit code.
+
+        Raises TimeoutError (after killing it) when it runs longer than ``timeout`` seconds.
+        """
+
 
 class ContainerRuntime(Protocol):
     name: str
@@ -94,8 +103,18 @@ class ContainerRuntime(Protocol):
 class HostProcess:
     """A container that is a process group on this host."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        remap: Callable[[str], str] = str,
+    ) -> None:
         self._popen = popen
+        self._env = env or {}
+        self._cwd = cwd
+        self._remap = remap
 
     @property
     def id(self) -> str:
@@ -124,6 +143,30 @@ class HostProcess:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._popen.pid, signal.SIGKILL)
+
+    def exec(self, argv: list[str], timeout: float) -> int:
+        try:
+            process = subprocess.Popen(
+                [self._remap(a) for a in argv],
+                cwd=self._cwd,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            return 127  # what a shell, and an OCI runtime's exec, answer for a missing command
+        except OSError:
+            return 126
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise TimeoutError(f"{argv[0]} ran longer than {timeout:g} s") from None
+        return 128 - code if code < 0 else code
 
 
 @dataclass(frozen=True)
@@ -203,4 +246,4 @@ class HostProcessRuntime:
                 )
             except OSError as e:
                 raise ContainerError(f"failed to start container {spec.name!r}: {argv[0]}: {e.strerror}") from e
-        return HostProcess(popen)
+        return HostProcess(popen, env=env, cwd=working_dir, remap=remap)

@@ -96,8 +96,9 @@ def operator_kubeconfig(cluster: LocalCluster) -> Path:
     """``deploy/`` installed as documented (``kubectl apply -k deploy/``), and a kubeconfig for the
     operator's ServiceAccount in it: the operator then has exactly the RBAC it ships with.
 
-    No Deployment controller runs here, so the operator Deployment stays without Pods; tests run
-    the operator as a process with this kubeconfig instead.
+    The Deployment is scaled to 0 at once: the real Deployment controller would otherwise give it
+    a Pod. Tests run the operator as a process with this kubeconfig instead.
     """
     cluster.kubectl("apply", "-k", str(REPO_ROOT / "deploy"))
+    cluster.kubectl("scale", "deployment", "--all", "--replicas=0", "-n", OPERATOR_NAMESPACE)
     return cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
