@@ -24,6 +24,7 @@ PURE_MODULES = (
     "pod_start",
     "window_tests",
     "parse_key",
+    "calendar_view",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
