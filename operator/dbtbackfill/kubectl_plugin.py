@@ -272,13 +272,15 @@ def _duration(seconds: float) -> str:
 
 def eta_line(view: StatusView, now: datetime) -> str:
     est = view.estimate
+    failed = view.counts.get("failed", 0)
+    waiting = f"; {failed} failed chunk(s) wait for `kubectl dbf retry`" if failed else ""
     if est.remaining == 0:
-        return "ETA: nothing left to run"
+        return f"ETA: nothing left to run{waiting}"
     if est.mean_seconds is None:
         return f"ETA: unknown until a chunk finishes ({est.remaining} chunk(s) to run)"
     based = f"mean chunk {est.mean_seconds:.1f}s over {est.observed} finished chunk(s)"
     if view.phase != "Running" or est.finish is None:
-        return f"ETA: none while {view.phase} ({est.remaining} chunk(s) to run; {based})"
+        return f"ETA: none while {view.phase} ({est.remaining} chunk(s) to run; {based}){waiting}"
     left = (est.finish - now).total_seconds()
     return f"ETA: {est.finish:%Y-%m-%d %H:%M:%S}Z, in {_duration(left)} ({est.remaining} chunk(s) to run; {based})"
 
