@@ -115,11 +115,11 @@ def connect(kubeconfig: str | None, context: str | None, namespace: str | None) 
             api = client.ApiClient()
             default_ns = SERVICE_ACCOUNT_NAMESPACE.read_text().strip() if SERVICE_ACCOUNT_NAMESPACE.exists() else None
         else:
-            api = config.new_client_from_config(config_file=path, context=context)  # type: ignore[no-untyped-call]
             contexts, active = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
             chosen = next((c for c in contexts if c["name"] == context), None) if context else active
             if context and chosen is None:
                 raise PluginError(f'context "{context}" does not exist in {path}')
+            api = config.new_client_from_config(config_file=path, context=context)  # type: ignore[no-untyped-call]
             default_ns = ((chosen or {}).get("context") or {}).get("namespace")
     except config.ConfigException as exc:
         raise PluginError(f"cannot load the kubeconfig: {lifecycle.first_line(exc)}") from None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
 from dbtbackfill import calendar_view as cv
 from dbtbackfill.calendar_view import Chunk
-from dbtbackfill.kubectl_plugin import chunk_for, plan_of, render_status, status_view
+from dbtbackfill.kubectl_plugin import PluginError, chunk_for, connect, plan_of, render_status, status_view
 from dbtbackfill.planner import plan_cells, plan_windows
 
 NOW = datetime(2024, 2, 1, 12, 0, tzinfo=UTC)
@@ -156,3 +158,37 @@ def test_logs_picks_the_cell_of_the_day_and_tenant_or_says_why_not() -> None:
             assert says in str(exc)
         else:
             raise AssertionError(f"{day} {tenant} found a chunk")
+
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster: {server: "https://127.0.0.1:1"}
+users:
+- name: u
+  user: {token: t}
+contexts:
+- name: work
+  context: {cluster: c, user: u, namespace: analytics}
+- name: bare
+  context: {cluster: c, user: u}
+current-context: work
+"""
+
+
+def test_namespace_and_context_resolve_as_kubectl_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubectl passes plugins no flags: -n, --context and --kubeconfig are resolved by the plugin
+    (a real kubeconfig file read by the kubernetes client; no server is contacted)."""
+    path = tmp_path / "config"
+    path.write_text(KUBECONFIG)
+    assert connect(str(path), None, None).namespace == "analytics"  # the current context's
+    assert connect(str(path), "bare", None).namespace == "default"
+    assert connect(str(path), "bare", "other").namespace == "other"
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    assert connect(None, None, None).namespace == "analytics"
+    with pytest.raises(PluginError, match='context "nope" does not exist'):
+        connect(str(path), "nope", None)
+    with pytest.raises(PluginError, match="kubeconfig"):
+        connect(str(tmp_path / "missing"), None, None)
