@@ -11,6 +11,7 @@ without a terminal. Two layouts:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -168,6 +169,25 @@ def calendar(start: date, end: date, chunks: Sequence[Chunk], states: Sequence[C
     if 1 < len(tenants) <= max_columns:
         return tenants_grid(start, end, tenants, per_tenant)
     return weeks_grid(start, end, aggregate(per_tenant))
+
+
+_WINDOW_PREFIX: Final = re.compile(r"^window \S+: ")
+# dbt's error text goes on to the compiled file's path, which says nothing at a glance.
+_NOISE: Final = ("compiled code at", "/")
+
+
+def failure_summary(message: str, limit: int = 160) -> str:
+    """A chunk's failure message as one line: dbt's error and its cause, without the window
+    (shown beside it) or the compiled file's path."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    kept: list[str] = []
+    for line in lines:
+        if line.startswith(_NOISE):
+            break
+        if line:
+            kept.append(line)
+    text = _WINDOW_PREFIX.sub("", " ".join(kept or lines[:1]))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def counts(states: Sequence[CellState]) -> dict[CellState, int]:

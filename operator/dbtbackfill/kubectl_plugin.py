@@ -217,7 +217,7 @@ def status_view(body: Mapping[str, Any], now: datetime, max_columns: int = MAX_T
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     succeeded = conditions.get("Succeeded") or {}
     # Why it stopped (an invalid spec, dbt's error), or why no plan is known yet.
-    said = str(succeeded.get("message")) if succeeded.get("status") == "False" else None
+    said = calendar_view.failure_summary(str(succeeded.get("message"))) if succeeded.get("status") == "False" else None
     meta = body.get("metadata") or {}
     return StatusView(
         name=str(meta.get("name")),
@@ -297,14 +297,13 @@ def render_status(view: StatusView, console: Console, now: datetime) -> None:
         for column in ("chunk", "tenant", "window", "attempts", "time", "message"):
             table.add_column(column, overflow="fold")
         for f in view.failures:
-            message = str(f.get("message") or "").strip().splitlines()
             table.add_row(
                 str(f.get("chunk")),
                 str(f.get("tenant") or "*"),
                 str(f.get("window") or ""),
                 str(f.get("attempts") or ""),
                 str(f.get("time") or ""),
-                message[-1][:200] if message else "",
+                calendar_view.failure_summary(str(f.get("message") or "")),
             )
         console.print(table)
 

@@ -192,3 +192,17 @@ def test_namespace_and_context_resolve_as_kubectl_does(tmp_path: Path, monkeypat
         connect(str(path), "nope", None)
     with pytest.raises(PluginError, match="kubeconfig"):
         connect(str(tmp_path / "missing"), None, None)
+
+
+def test_a_failure_message_becomes_dbt_error_and_cause_on_one_line() -> None:
+    message = (
+        "window 2024-01-04..2024-01-04: zz_e2e_broken: Database Error in model zz_e2e_broken (models/x.sql)\n"
+        "  division by zero\n  compiled code at \n/tmp/node/pods/p/volumes/scratch/dbt/target/run/x.sql"
+    )
+    assert cv.failure_summary(message) == (
+        "zz_e2e_broken: Database Error in model zz_e2e_broken (models/x.sql) division by zero"
+    )
+    assert cv.failure_summary("x" * 300, limit=10) == "x" * 9 + "…"
+    assert cv.failure_summary("no Pod started within startDeadlineSeconds=600: ErrImageNeverPull") == (
+        "no Pod started within startDeadlineSeconds=600: ErrImageNeverPull"
+    )
