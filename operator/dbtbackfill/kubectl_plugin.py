@@ -28,6 +28,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -242,7 +243,8 @@ def _cell(cell: calendar_view.GridCell | None) -> Text:
 
 def render_grid(grid: Grid) -> Table:
     first = "week of" if grid.layout == "weeks" else "day"
-    table = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 1))
+    # SIMPLE_HEAD: a rule under the header, and a blank line between the weeks of the day layout.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
     table.add_column(first, no_wrap=True)
     for column in grid.columns:
         table.add_column(column, justify="center", no_wrap=True)
