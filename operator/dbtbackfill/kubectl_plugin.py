@@ -295,19 +295,14 @@ def render_status(view: StatusView, console: Console, now: datetime) -> None:
     console.print(legend(view.counts))
     console.print(eta_line(view, now))
     if view.failures:
-        table = Table(title="last failures", title_justify="left", box=None, padding=(0, 1))
-        for column in ("chunk", "tenant", "window", "attempts", "time", "message"):
-            table.add_column(column, overflow="fold")
+        # Two lines per failure, not a table: the message gets the terminal's whole width.
+        console.print(Text("last failures", style="bold"))
         for f in view.failures:
-            table.add_row(
-                str(f.get("chunk")),
-                str(f.get("tenant") or "*"),
-                str(f.get("window") or ""),
-                str(f.get("attempts") or ""),
-                str(f.get("time") or ""),
-                calendar_view.failure_summary(str(f.get("message") or "")),
-            )
-        console.print(table)
+            tenant = f" tenant {f['tenant']}" if f.get("tenant") else ""
+            where = f"{f.get('window') or ''}, attempt {f.get('attempts')}, {f.get('time')}"
+            head = f"  chunk {f.get('chunk')}{tenant} {where}"
+            console.print(Text(head, style="red"))
+            console.print(Text("    " + calendar_view.failure_summary(str(f.get("message") or ""))))
 
 
 def cmd_status(args: argparse.Namespace, cluster: Cluster) -> int:
