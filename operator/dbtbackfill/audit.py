@@ -310,9 +310,15 @@ def record_finish(
 
 
 def history(
-    engine: sa.Engine, *, status: str | None = None, limit: int = 20, parent_id: uuid.UUID | None = None
+    engine: sa.Engine,
+    *,
+    status: str | None = None,
+    limit: int = 20,
+    parent_id: uuid.UUID | None = None,
+    backfill: tuple[str, str] | None = None,
 ) -> list[BackfillExecution]:
-    """Newest first; ``status`` filters on the effective status (``running`` excludes abandoned rows)."""
+    """Newest first; ``status`` filters on the effective status (``running`` excludes abandoned rows).
+    ``backfill``: (namespace, name) of a DbtBackfill, its own row and its chunks' rows."""
     if limit < 0:
         raise ValueError("limit must be >= 0")
     query = sa.select(BackfillExecution).order_by(BackfillExecution.created_at.desc()).limit(limit)
@@ -320,6 +326,9 @@ def history(
         query = query.where(BackfillExecution.effective_status == status)
     if parent_id:
         query = query.where(BackfillExecution.parent_id == parent_id)
+    if backfill:
+        namespace, name = backfill
+        query = query.where(BackfillExecution.backfill_namespace == namespace, BackfillExecution.backfill_name == name)
     with orm.Session(engine, expire_on_commit=False) as session:
         return list(session.scalars(query))
 

@@ -518,23 +518,35 @@ def main_run_dbt_backfill() -> None:
 # ---------------------------------------------------------------- dbt-backfill tool
 
 
-def _audit_engine(args: argparse.Namespace) -> sa.Engine:
+def _audit_engine(explicit_url: str | None) -> sa.Engine:
     """The audit database of a subcommand; raises UsageError when it is missing or down."""
-    url = resolve_database_url(args.database_url)
+    url = resolve_database_url(explicit_url)
     database_url.parse(url)  # the URL's own faults first, before blaming the connection
     check_database(url)
     return audit.engine_for(url)
 
 
 def _history(args: argparse.Namespace) -> int:
-    engine = _audit_engine(args)
-    audit.ensure_schema(engine)
-    print_history(audit.history(engine, status=args.status, limit=args.limit))
+    return show_history(args.database_url, status=args.status, limit=args.limit)
+
+
+def show_history(url: str | None, *, status: str | None, limit: int, backfill: tuple[str, str] | None = None) -> int:
+    """Print audit rows (newest first); ``backfill``: only those of that (namespace, name).
+    ``dbt-backfill history`` and ``kubectl dbf history``; raises UsageError for a missing or
+    unreachable database."""
+    import sqlalchemy as sa
+
+    engine = _audit_engine(url)
+    try:
+        audit.ensure_schema(engine)
+        print_history(audit.history(engine, status=status, limit=limit, backfill=backfill))
+    except sa.exc.DBAPIError as exc:  # a read-only role, a missing privilege
+        raise UsageError(f"the database refused: {lifecycle.first_line(exc)}") from None
     return EXIT_OK
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    engine = _audit_engine(args)
+    engine = _audit_engine(args.database_url)
     audit.upgrade(engine)
     print(f"audit schema at revision {audit.current_revision(engine)}")
     return EXIT_OK
@@ -556,7 +568,7 @@ def _run_subcommand(args: argparse.Namespace) -> int:
     return code
 
 
-def _limit(text: str) -> int:
+def limit_argument(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -664,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hist = sub.add_parser("history", help="recent audit rows from backfill_executions")
     hist.add_argument("--status", choices=audit.SHOWN_STATUSES, help="abandoned: running, but its heartbeat stopped")
-    hist.add_argument("--limit", type=_limit, default=20)
+    hist.add_argument("--limit", type=limit_argument, default=20)
     hist.add_argument("--database-url")
     _add_verbose(hist)
     hist.set_defaults(func=_history)

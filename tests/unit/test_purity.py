@@ -27,6 +27,7 @@ PURE_MODULES = (
     "parse_key",
     "queue_admission",
     "queue_status",
+    "calendar_view",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
