@@ -33,6 +33,7 @@ import psycopg
 
 from dbtbackfill import audit
 from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.policy import WAREHOUSE_LABEL, WAREHOUSE_LABEL_VALUE
 from localcluster.cluster import LocalCluster
 from localcluster.controlplane import REPO_ROOT
 
@@ -191,7 +192,12 @@ class Bench:
         core.create_namespace({"metadata": {"name": name}})
         wait_for(lambda: _exists(core.read_namespaced_service_account, "default", name), timeout=30, what="default SA")
         core.create_namespaced_secret(
-            name, {"metadata": {"name": SECRET}, "stringData": {"DATABASE_URL": self.database_url}}
+            name,
+            {
+                # The operator's policy hands only Secrets labelled for backfills to chunk Jobs.
+                "metadata": {"name": SECRET, "labels": {WAREHOUSE_LABEL: WAREHOUSE_LABEL_VALUE}},
+                "stringData": {"DATABASE_URL": self.database_url},
+            },
         )
         core.create_namespaced_service_account(
             name, {"metadata": {"name": JOB_SERVICE_ACCOUNT}, "automountServiceAccountToken": False}
