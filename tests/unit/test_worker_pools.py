@@ -19,7 +19,7 @@ import kopf
 import pytest
 import yaml
 
-from dbtbackfill import audit, jobs, kube, worker_pools
+from dbtbackfill import audit, jobs, kube, policy, worker_pools
 from dbtbackfill.worker_pools import PassSlots, WorkersConfigError, parse_workers, pool_sizes
 
 
@@ -144,6 +144,13 @@ def test_slots_refuse_a_first_limit_outside_the_total() -> None:
 
 
 @pytest.fixture
+def policy_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's policy at its defaults (the CLI's flags write the environment)."""
+    for env in (policy.ALLOWED_IMAGES_ENV, policy.ALLOWED_SERVICE_ACCOUNTS_ENV, worker_pools.WORKERS_ENV):
+        monkeypatch.delenv(env, raising=False)
+
+
+@pytest.fixture
 def kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A real kubeconfig file for the client to load (no server is contacted)."""
     import kubernetes.config.kube_config
@@ -176,7 +183,7 @@ def test_the_kubernetes_client_pool_has_the_configured_size(kubeconfig: Path) ->
 
 
 def test_the_operator_applies_one_sizing_to_its_executors_and_pools(
-    kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+    kubeconfig: Path, policy_unset: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(worker_pools.WORKERS_ENV, "10")
     monkeypatch.delitem(sys.modules, "dbtbackfill.handlers", raising=False)
@@ -206,7 +213,7 @@ def test_audit_engines_get_the_pool_they_ask_for() -> None:
         audit.dispose_engines()
 
 
-def test_a_bad_worker_count_stops_the_operator_with_one_line() -> None:
+def test_a_bad_worker_count_stops_the_operator_with_one_line(policy_unset: None) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dbtbackfill.cli", "operator", "--workers", "0"],
         capture_output=True,
