@@ -462,6 +462,11 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
             break
     _observe(previous, new, decision)
     wake = _next_wake(decision, new)
+    if decision.launch:
+        # The Jobs created now are looked at again by their start deadline: their creation and
+        # their Pod being scheduled do not wake the backfill (handlers.on_job_event).
+        deadline = float(spec.start_deadline_seconds)
+        wake = deadline if wake is None else min(wake, deadline)
     if _audit_pending(new) or observed.audit_unreadable:
         # The audit database was unreachable: come back soon, even if the backfill is done.
         wake = AUDIT_RETRY_SECONDS if wake is None else min(wake, AUDIT_RETRY_SECONDS)
