@@ -16,10 +16,7 @@ checked.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +30,10 @@ import psycopg
 
 from dbtbackfill import audit
 from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.policy import WAREHOUSE_LABEL, WAREHOUSE_LABEL_VALUE
 from localcluster.cluster import LocalCluster
 from localcluster.controlplane import REPO_ROOT
+from tests.support.operator_process import OperatorProcess
 
 GROUP, VERSION, PLURAL = "dbt-backfill.io", "v1alpha1", "dbtbackfills"
 CRD_PATH = REPO_ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
@@ -85,62 +84,10 @@ def read_json(call: Any, *args: Any, **kwargs: Any) -> JSON:
     return dict(json.loads(call(*args, _preload_content=False, **kwargs).data))
 
 
-class Operator:
-    """`dbt-backfill operator --namespace NS` as a process that can be killed with SIGKILL."""
-
-    def __init__(self, bench: Bench, namespace: str, log_dir: Path) -> None:
-        self.env = os.environ | {
-            "KUBECONFIG": str(bench.operator_kubeconfig),
-            "DATABASE_URL": bench.database_url,
-            "DBT_BACKFILL_DEFAULT_IMAGE": STUB_IMAGE,
-        }
-        self.namespace = namespace
-        self.log_dir = log_dir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        with (self.log_dir / f"operator-{self.namespace}-{self.starts}.log").open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dbtbackfill.cli", "operator", "--namespace", self.namespace,
-                 "--liveness-port", "0", "--metrics-port", "0"],
-                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def memory_kib(self) -> dict[str, int]:
-        """VmRSS (now) and VmHWM (peak RSS so far) of the operator process, from /proc."""
-        if self.process is None or self.process.poll() is not None:
-            return {}
-        try:
-            lines = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
-        except OSError:
-            return {}
-        return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines) if k in ("VmRSS", "VmHWM")}
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the operator process so far, from /proc."""
-        if self.process is None or self.process.poll() is not None:
-            return None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        text = "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob(f"operator-{self.namespace}-*")))
-        return text[-chars:]
+def operator(bench: Bench, namespace: str, log_dir: Path) -> OperatorProcess:
+    """`dbt-backfill operator --namespace NS` as the bench's operator ServiceAccount, chunk Jobs on the stub."""
+    return OperatorProcess(bench.operator_kubeconfig, bench.database_url, STUB_IMAGE, log_dir,
+                           ["--namespace", namespace], log_name=f"operator-{namespace}")  # fmt: skip
 
 
 class Bench:
@@ -191,7 +138,12 @@ class Bench:
         core.create_namespace({"metadata": {"name": name}})
         wait_for(lambda: _exists(core.read_namespaced_service_account, "default", name), timeout=30, what="default SA")
         core.create_namespaced_secret(
-            name, {"metadata": {"name": SECRET}, "stringData": {"DATABASE_URL": self.database_url}}
+            name,
+            {
+                # The operator's policy hands only Secrets labelled for backfills to chunk Jobs.
+                "metadata": {"name": SECRET, "labels": {WAREHOUSE_LABEL: WAREHOUSE_LABEL_VALUE}},
+                "stringData": {"DATABASE_URL": self.database_url},
+            },
         )
         core.create_namespaced_service_account(
             name, {"metadata": {"name": JOB_SERVICE_ACCOUNT}, "automountServiceAccountToken": False}

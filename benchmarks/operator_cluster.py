@@ -40,8 +40,8 @@ from benchmarks.cluster_harness import (
     PLURAL,
     VERSION,
     Bench,
-    Operator,
     bench,
+    operator,
     wait_for,
 )
 from benchmarks.cluster_traffic import Stamps, audit_time, count_by_key, watch_traffic
@@ -57,14 +57,14 @@ def phase_of(backfill: JSON) -> str | None:
 
 def writes(b: Bench, log_dir: Path, chunks: int, parallelism: int) -> JSON:
     ns = b.namespace("bench-writes")
-    operator = Operator(b, ns, log_dir)
-    operator.start()
+    op = operator(b, ns, log_dir)
+    op.start()
     try:
         clock = recording.Stopwatch()
         end = date(2024, 1, 1) + timedelta(days=chunks - 1)
         b.create_backfill(ns, "writes", "2024-01-01", end.isoformat(), parallelism=parallelism)
         wait_for(lambda: [x for x in b.backfills(ns) if phase_of(x) == "Succeeded"], timeout=900,
-                 what=f"Succeeded; operator log:\n{operator.log_tail()}")  # fmt: skip
+                 what=f"Succeeded; operator log:\n{op.logs()[-3000:]}")  # fmt: skip
         seconds = clock.seconds()
         time.sleep(3)  # the last Events and audit lines land
         deleted_at = time.time()
@@ -73,7 +73,7 @@ def writes(b: Bench, log_dir: Path, chunks: int, parallelism: int) -> JSON:
         )
         wait_for(lambda: not b.backfills(ns), timeout=120, what="the CR gone")
     finally:
-        operator.stop()
+        op.stop()
     time.sleep(2)
     requests = b.operator_requests(ns)
     run = [e for e in requests if audit_time(e) < deleted_at]
@@ -99,10 +99,10 @@ def scale(b: Bench, log_dir: Path, backfills: int, chunks: int, parallelism: int
     ns = b.namespace("bench-scale")
     stamps = Stamps(b, ns)
     stamps.start()
-    operator = Operator(b, ns, log_dir)
+    op = operator(b, ns, log_dir)
     began = time.time()
-    operator.start()
-    rss = recording.Sampler(lambda: (operator.memory_kib().get("VmRSS") or 0) / 1024 or None)
+    op.start()
+    rss = recording.Sampler(lambda: (op.memory_kib().get("VmRSS") or 0) / 1024 or None)
     load = recording.Sampler(recording.load_average, interval=5)
     clock = recording.Stopwatch()
     total = backfills * chunks
@@ -120,14 +120,14 @@ def scale(b: Bench, log_dir: Path, backfills: int, chunks: int, parallelism: int
                       f"chunk Jobs complete, load {recording.load_average()}", file=sys.stderr)  # fmt: skip
                 return done == backfills
 
-            wait_for(finished, timeout=timeout, interval=10, what=f"all Succeeded\n{operator.log_tail()}")
+            wait_for(finished, timeout=timeout, interval=10, what=f"all Succeeded\n{op.logs()[-3000:]}")
             seconds = clock.seconds()
             time.sleep(5)  # idle: what the operator holds once everything is done
-        memory = operator.memory_kib()
-        cpu = operator.cpu_seconds()
+        memory = op.memory_kib()
+        cpu = op.cpu_seconds()
     finally:
         stamps.stopped = True
-        operator.stop()
+        op.stop()
     time.sleep(2)
     requests = [e for e in b.operator_requests() if audit_time(e) >= began]
     in_namespace = [e for e in requests if (e.get("objectRef") or {}).get("namespace") == ns]

@@ -32,7 +32,7 @@ from typing import Any
 import kubernetes.client
 
 from benchmarks import recording
-from benchmarks.cluster_harness import GROUP, JSON, PLURAL, VERSION, Bench, Operator, bench, wait_for
+from benchmarks.cluster_harness import GROUP, JSON, PLURAL, VERSION, Bench, bench, operator, wait_for
 
 NAME = "restart_soak"
 
@@ -77,9 +77,9 @@ def check(b: Bench, ns: str, chunks: int) -> list[str]:
 
 def trial(b: Bench, number: int, args: argparse.Namespace, rng: random.Random) -> JSON:
     ns = b.namespace(f"soak-{number}")
-    operator = Operator(b, ns, b.work_dir)
+    op = operator(b, ns, b.work_dir)
     clock = recording.Stopwatch()
-    operator.start()
+    op.start()
     end = date(2024, 1, 1) + timedelta(days=args.chunks - 1)
     b.create_backfill(ns, "soak", "2024-01-01", end.isoformat(), parallelism=args.parallelism)
 
@@ -93,14 +93,14 @@ def trial(b: Bench, number: int, args: argparse.Namespace, rng: random.Random) -
             if succeeded():
                 break
             kills.append(clock.seconds())
-            operator.kill()
+            op.kill()
             time.sleep(rng.uniform(0, 2))
-            operator.start()
+            op.start()
         try:
             wait_for(succeeded, timeout=args.timeout, interval=0.5, what="Succeeded")
             problems = check(b, ns, args.chunks)
         except TimeoutError as e:
-            problems = [f"{e}; operator log:\n{operator.log_tail(1500)}"]
+            problems = [f"{e}; operator log:\n{op.logs()[-1500:]}"]
         seconds = clock.seconds()
         replays = sum(
             1
@@ -111,10 +111,10 @@ def trial(b: Bench, number: int, args: argparse.Namespace, rng: random.Random) -
         custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
         wait_for(lambda: not b.backfills(ns), timeout=120, what="the CR deleted")
     finally:
-        operator.stop()
+        op.stop()
     kubernetes.client.CoreV1Api(b.api()).delete_namespace(ns)
     result = {"trial": number, "passed": not problems, "seconds": seconds, "kills_at_seconds": kills,
-              "operator_starts": operator.starts, "job_creates_answered_409": replays,
+              "operator_starts": op.starts, "job_creates_answered_409": replays,
               "problems": problems}  # fmt: skip
     verdict = "passed" if not problems else "FAILED"
     print(f"trial {number}: {verdict} in {seconds} s, kills at {kills}, "

@@ -112,21 +112,26 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-_engines: dict[tuple[str, int], sa.Engine] = {}
+_engines: dict[tuple[str, int, int, int], sa.Engine] = {}
 
 
-def engine_for(url: str, connect_timeout: int = 10) -> sa.Engine:
-    """One pooled engine per (URL, timeout) for the life of the process.
+def engine_for(url: str, connect_timeout: int = 10, *, pool_size: int = 5, max_overflow: int = 10) -> sa.Engine:
+    """One pooled engine per (URL, timeout, pool limits) for the life of the process.
+
+    ``pool_size`` connections are kept, up to ``max_overflow`` more are opened under load
+    (SQLAlchemy's defaults; the operator sizes them to its threads).
 
     Every parameter of the URL reaches each connection (``connect_timeout`` in the URL wins over
     the argument); raises :class:`~dbtbackfill.database_url.DatabaseUrlError` for a URL libpq refuses.
     """
-    key = (url, connect_timeout)
+    key = (url, connect_timeout, pool_size, max_overflow)
     if key not in _engines:
         settings = database_url.parse(url)
         _engines[key] = sa.create_engine(
             sqlalchemy_url(url),
             pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
             connect_args={
                 **settings.libpq(),
                 "connect_timeout": settings.given.get("connect_timeout", connect_timeout),

@@ -746,6 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ServiceAccounts chunk Jobs may run as besides the default one, comma-separated "
         "(overrides DBT_BACKFILL_ALLOWED_SERVICE_ACCOUNTS)",
     )
+    op.add_argument(
+        "--workers",
+        default=None,
+        help="reconcile passes run at once, on as many threads; the API and audit connection pools are "
+        "sized to match (default 32; overrides DBT_BACKFILL_WORKERS)",
+    )
     op.set_defaults(func=_operator)
     return parser
 

@@ -17,7 +17,18 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
-from dbtbackfill import jobs, kube, metrics, pod_start, policy, queue_gate, queue_status, reconcile, status
+from dbtbackfill import (
+    jobs,
+    kube,
+    metrics,
+    pod_start,
+    policy,
+    queue_gate,
+    queue_status,
+    reconcile,
+    status,
+    worker_pools,
+)
 from dbtbackfill.cost import History
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.planner import Window
@@ -42,10 +53,12 @@ class OperatorConfig:
     defaults: JobDefaults
     database_url: str | None
     policy: JobPolicy
+    pools: worker_pools.PoolSizes
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        """Raises :class:`policy.PolicyConfigError` on a malformed policy setting."""
+        """Raises :class:`policy.PolicyConfigError` on a malformed policy setting and
+        :class:`worker_pools.WorkersConfigError` on a malformed worker count."""
         defaults = JobDefaults(
             image=os.environ.get("DBT_BACKFILL_DEFAULT_IMAGE", "dbt-backfill-operator:0.1.0"),
             service_account_name=os.environ.get("DBT_BACKFILL_JOB_SERVICE_ACCOUNT", "dbt-backfill-job"),
@@ -58,7 +71,8 @@ class OperatorConfig:
             os.environ.get(policy.ALLOWED_IMAGES_ENV),
             os.environ.get(policy.ALLOWED_SERVICE_ACCOUNTS_ENV),
         )
-        return cls(defaults, os.environ.get("DATABASE_URL") or None, job_policy)
+        workers = worker_pools.parse_workers(os.environ.get(worker_pools.WORKERS_ENV))
+        return cls(defaults, os.environ.get("DATABASE_URL") or None, job_policy, worker_pools.pool_sizes(workers))
 
 
 @dataclass(frozen=True)
@@ -123,14 +137,18 @@ class AuditLog:
     """The operator's side of ``backfill_executions``. Every write is an idempotent upsert
     keyed by a UUIDv5 of the backfill, so retrying until it lands never duplicates."""
 
-    def __init__(self, database_url: str | None) -> None:
+    def __init__(self, database_url: str | None, pool_size: int = 5, max_overflow: int = 10) -> None:
         self.url = database_url
+        self.pool_size = pool_size
+        self.max_overflow = max_overflow
 
     def _engine(self) -> Any:
         from dbtbackfill import audit
 
         assert self.url is not None
-        engine = audit.engine_for(self.url, connect_timeout=AUDIT_CONNECT_TIMEOUT)
+        engine = audit.engine_for(
+            self.url, connect_timeout=AUDIT_CONNECT_TIMEOUT, pool_size=self.pool_size, max_overflow=self.max_overflow
+        )
         audit.ensure_schema(engine)
         return engine
 
@@ -598,6 +616,11 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
             break
     _observe(previous, new, decision)
     wake = _next_wake(decision, new)
+    if decision.launch:
+        # The Jobs created now are looked at again by their start deadline: their creation and
+        # their Pod being scheduled do not wake the backfill (handlers.on_job_event).
+        deadline = float(spec.start_deadline_seconds)
+        wake = deadline if wake is None else min(wake, deadline)
     if _audit_pending(new) or observed.audit_unreadable:
         # The audit database was unreachable: come back soon, even if the backfill is done.
         wake = AUDIT_RETRY_SECONDS if wake is None else min(wake, AUDIT_RETRY_SECONDS)

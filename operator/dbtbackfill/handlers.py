@@ -16,12 +16,13 @@ import contextlib
 import logging
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
 
-from dbtbackfill import controller, jobs, kube, metrics, reconcile
+from dbtbackfill import controller, jobs, kube, metrics, reconcile, worker_pools
 from dbtbackfill import status as status_core
 from dbtbackfill.kube import GROUP, PLURAL, VERSION
 from dbtbackfill.spec import SpecError, parse_spec
@@ -31,11 +32,17 @@ FINALIZER_AUDIT_DEADLINE_SECONDS: Final = 30.0
 FINALIZER_PODS_DEADLINE_SECONDS: Final = 600.0
 WATCH_TIMEOUT_SECONDS: Final = int(os.environ.get("DBT_BACKFILL_WATCH_TIMEOUT_SECONDS", "300"))
 CONFIG: Final = controller.OperatorConfig.from_env()
-AUDIT: Final = controller.AuditLog(CONFIG.database_url)
+POOLS: Final = CONFIG.pools
+AUDIT: Final = controller.AuditLog(CONFIG.database_url, POOLS.audit_pool_size, POOLS.audit_max_overflow)
+# Passes run here, never on asyncio's default executor; SLOTS hands it no more than it has threads.
+PASS_EXECUTOR: Final = ThreadPoolExecutor(max_workers=POOLS.reconcile_workers, thread_name_prefix="reconcile")
+SLOTS: Final = worker_pools.PassSlots(POOLS.reconcile_workers, POOLS.first_pass_slots)
 
-# Per-backfill wake-up flags (keyed by uid), and the last phase seen for the gauge.
+# Per-backfill wake-up flags (keyed by uid), the last phase seen for the gauge, and what each
+# chunk Job (by uid) last showed a pass.
 _wakeups: dict[str, asyncio.Event] = {}
 _phases: dict[str, str] = {}
+_job_keys: dict[str, jobs.WakeKey] = {}
 
 
 def _wake(uid: str | None) -> None:
@@ -71,6 +78,9 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Server-side: the Job watch-stream asks for ?labelSelector=, instead of streaming every Job
     # of the cluster to filter here (a handler's labels= filter is applied client-side).
     settings.watching.label_selectors["batch", "jobs"] = jobs.LABEL_BACKFILL_UID
+    # on_create and on_delete run on kopf's executor; the client pools count its threads too.
+    settings.execution.max_workers = POOLS.handler_workers
+    kube.configure_pool(POOLS.api_connections)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -95,11 +105,18 @@ async def backfill_daemon(
 ) -> None:
     wake = _wakeups.setdefault(uid, asyncio.Event())
     failures = 0  # consecutive passes that hit an API error: the backoff grows with them
+    # A backfill without a phase that this daemon has not passed yet is new: its first pass
+    # waits behind passes of started backfills (kopf's body may lag behind our own patch).
+    first = not (body.get("status") or {}).get("phase")
     try:
         while not stopped:
             wake.clear()
             try:
-                outcome = await asyncio.to_thread(controller.reconcile_backfill, namespace or "", name, CONFIG, AUDIT)
+                async with SLOTS.slot(first=first):
+                    outcome = await asyncio.get_running_loop().run_in_executor(
+                        PASS_EXECUTOR, controller.reconcile_backfill, namespace or "", name, CONFIG, AUDIT
+                    )
+                first = False
             except Exception as exc:  # the API (or anything else) failed where no status could say so
                 outcome = controller.Outcome(
                     None, (reconcile.Event("Warning", "ReconcileFailed", str(exc)[:1024]),), body, api_failed=True
@@ -138,8 +155,21 @@ async def on_backfill_event(body: kopf.Body, meta: kopf.Meta, uid: str | None, *
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_BACKFILL_UID: kopf.PRESENT})
-async def on_job_event(labels: kopf.Labels, **_: Any) -> None:
-    _wake(labels.get(jobs.LABEL_BACKFILL_UID))
+async def on_job_event(type: str | None, body: kopf.Body, labels: kopf.Labels, uid: str | None, **_: Any) -> None:
+    # Only a change a pass would act on wakes the owner (a Job finishing, failing, going):
+    # every pass costs API calls, and a finished Job's pass must not queue behind needless ones.
+    owner = labels.get(jobs.LABEL_BACKFILL_UID)
+    if type == "DELETED":
+        _job_keys.pop(uid or "", None)
+        _wake(owner)
+        return
+    key = jobs.wake_key(body)
+    if key is None or uid is None:
+        _wake(owner)
+        return
+    if _job_keys.get(uid, jobs.JUST_CREATED) != key:
+        _wake(owner)
+    _job_keys[uid] = key
 
 
 def _seconds_since(timestamp: Any) -> float:

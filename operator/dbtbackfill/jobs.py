@@ -323,3 +323,20 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
         created=_time(meta.get("creationTimestamp")),
         alive=alive,
     )
+
+
+WakeKey = tuple[str, bool, bool]
+#: A Job as the pass that created it left it: running, not being deleted.
+JUST_CREATED: Final[WakeKey] = ("active", True, False)
+
+
+def wake_key(job: Mapping[str, Any]) -> WakeKey | None:
+    """What a pass of the owner would read from this Job: its phase, whether a Pod of it may
+    still run, whether it is being deleted. A Job event wakes the owner only when this changes,
+    so the Job's own creation, its Pod starting and its ready count cost no pass. A succeeded
+    Job counts as settled: nothing waits for its Pod, only a failed attempt's retry does."""
+    view = job_view(job)
+    if view is None:
+        return None
+    alive = view.alive and view.phase != "succeeded"
+    return view.phase, alive, bool((job.get("metadata") or {}).get("deletionTimestamp"))

@@ -115,15 +115,30 @@ def _calling(verb: str, resource: str) -> Iterator[None]:
         raise ApiFailure(verb, resource, _status_of(exc), _api_message(exc)) from exc
 
 
+# The client's default is cpu_count * 5; a thread beyond it opens a connection that the pool
+# then discards (a TLS handshake per call). The operator sizes it to its threads.
+_pool_maxsize: int | None = None
+
+
+def configure_pool(maxsize: int) -> None:
+    """Size the connection pool of the client every call here uses (before the first call)."""
+    global _pool_maxsize
+    _pool_maxsize = maxsize
+    _api_client.cache_clear()
+
+
 @cache
 def _api_client() -> Any:
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    api = client.ApiClient()
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    if _pool_maxsize is not None:
+        configuration.connection_pool_maxsize = _pool_maxsize
+    api = client.ApiClient(configuration)
     # Named, so audit logs (and the RBAC test) can tell our calls from other clients'.
     api.user_agent = USER_AGENT
     return api

@@ -49,20 +49,22 @@ def configure_logging(fmt: str) -> None:
 
 
 def apply_policy_flags(args: argparse.Namespace) -> str | None:
-    """Let the CLI flags override the policy's environment variables (the handlers read the
-    environment at import), and check the result. Returns the one-line error, if any."""
-    from dbtbackfill import policy
+    """Let the CLI flags override the policy's and the worker count's environment variables
+    (the handlers read the environment at import), and check the result. Returns the one-line
+    error, if any."""
+    from dbtbackfill import policy, worker_pools
     from dbtbackfill.controller import OperatorConfig
 
     for flag, env in (
         (args.allowed_images, policy.ALLOWED_IMAGES_ENV),
         (args.allowed_service_accounts, policy.ALLOWED_SERVICE_ACCOUNTS_ENV),
+        (args.workers, worker_pools.WORKERS_ENV),
     ):
         if flag is not None:
             os.environ[env] = flag
     try:
         OperatorConfig.from_env()
-    except policy.PolicyConfigError as exc:
+    except (policy.PolicyConfigError, worker_pools.WorkersConfigError) as exc:
         return str(exc)
     return None
 

@@ -12,11 +12,7 @@ points dbt at the test's copy of the project.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +28,7 @@ from dbtbackfill.demo import load_demo_data
 from dbtbackfill.kube import USER_AGENT
 from localcluster.cluster import LocalCluster
 from tests.e2e.conftest import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT
+from tests.support.operator_process import SHORT_WATCHES, OperatorProcess
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -41,48 +38,6 @@ GROUP, VERSION, PLURAL = "dbt-backfill.io", "v1alpha1", "dbtbackfills"
 SECRET = "analytics-db"
 JOB_SERVICE_ACCOUNT = "dbt-backfill-job"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
-
-
-class OperatorProcess:
-    """`dbt-backfill operator` as a subprocess, so a test can kill -9 it and start it again."""
-
-    def __init__(self, kubeconfig: Path, database_url: str, image: str, log_dir: Path, scope: list[str]) -> None:
-        self.env = os.environ | {
-            "KUBECONFIG": str(kubeconfig),
-            "DATABASE_URL": database_url,
-            "DBT_BACKFILL_DEFAULT_IMAGE": image,
-            "DBT_BACKFILL_WATCH_TIMEOUT_SECONDS": "30",
-        }
-        self.log_dir = log_dir
-        self.scope = scope
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dbtbackfill.cli", "operator", *self.scope, "--liveness-port", "0",
-             "--metrics-port", "0"],
-            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
 
 
 @pytest.fixture
@@ -133,7 +88,7 @@ def operator(
     core.create_namespaced_service_account(
         namespace, {"metadata": {"name": JOB_SERVICE_ACCOUNT}, "automountServiceAccountToken": False}
     )
-    proc = OperatorProcess(operator_kubeconfig, analytics_db, image, tmp_path, operator_scope)
+    proc = OperatorProcess(operator_kubeconfig, analytics_db, image, tmp_path, operator_scope, env=SHORT_WATCHES)
     proc.start()
     try:
         yield proc

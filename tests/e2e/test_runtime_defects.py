@@ -27,7 +27,8 @@ import pytest
 
 from dbtbackfill.demo import load_demo_data
 from localcluster.cluster import LocalCluster
-from tests.e2e.test_operator import OPERATOR_USER, OperatorProcess, assert_no_request_was_forbidden
+from tests.e2e.test_operator import OPERATOR_USER, assert_no_request_was_forbidden
+from tests.support.operator_process import SHORT_WATCHES, OperatorProcess
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +71,9 @@ def start_operator(
     started: list[OperatorProcess] = []
 
     def start(image: str) -> OperatorProcess:
-        proc = OperatorProcess(operator_kubeconfig, database_url, image, tmp_path, ["--namespace", ready_namespace])
+        proc = OperatorProcess(
+            operator_kubeconfig, database_url, image, tmp_path, ["--namespace", ready_namespace], env=SHORT_WATCHES
+        )
         proc.env["DBT_BACKFILL_WATCH_TIMEOUT_SECONDS"] = "3"  # watches end (and are audited) often
         proc.start()
         started.append(proc)

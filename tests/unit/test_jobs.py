@@ -736,3 +736,41 @@ def test_the_recent_check_keeps_its_boundary(end: str, now: datetime, recent: bo
             plan_from_args(args, now=now)
     else:
         plan_from_args(args, now=now)
+
+
+# ----------------------------------------------------------------------------- wake_key
+
+COMPLETE = [{"type": "Complete", "status": "True", "lastTransitionTime": "2024-06-01T10:02:30Z"}]
+FAILED = [{"type": "Failed", "status": "True", "message": "backoff limit", "lastTransitionTime": "2024-06-01T10:01Z"}]
+
+
+def test_a_jobs_creation_and_its_pod_starting_leave_its_wake_key_as_created() -> None:
+    """The pass that created a Job expects it running: no event of that wakes the owner."""
+    assert jobs.wake_key(api_job()) == jobs.JUST_CREATED
+    assert jobs.wake_key(api_job(active=1, startTime="2024-06-01T10:00:00Z")) == jobs.JUST_CREATED
+    assert jobs.wake_key(api_job(active=1, ready=1, startTime="2024-06-01T10:00:00Z")) == jobs.JUST_CREATED
+
+
+def test_a_succeeded_jobs_wake_key_changes_once_whichever_field_shows_it_first() -> None:
+    counted = jobs.wake_key(api_job(succeeded=1, uncountedTerminatedPods={}))
+    assert counted != jobs.JUST_CREATED
+    assert jobs.wake_key(api_job(succeeded=1, conditions=COMPLETE)) == counted  # Complete adds nothing
+
+
+def test_a_failed_jobs_wake_key_changes_again_when_its_pod_is_gone() -> None:
+    """A retry waits until no Pod of the failed attempt runs, so settling is a change."""
+    failing = jobs.wake_key(api_job(failed=1, terminating=1))
+    settled = jobs.wake_key(api_job(failed=1, conditions=FAILED))
+    assert len({jobs.JUST_CREATED, failing, settled}) == 3
+
+
+def test_a_job_being_deleted_has_another_wake_key() -> None:
+    job = api_job(active=1)
+    job["metadata"]["deletionTimestamp"] = "2024-06-01T10:05:00Z"
+    assert jobs.wake_key(job) != jobs.JUST_CREATED
+
+
+def test_a_job_without_chunk_labels_has_no_wake_key() -> None:
+    job = api_job()
+    job["metadata"]["labels"] = {}
+    assert jobs.wake_key(job) is None
