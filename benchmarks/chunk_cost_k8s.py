@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any, Final
 import kubernetes.client
 import psycopg
 
-from benchmarks.cluster_harness import read_json
+from benchmarks.cluster_harness import read_json, wait_for
 from benchmarks.recording import Sampler, environment, load_average, write_results
 from dbtbackfill.demo import load_demo_data
 from dbtbackfill.jobs import JobDefaults, Owner, build_job
@@ -111,15 +110,6 @@ def chunk_job(image: str, n: int) -> JSON:
     return job
 
 
-def wait(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while (got := check()) is None:
-        if time.monotonic() > deadline:
-            raise BenchmarkError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-    return got
-
-
 def run_chunk(cluster: LocalCluster, api: kubernetes.client.ApiClient, image: str, n: int) -> JSON:
     batch: Any = kubernetes.client.BatchV1Api(api)  # raw JSON in and out, not the typed models
     core: Any = kubernetes.client.CoreV1Api(api)
@@ -132,7 +122,7 @@ def run_chunk(cluster: LocalCluster, api: kubernetes.client.ApiClient, image: st
         done = {c["type"] for c in (got.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
         return got if done & {"Complete", "Failed"} else None
 
-    got_job = wait(finished, 600, f"Job {name}")
+    got_job = wait_for(finished, timeout=600, what=f"Job {name}")
     [pod] = read_json(core.list_namespaced_pod, NAMESPACE, label_selector=f"job-name={name}")["items"]
     pod_name = pod["metadata"]["name"]
     log = "".join(p.read_text() for p in cluster.pod_logs(NAMESPACE, pod_name))
@@ -141,7 +131,7 @@ def run_chunk(cluster: LocalCluster, api: kubernetes.client.ApiClient, image: st
     timed = [json.loads(line)[TIMINGS_KEY] for line in log.splitlines() if TIMINGS_KEY in line]
     if len(timed) != 1:
         raise BenchmarkError(f"{image} printed no {TIMINGS_ENV} line: rebuild it (`make image`)")
-    marks = {k: v for k, v in timed[0]["marks_unix"].items()}
+    marks = dict(timed[0]["marks_unix"])
     lines = log.splitlines()
     parse = next((line for line in lines if line.startswith("parse: ")), "")
     engine = [line for line in lines if line.startswith("engine: ")]
@@ -161,7 +151,7 @@ def run_chunk(cluster: LocalCluster, api: kubernetes.client.ApiClient, image: st
                 got.setdefault("exited", at)
         return got if len(got) == 4 else None
 
-    bounds = wait(events, 10, f"the audit log's events of {name}") | marks
+    bounds = wait_for(events, timeout=10, what=f"the audit log's events of {name}") | marks
     phases = {p: round(bounds[b] - bounds[a], 4) for p, a, b, _ in PHASES if a in bounds and b in bounds}
     [status] = pod["status"]["containerStatuses"]
     scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
@@ -181,7 +171,8 @@ def run_chunk(cluster: LocalCluster, api: kubernetes.client.ApiClient, image: st
         "engine_lines": engine,
         "total_seconds": round(bounds["exited"] - bounds["job_created"], 4),
         "phases_seconds": phases,
-        "runner_phases_seconds": timed[0]["phases_seconds"],
+        "cpu_seconds": {p: timed[0]["phases_cpu_seconds"].get(b) for p, _, b, _ in PHASES},
+        "runner_timings": timed[0],
         "api_seconds": {k: None if v is None else round(stamp(v) - t0) for k, v in api_times.items()},
         "api_timestamps": api_times,
     }
@@ -194,7 +185,9 @@ def summarise(runs: list[JSON]) -> JSON:
     for phase, *_ in PHASES:
         values = [r["phases_seconds"][phase] for r in runs]
         mean = statistics.fmean(values)
+        cpu = [r["cpu_seconds"][phase] for r in runs if r["cpu_seconds"][phase] is not None]
         out[phase] = {
+            "cpu_mean": round(statistics.fmean(cpu), 3) if cpu else None,
             "mean": round(mean, 3),
             "median": round(statistics.median(values), 3),
             "min": round(min(values), 3),
@@ -206,35 +199,35 @@ def summarise(runs: list[JSON]) -> JSON:
 
 def markdown(report: JSON) -> str:
     env, s, load = report["environment"], report["summary"], report["load_average"]
+    total = s["total"]["mean"]
     rows = [
         f"| {p} | {what} | {s[p]['median']:.3f} | {s[p]['mean']:.3f} | {s[p]['min']:.3f}-{s[p]['max']:.3f} "
-        f"| {100 * s[p]['share_of_mean_total']:.1f} % |"
+        f"| {100 * s[p]['share_of_mean_total']:.1f} % | {'-' if s[p]['cpu_mean'] is None else s[p]['cpu_mean']} |"
         for p, _, _, what in PHASES
     ]
+    cpu = sum(s[p]["cpu_mean"] or 0 for p, *_ in PHASES)
     kube = sum(s[p]["mean"] for p in ("job_controller", "scheduler", "container_start"))
     python = sum(s[p]["mean"] for p in ("interpreter", "connect", "dbt_import", "parse", "plan"))
-    return "\n".join(
-        [
-            f"# Per-chunk cost in Kubernetes ({env['date']}, commit {env['git_commit']}, {env['cpu_count']} CPUs)",
-            "",
-            f"{report['repeats']} one-day chunks, each the operator's Job (`build_job`) in `{report['image']}` on a"
-            " podman-runtime `localcluster`, against PostgreSQL on loopback; the image's parse reused, the window"
-            f" compiled. Load average {load['min']}-{load['max']} (mean {load['mean']}) during the run.",
-            "",
-            "| Phase | What | Median s | Mean s | Range s | Share of mean total |",
-            "|---|---|---:|---:|---:|---:|",
-            *rows,
-            f"| **total** | Job created -> container exit | {s['total']['median']:.3f} | {s['total']['mean']:.3f} |"
-            " | 100 % |",
-            "",
-            f"Kubernetes up to the runner's exec: {kube:.2f} s ({100 * kube / s['total']['mean']:.0f} %); the runner's"
-            f" Python, dbt and planning before any window: {python:.2f} s ({100 * python / s['total']['mean']:.0f} %);"
-            f" the SQL itself: {s['sql']['mean']:.3f} s ({100 * s['sql']['share_of_mean_total']:.1f} %).",
-            "Boundaries: audit-log `stageTimestamp`s (us) for the API events, `/proc` (10 ms) for the process"
-            " start, the runner's `DBT_BACKFILL_TIMINGS` marks; the API objects' own timestamps (whole seconds)"
-            " are in the JSON.",
-        ]
-    )
+    lines = [
+        f"# Per-chunk cost in Kubernetes ({env['date']}, commit {env['git_commit']}, {env['cpu_count']} CPUs)",
+        "",
+        f"{report['repeats']} one-day chunks, each the operator's Job (`build_job`) in `{report['image']}` on a"
+        " podman-runtime `localcluster`, against PostgreSQL on loopback; the image's parse reused, the window"
+        f" compiled. Load average {load['min']}-{load['max']} (mean {load['mean']}) during the run.",
+        "",
+        "| Phase | What | Median s | Mean s | Range s | Share of mean total | Runner CPU s (mean) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+        f"| **total** | Job created -> exit | {s['total']['median']:.3f} | {total:.3f} | | 100 % | {cpu:.3f} |",
+        "",
+        f"Kubernetes up to the runner's exec: {kube:.2f} s ({100 * kube / total:.0f} %); the runner's Python,"
+        f" dbt and planning before any window: {python:.2f} s ({100 * python / total:.0f} %); the SQL itself:"
+        f" {s['sql']['mean']:.3f} s ({100 * s['sql']['share_of_mean_total']:.1f} %).",
+        "Boundaries: audit-log `stageTimestamp`s (us) for the API events, `/proc` (10 ms) for the process"
+        " start, the runner's `DBT_BACKFILL_TIMINGS` marks; the API objects' own timestamps (whole seconds)"
+        " are in the JSON. CPU: the runner process's user + system time per phase (tini and podman not counted).",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,14 @@
 """Where a run's time goes: with ``DBT_BACKFILL_TIMINGS=1`` the runner prints one JSON line on stderr.
 
 The runner marks the end of each of its phases (`PhaseTimings.mark`); when the run ends the line
-``{"dbt_backfill_timings": {"phases_seconds": {...}, "marks_unix": {...}}}`` gives each phase's
-seconds (a phase is named by the mark that ends it and starts at the mark before) and the wall-clock
-time (Unix seconds) of every mark, so that a benchmark can line them up with timestamps taken
-outside the process (a Pod's, the API server's audit log). The first mark, ``process_start``, is
-when the process was started, from ``/proc/self/stat`` (clock ticks: 10 ms on Linux): the first
-phase is the interpreter's start-up and the imports before the runner's first line.
+``{"dbt_backfill_timings": {"phases_seconds": {...}, "phases_cpu_seconds": {...}, "marks_unix": {...}}}``
+gives each phase's wall seconds and the process's CPU seconds in it (user + system, all threads: what
+other load on the machine does not inflate; a phase is named by the mark that ends it and starts at
+the mark before) and the wall-clock time (Unix seconds) of every mark, so that a benchmark can line
+them up with timestamps taken outside the process (a Pod's, the API server's audit log). The first
+mark, ``process_start``, is when the process was started, from ``/proc/self/stat`` (clock ticks:
+10 ms on Linux): the first phase is the interpreter's start-up and the imports before the runner's
+first line.
 
 Without the variable nothing is recorded and nothing is printed. It is for measuring
 (``benchmarks/chunk_cost_k8s.py``), not an interface: phases may be added or renamed.
@@ -43,11 +45,11 @@ class PhaseTimings:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.marks: list[tuple[str, float]] = []
+        self.marks: list[tuple[str, float, float]] = []  # (name, Unix time, process CPU time)
         if enabled:
             start = process_start_unix()
             if start is not None:
-                self.marks.append(("process_start", start))
+                self.marks.append(("process_start", start, 0.0))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> PhaseTimings:
@@ -56,12 +58,17 @@ class PhaseTimings:
     def mark(self, name: str) -> None:
         """Record that the phase ``name`` ended now; a name marked again becomes ``name_2``, ``name_3``..."""
         if self.enabled:
-            count = sum(1 for n, _ in self.marks if n == name or n.startswith(f"{name}_"))
-            self.marks.append((f"{name}_{count + 1}" if count else name, time.time()))
+            count = sum(1 for n, _, _ in self.marks if n == name or n.startswith(f"{name}_"))
+            self.marks.append((f"{name}_{count + 1}" if count else name, time.time(), time.process_time()))
 
     def line(self) -> str:
-        phases = {name: round(at - before, 4) for (_, before), (name, at) in itertools.pairwise(self.marks)}
-        return json.dumps({KEY: {"phases_seconds": phases, "marks_unix": {n: round(t, 4) for n, t in self.marks}}})
+        pairs = list(itertools.pairwise(self.marks))
+        timings = {
+            "phases_seconds": {name: round(at - before, 4) for (_, before, _), (name, at, _) in pairs},
+            "phases_cpu_seconds": {name: round(cpu - was, 4) for (_, _, was), (name, _, cpu) in pairs},
+            "marks_unix": {name: round(at, 4) for name, at, _ in self.marks},
+        }
+        return json.dumps({KEY: timings})
 
     def report(self, stream: TextIO | None = None) -> None:
         if self.enabled:

@@ -36,6 +36,24 @@ def test_the_line_gives_each_phase_from_the_mark_before_and_every_mark_in_order(
     assert list(got["phases_seconds"]) == names[1:]
     for (before, at), seconds in zip(itertools.pairwise(stamps), got["phases_seconds"].values(), strict=True):
         assert abs(seconds - (at - before)) < 1e-3
+    assert list(got["phases_cpu_seconds"]) == names[1:]
+    # The first phase is all the CPU the process used before `main`; the rest only what they burnt.
+    assert all(cpu >= 0 for cpu in got["phases_cpu_seconds"].values())
+    assert abs(got["phases_cpu_seconds"]["main"] - timings.marks[1][2]) < 1e-3
+
+
+def test_cpu_time_is_counted_in_the_phase_that_burns_it() -> None:
+    timings = PhaseTimings(enabled=True)
+    timings.mark("idle")
+    time.sleep(0.2)
+    timings.mark("slept")
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    timings.mark("busy")
+    got = json.loads(timings.line())[KEY]
+    assert got["phases_cpu_seconds"]["busy"] >= 0.2 > got["phases_cpu_seconds"]["slept"]
+    assert got["phases_seconds"]["slept"] >= 0.2
 
 
 def test_the_process_start_is_read_from_proc_even_with_spaces_in_the_command_name(tmp_path: Path) -> None:
