@@ -24,7 +24,8 @@ Where each boundary comes from (all on the machine's one clock):
   start" is node agent + ``podman create``/``start`` + tini, up to Python's exec;
 * the runner's phases: its ``DBT_BACKFILL_TIMINGS`` marks (``time.time()``);
 * exit: the node agent's first ``pods/status`` write after the runner's last mark, i.e. the
-  interpreter's exit, podman noticing it and the agent reporting ``terminated``.
+  interpreter's exit, ``podman start --attach`` returning, the agent's 0.1 s poll, its ``podman
+  inspect`` and ``podman rm`` of the container, and the status write reporting ``terminated``.
 
 Writes ``benchmarks/results/chunk_cost_k8s.{json,md}`` (means, medians and shares of the mean total;
 the load average is sampled through the run, the machine is shared).
@@ -68,7 +69,7 @@ JSON = dict[str, Any]
 PHASES: Final = (
     ("job_controller", "job_created", "pod_created", "Job created -> Pod created (Job controller)"),
     ("scheduler", "pod_created", "pod_scheduled", "Pod created -> Pod bound (scheduler)"),
-    ("container_start", "pod_scheduled", "process_start", "bound -> runner process started (node agent, podman, tini)"),
+    ("container_start", "pod_scheduled", "process_start", "bound -> runner started (agent, podman create/start, tini)"),
     ("interpreter", "process_start", "main", "interpreter start-up and the runner's imports (SQLAlchemy, ...)"),
     ("connect", "main", "connected", "arguments, connection check"),
     ("dbt_import", "connected", "dbt_imported", "import dbt"),
@@ -78,7 +79,7 @@ PHASES: Final = (
     ("prepare", "audit_started", "engine", "compiled engine: the checks' compile reused; connect, PREPARE"),
     ("sql", "engine", "windows", "the window's SQL (one transaction)"),
     ("finish", "windows", "closed", "audit row finished, summary, session closed"),
-    ("exit", "closed", "exited", "interpreter exit -> node agent reports terminated"),
+    ("exit", "closed", "exited", "interpreter exit, podman start returns, agent's inspect + rm, status"),
 )
 
 
