@@ -27,6 +27,7 @@ from dbtbackfill import audit, contract_check, cost, database_url, lifecycle, pl
 from dbtbackfill.compiled import NotCompilable
 from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.jobs import AUDIT_URL_ENV
+from dbtbackfill.phase_timings import PhaseTimings
 from dbtbackfill.planner import PlanError, Window
 from dbtbackfill.progress import Reporter, print_history
 from dbtbackfill.project import (
@@ -214,6 +215,8 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     parser = _Parser(prog=prog, description="Reprocess a date range of the dbt project on PostgreSQL.")
     add_backfill_arguments(parser)
     args = parser.parse_args(argv)
+    timings = PhaseTimings.from_env()  # DBT_BACKFILL_TIMINGS=1: one JSON line of phase times at the end
+    timings.mark("main")
     session: runner.DbtSession | None = None
     try:
         windows, tenant = plan_from_args(args)
@@ -223,6 +226,10 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         audit_url = resolve_audit_url(url)
         if audit_url != url:
             check_database(audit_url)
+        timings.mark("connected")
+        if timings.enabled:  # dbt's import timed on its own; parse() would import it first thing anyway
+            import dbt.cli.main  # noqa: F401
+        timings.mark("dbt_imported")
         session = runner.DbtSession(
             url,
             project_dir=args.project_dir,
@@ -232,6 +239,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
             quiet=not args.verbose,
         )
         session.parse()
+        timings.mark("parsed")
         models = session.select_models(args.models)
         reporter = Reporter(windows, models=models, tenant=tenant, dry_run=args.dry_run)
         try:
@@ -258,8 +266,9 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
             reporter.engine(runner.describe_engine(session, tenant, models, args.engine, len(windows)))
             reporter.cost(_cost(session, audit_url, windows, tenant, models, args.models or models))
             return _dry_run(session, windows, tenant, args.models, reporter)
+        timings.mark("planned")
         try:
-            return _execute(args, audit_url, session, windows, tenant, models, reporter, verify)
+            return _execute(args, audit_url, session, windows, tenant, models, reporter, verify, timings)
         finally:
             if verify is not None:
                 verify.close()
@@ -270,6 +279,8 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     finally:
         if session is not None:
             session.close()
+        timings.mark("closed")
+        timings.report()
 
 
 def _unexpected(prog: str, exc: Exception, *, verbose: bool) -> int:
@@ -372,6 +383,7 @@ def _execute(
     models: list[str],
     reporter: Reporter,
     verify: WindowTests | None,
+    timings: PhaseTimings,
 ) -> int:
     import sqlalchemy as sa
 
@@ -385,6 +397,7 @@ def _execute(
         raise UsageError(f"--execution-id: {exc}; use a new id for a new run") from None
     except sa.exc.DBAPIError as exc:  # a read-only role, say: nothing can be recorded, so nothing runs
         raise UsageError(f"cannot write the audit log backfill_executions: {lifecycle.first_line(exc)}") from None
+    timings.mark("audit_started")
     started = time.monotonic()
     done: list[runner.WindowResult] = []
     outcome: runner.BackfillOutcome | None = None
@@ -400,6 +413,10 @@ def _execute(
             heartbeat.beat()
             reporter.window_done(result)
 
+        def engine_chosen(text: str) -> None:
+            timings.mark("engine")  # with the compiled engine: after its one dbt compile and PREPAREs
+            reporter.engine(text)
+
         try:
             outcome = runner.run_windows(
                 session,
@@ -408,7 +425,7 @@ def _execute(
                 selectors=args.models,
                 models=models,
                 engine=args.engine,
-                on_engine=reporter.engine,
+                on_engine=engine_chosen,
                 on_window=window_done,
                 on_microbatch=reporter.microbatch_done,
                 verify=verify,
@@ -419,6 +436,7 @@ def _execute(
             crash = f"{type(exc).__name__}: {lifecycle.first_line(exc)}"
             if args.verbose:
                 traceback.print_exc()
+    timings.mark("windows")
     seconds = round(time.monotonic() - started, 3)
     rows = sum(w.rows for w in done)
     if stop.signum is not None:

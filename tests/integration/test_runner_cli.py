@@ -9,6 +9,7 @@ on both sides of it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -375,6 +376,29 @@ def test_compiled_windows_write_exactly_what_dbt_writes(
     [(raw,)] = query(url, "select sum(amount) from raw.orders where tenant_id = 'tenant-002'"
                      " and (ordered_at at time zone 'UTC')::date between '2024-02-10' and '2024-02-11'")  # fmt: skip
     assert revenue == raw
+
+
+def test_dbt_backfill_timings_prints_one_json_line_of_the_runs_phases(
+    demo_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli(*WEEK, "--database-url", demo_url) == 0  # tables created: the next run is compiled
+    assert "dbt_backfill_timings" not in capsys.readouterr().err  # off unless asked for
+
+    monkeypatch.setenv("DBT_BACKFILL_TIMINGS", "1")
+    before = datetime.now(UTC).timestamp()
+    assert run_cli(*WEEK, "--database-url", demo_url) == 0
+    after = datetime.now(UTC).timestamp()
+    lines = capsys.readouterr().err.splitlines()
+    timed = [line for line in lines if "dbt_backfill_timings" in line]
+    assert timed == [lines[-1]]  # one line, the last one: after the summary
+    got = json.loads(timed[0])["dbt_backfill_timings"]
+    names = ["main", "connected", "dbt_imported", "parsed", "planned", "audit_started", "engine", "windows", "closed"]
+    assert list(got["marks_unix"]) == ["process_start", *names]
+    assert list(got["phases_seconds"]) == list(got["phases_cpu_seconds"]) == names
+    stamps = list(got["marks_unix"].values())
+    assert stamps == sorted(stamps)
+    assert stamps[0] < before <= stamps[1] and stamps[-1] <= after  # this (pytest's) process started earlier
+    assert all(seconds >= 0 for seconds in [*got["phases_seconds"].values(), *got["phases_cpu_seconds"].values()])
 
 
 def test_a_row_that_moved_out_of_its_window_is_replaced_compiled(
