@@ -101,7 +101,7 @@ def admission(creates: list[float], started: float, parallelism: int) -> JSON:
     }
 
 
-def run(b: Bench, tenants: int, days: int, parallelism: int, duration: float) -> JSON:
+def run(b: Bench, tenants: int, days: int, parallelism: int, duration: float, ttl: int | None) -> JSON:
     ns = b.namespace("bench-matrix")
     census, watch = JobCensus(b.api(), ns), StatusWatch(b, ns)
     watch.thread.start()
@@ -113,13 +113,16 @@ def run(b: Bench, tenants: int, days: int, parallelism: int, duration: float) ->
     last_day = (FIRST_DAY + timedelta(days=days - 1)).isoformat()
     spec = {"startDate": FIRST_DAY.isoformat(), "endDate": last_day, "tenantIds": ids, "parallelism": parallelism,
             "databaseSecretRef": {"name": SECRET}}  # fmt: skip
+    if ttl is not None:
+        spec["ttlSecondsAfterFinished"] = ttl
     rss = recording.Sampler(lambda: (op.memory_kib().get("VmRSS") or 0) / 1024 or None)
     load = recording.Sampler(recording.load_average, interval=5)
     try:
         with rss, load:
             created = time.time()
             clock = recording.Stopwatch()
-            b.create_backfill(ns, "matrix", FIRST_DAY.isoformat(), last_day, tenantIds=ids, parallelism=parallelism)
+            extra = {k: v for k, v in spec.items() if k not in ("startDate", "endDate", "databaseSecretRef")}
+            b.create_backfill(ns, "matrix", FIRST_DAY.isoformat(), last_day, **extra)
             while clock.seconds() < duration:
                 time.sleep(min(15.0, max(0.1, duration - clock.seconds())))
                 chunks = watch.last.get("chunks") or {}
@@ -157,6 +160,7 @@ def run(b: Bench, tenants: int, days: int, parallelism: int, duration: float) ->
         "days": days,
         "cells": total,
         "parallelism": parallelism,
+        "ttl_seconds_after_finished": ttl,
         "duration_seconds": seconds,
         "operator_exited_early": crashed,
         "phase_at_end": last.get("phase"),
@@ -225,8 +229,9 @@ start, {r["load_average"]["mean"]} mean / {r["load_average"]["max"]} max during 
 {env["load_average_end"]} at end.
 
 One DbtBackfill of {r["tenants"]} tenants x {r["days"]} daily windows ({r["cells"]:,} cells), parallelism
-{r["parallelism"]}, stub chunks (no dbt). Run for {r["duration_seconds"]} s, {ended}. Phase at the end:
-{r["phase_at_end"]}; operator exited early: {r["operator_exited_early"]}.
+{r["parallelism"]}, ttlSecondsAfterFinished {r["ttl_seconds_after_finished"]}, stub chunks (no dbt). Run for
+{r["duration_seconds"]} s, {ended}. Phase at the end: {r["phase_at_end"]}; operator exited early:
+{r["operator_exited_early"]}.
 
 | Measure | Result |
 |---|---:|
@@ -248,17 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=365, help="daily windows from 2023-01-01")
     parser.add_argument("--parallelism", type=int, default=20)
     parser.add_argument("--duration-seconds", type=float, default=600, help="how long to run (it will not finish)")
+    parser.add_argument("--ttl-seconds", type=int, default=None, help="spec.ttlSecondsAfterFinished (default: none)")
     parser.add_argument("--out", type=Path, default=recording.RESULTS_DIR)
     parser.add_argument("--keep", action="store_true", help="keep the cluster's and operator's logs")
     args = parser.parse_args(argv)
-    if not (1 <= args.tenants <= 1000 and args.days >= 1 and 1 <= args.parallelism <= 32 and args.duration_seconds > 0):
-        print("matrix_cluster: 1 <= --tenants <= 1000, --days >= 1, 1 <= --parallelism <= 32, --duration-seconds > 0",
-              file=sys.stderr)  # fmt: skip
+    if not (
+        1 <= args.tenants <= 1000
+        and args.days >= 1
+        and 1 <= args.parallelism <= 32
+        and args.duration_seconds > 0
+        and (args.ttl_seconds is None or args.ttl_seconds >= 0)
+    ):
+        print("matrix_cluster: 1 <= --tenants <= 1000, --days >= 1, 1 <= --parallelism <= 32, "
+              "--duration-seconds > 0, --ttl-seconds >= 0", file=sys.stderr)  # fmt: skip
         return 2
     env = recording.environment()
     with bench(args.keep, max_pods=args.parallelism + 10, chunk_seconds=0) as b:
         result: JSON = {"environment": env,
-                        "run": run(b, args.tenants, args.days, args.parallelism, args.duration_seconds)}  # fmt: skip
+                        "run": run(b, args.tenants, args.days, args.parallelism, args.duration_seconds,
+                                   args.ttl_seconds)}  # fmt: skip
     env["load_average_end"] = recording.load_average()
     result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     path = recording.write_results(NAME, result, markdown(result), args.out)

@@ -31,7 +31,14 @@ def test_admission_rate_without_a_steady_phase_is_none() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--tenants", "0"], ["--tenants", "1001"], ["--days", "0"], ["--parallelism", "33"], ["--duration-seconds", "0"]],
+    [
+        ["--tenants", "0"],
+        ["--tenants", "1001"],
+        ["--days", "0"],
+        ["--parallelism", "33"],
+        ["--duration-seconds", "0"],
+        ["--ttl-seconds", "-1"],
+    ],
 )
 def test_bad_sizes_exit_2_with_one_line_and_write_nothing(
     argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
