@@ -273,10 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         "run": run(b, args.tenants, args.days, args.parallelism, args.duration_seconds,
                                    args.ttl_seconds)}  # fmt: skip
     env["load_average_end"] = recording.load_average()
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    path = recording.write_results(NAME, result, markdown(result), args.out)
-    print((args.out / f"{NAME}.md").read_text())
-    print(f"wrote {path}", file=sys.stderr)
+    recording.publish(NAME, result, markdown, args.out)
     r = result["run"]
     return 0 if r["status_bytes"]["within_limit"] and not r["operator_exited_early"] else 1
 

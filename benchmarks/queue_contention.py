@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"environment": env, "run": run(b, b.work_dir, args.chunks, args.max_running,
                                                                   args.timeout)}  # fmt: skip
     env["load_average_end"] = recording.load_average()
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    path = recording.write_results(NAME, result, markdown(result), args.out)
-    print((args.out / f"{NAME}.md").read_text())
-    print(f"wrote {path}", file=sys.stderr)
+    recording.publish(NAME, result, markdown, args.out)
     return 0 if result["run"]["ceiling_held"] and result["run"]["priority_order_held"] else 1
 
 
