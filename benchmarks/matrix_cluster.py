@@ -229,7 +229,7 @@ start, {r["load_average"]["mean"]} mean / {r["load_average"]["max"]} max during 
 {env["load_average_end"]} at end.
 
 One DbtBackfill of {r["tenants"]} tenants x {r["days"]} daily windows ({r["cells"]:,} cells), parallelism
-{r["parallelism"]}, ttlSecondsAfterFinished {r["ttl_seconds_after_finished"]}, stub chunks (no dbt). Run for
+{r["parallelism"]}, ttlSecondsAfterFinished {r.get("ttl_seconds_after_finished")}, stub chunks (no dbt). Run for
 {r["duration_seconds"]} s, {ended}. Phase at the end: {r["phase_at_end"]}; operator exited early:
 {r["operator_exited_early"]}.
 
