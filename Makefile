@@ -88,6 +88,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.status_size
 	$(BIN)/python -m benchmarks.operator_cluster
 	$(BIN)/python -m benchmarks.queue_contention
+	$(BIN)/python -m benchmarks.matrix_cluster
 
 clean:
 	rm -rf $(VENV) analytics/target analytics/logs analytics/dbt_packages tests/projects/shop/dbt_packages .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mib": s["rss_mib"]["peak_vmhwm"] <= TARGETS["rss_mib"],
         "latency_p95_seconds": p95 is not None and p95 <= TARGETS["latency_p95_seconds"],
     }
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    path = recording.write_results(NAME, result, markdown(result), args.out)
-    print((args.out / f"{NAME}.md").read_text())
-    print(f"wrote {path}", file=sys.stderr)
+    recording.publish(NAME, result, markdown, args.out)
     return 0
 
 

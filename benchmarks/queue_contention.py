@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
 
 from benchmarks import recording
-from benchmarks.cluster_harness import GROUP, JSON, SECRET, VERSION, Bench, Operator, bench, wait_for
+from benchmarks.cluster_harness import GROUP, JSON, SECRET, VERSION, Bench, bench, operator, wait_for
 from tests.support.job_census import JobCensus
 
 NAME = "queue_contention"
@@ -44,8 +44,8 @@ def run(b: Bench, log_dir: Path, chunks: int, max_running: int, timeout: float) 
              "spec": {"maxRunningChunks": max_running, "paused": True}}  # fmt: skip
     custom.create_namespaced_custom_object(GROUP, VERSION, ns, QUEUES, queue)
     census = JobCensus(b.api(), ns)
-    operator = Operator(b, ns, log_dir)
-    operator.start()
+    op = operator(b, ns, log_dir)
+    op.start()
     try:
         end = (date(2024, 1, 1) + timedelta(days=chunks - 1)).isoformat()
         for i, (name, priority) in enumerate(PRIORITIES.items()):
@@ -57,17 +57,17 @@ def run(b: Bench, log_dir: Path, chunks: int, max_running: int, timeout: float) 
             return {x["metadata"]["name"]: (x.get("status") or {}).get("phase") for x in b.backfills(ns)}
 
         wait_for(lambda: set(phases().values()) == {"Queued"}, timeout=300,
-                 what=f"all Queued on the paused queue; operator log:\n{operator.log_tail()}")  # fmt: skip
+                 what=f"all Queued on the paused queue; operator log:\n{op.logs()[-3000:]}")  # fmt: skip
         assert not census.created, "a paused queue admitted a chunk"
         clock = recording.Stopwatch()
         custom.patch_namespaced_custom_object(GROUP, VERSION, ns, QUEUES, "warehouse", {"spec": {"paused": False}},
                                               _content_type="application/merge-patch+json")  # fmt: skip
         wait_for(lambda: set(phases().values()) == {"Succeeded"}, timeout=timeout,
-                 what=f"all Succeeded; operator log:\n{operator.log_tail()}")  # fmt: skip
+                 what=f"all Succeeded; operator log:\n{op.logs()[-3000:]}")  # fmt: skip
         seconds = clock.seconds()
     finally:
         census.stop()
-        operator.stop()
+        op.stop()
     created = census.created
     ranks = [-PRIORITIES[name] for name in created]
     return {
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"environment": env, "run": run(b, b.work_dir, args.chunks, args.max_running,
                                                                   args.timeout)}  # fmt: skip
     env["load_average_end"] = recording.load_average()
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    path = recording.write_results(NAME, result, markdown(result), args.out)
-    print((args.out / f"{NAME}.md").read_text())
-    print(f"wrote {path}", file=sys.stderr)
+    recording.publish(NAME, result, markdown, args.out)
     return 0 if result["run"]["ceiling_held"] and result["run"]["priority_order_held"] else 1
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -107,6 +108,14 @@ def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path 
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
     return path
+
+
+def publish(name: str, data: dict[str, Any], markdown: Callable[[dict[str, Any]], str], out_dir: Path) -> None:
+    """Stamp ``measured_at``, write both files (`write_results`) and print the Markdown."""
+    data["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    path = write_results(name, data, markdown(data), out_dir)
+    print((out_dir / f"{name}.md").read_text())
+    print(f"wrote {path}", file=sys.stderr)
 
 
 class Stopwatch:
