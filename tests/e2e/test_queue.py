@@ -32,7 +32,7 @@ from tests.e2e.test_operator import (  # noqa: F401  # fixtures, used by name
     wait_phase,
 )
 from tests.support.job_census import JobCensus
-from tests.support.polling import wait_for
+from tests.support.polling import wait_established, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -43,7 +43,8 @@ QUEUE_CRD = "dbtbackfillqueues.dbt-backfill.io"
 @pytest.fixture(autouse=True)
 def queue_crd(cluster: LocalCluster, operator_kubeconfig: Path) -> None:
     """deploy/ installs the queue CRD (crds/kustomization.yaml); the operator needs it served."""
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{QUEUE_CRD}")
+    with cluster.api_client() as client:
+        wait_established(client, QUEUE_CRD)
 
 
 def make_queue(client: kubernetes.client.ApiClient, namespace: str, name: str, **spec: Any) -> None:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
 T = TypeVar("T")
@@ -32,3 +33,18 @@ def wait_for(
             text = message() if callable(message) else message
             raise TimeoutError(f"not reached in {timeout:.0f} s: {text} (last error: {last_error!r})")
         time.sleep(interval)
+
+
+def wait_established(client: kubernetes.client.ApiClient, crd_name: str, *, timeout: float = 60) -> None:
+    """Until the API server serves ``crd_name`` (its ``Established`` condition is True).
+
+    Not `kubectl wait --for=condition=Established`: right after the CRD's creation its status may have
+    no conditions yet, and kubectl then fails at once ("accessor error") instead of waiting.
+    """
+    api = kubernetes.client.ApiextensionsV1Api(client)
+
+    def established() -> bool:
+        conditions = api.read_custom_resource_definition(crd_name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    wait_for(established, timeout=timeout, message=f"CRD {crd_name} Established")

@@ -21,6 +21,7 @@ import pytest
 
 from localcluster.cluster import LocalCluster
 from localcluster.controlplane import MissingBinariesError, check_binaries, default_bin_dir
+from tests.support.polling import wait_established
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
@@ -40,7 +41,8 @@ def session_cluster(runtime: str, *, prefix: str = "localcluster-") -> Iterator[
     try:
         local.up()
         local.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        local.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_PATH))
+        with local.api_client() as client:
+            wait_established(client, "dbtbackfills.dbt-backfill.io")
         yield local
     finally:
         local.down()
