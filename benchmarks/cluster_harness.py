@@ -34,6 +34,7 @@ from dbtbackfill.policy import WAREHOUSE_LABEL, WAREHOUSE_LABEL_VALUE
 from localcluster.cluster import LocalCluster
 from localcluster.controlplane import REPO_ROOT
 from tests.support.operator_process import OperatorProcess
+from tests.support.polling import wait_established
 
 GROUP, VERSION, PLURAL = "dbt-backfill.io", "v1alpha1", "dbtbackfills"
 CRD_PATH = REPO_ROOT / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
@@ -112,7 +113,8 @@ class Bench:
         audit.dispose_engines()
         self.cluster.up()
         self.cluster.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_PATH))
+        with self.cluster.api_client() as client:
+            wait_established(client, f"dbtbackfills.{GROUP}")
         self.cluster.kubectl("apply", "-k", str(REPO_ROOT / "deploy"))
         self.operator_kubeconfig = self.cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
         self.cluster.define_image(

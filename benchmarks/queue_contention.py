@@ -26,6 +26,7 @@ import kubernetes.client
 from benchmarks import recording
 from benchmarks.cluster_harness import GROUP, JSON, SECRET, VERSION, Bench, bench, operator, wait_for
 from tests.support.job_census import JobCensus
+from tests.support.polling import wait_established
 
 NAME = "queue_contention"
 QUEUES = "dbtbackfillqueues"
@@ -38,7 +39,7 @@ def run(b: Bench, log_dir: Path, chunks: int, max_running: int, timeout: float) 
     kubernetes.client.CoreV1Api(b.api()).patch_namespaced_secret(
         SECRET, ns, {"metadata": {"labels": {"dbt-backfill.io/warehouse": "true"}}}
     )
-    b.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{QUEUES}.{GROUP}")
+    wait_established(b.api(), f"{QUEUES}.{GROUP}")
     custom = kubernetes.client.CustomObjectsApi(b.api())
     queue = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DbtBackfillQueue", "metadata": {"name": "warehouse"},
              "spec": {"maxRunningChunks": max_running, "paused": True}}  # fmt: skip
