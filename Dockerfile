@@ -103,7 +103,7 @@ COPY scripts/ /app/scripts/
 # ../dbt-package) and parse the dbt project once at build time, so dbt_packages/,
 # target/manifest.json and target/partial_parse.msgpack ship in the image (the root filesystem
 # is read-only at run time; the runner seeds its emptyDir target path from the parse). Host,
-# port and user are the placeholders every later parse uses too (operator/dbtbackfill/parse_key.py),
+# port and user are the placeholders every later parse uses too (operator/dbtbackfill/runner/parse_key.py),
 # so a Pod reuses this parse whatever its credentials, as long as its database and schema are
 # these two (build with --build-arg to match yours; another database only costs the Pod a full
 # parse). Nothing here is kept in the image's ENV; neither dbt deps nor dbt parse connects.

@@ -52,9 +52,9 @@ from typing import IO, Any, Final
 
 import psycopg
 
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.localpg import LocalPostgres
-from dbtbackfill.runner import RunnerError, dbt_env
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres
+from dbtbackfill.runner.session import RunnerError, dbt_env
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_OUT: Final = REPO_ROOT / "benchmarks" / "results" / "backfill_speed.json"
@@ -496,7 +496,9 @@ def measure_cli(
 
 def measure_imports(work: Workdir, repeats: int = 3) -> float:
     """A fresh interpreter importing what the CLI imports before its first window (no parse, no SQL); median."""
-    code = "import dbtbackfill.cli, dbtbackfill.audit, dbt.cli.main, dbt.adapters.postgres.impl, sqlalchemy, psycopg"
+    code = (
+        "import dbtbackfill.cli, dbtbackfill.core.audit, dbt.cli.main, dbt.adapters.postgres.impl, sqlalchemy, psycopg"
+    )
     walls = [run_timed([sys.executable, "-c", code], work, "import timing").wall_seconds for _ in range(repeats)]
     return r3(statistics.median(walls))
 
@@ -594,7 +596,7 @@ def profile_in_process(
     The compiled engine runs every day of the range, as (3) does; the ``--engine dbt`` path
     ``dbt_windows`` day windows phase by phase (0: skipped).
     """
-    from dbtbackfill.runner import DbtSession
+    from dbtbackfill.runner.session import DbtSession
 
     session = DbtSession(
         url,
@@ -626,10 +628,10 @@ def profile_in_process(
 
 def profile_compiled(session: Any, models: Sequence[str], start: date, days: int) -> dict[str, Any]:
     """The compiled engine as run_windows drives it: one compile and prepare, then every day's window."""
-    from dbtbackfill.compiled import NotCompilable
+    from dbtbackfill.runner.compiled import NotCompilable
 
     timer = PhaseTimer()
-    timer.patch("prepare", "dbtbackfill.compiled", "CompiledWindows.open")
+    timer.patch("prepare", "dbtbackfill.runner.compiled", "CompiledWindows.open")
     try:
         started = time.perf_counter()
         compiled = session.compiled_windows(None, models)
@@ -682,7 +684,7 @@ def profile_dbt_windows(session: Any, start: date, days: int, windows: int) -> d
     dbtRunner.invoke turns every exception, Ctrl-C included, into a failed result: so every
     result is checked, and a failure ends the benchmark (and its clean-up) instead of being skipped.
     """
-    from dbtbackfill.planner import Window
+    from dbtbackfill.core.planner import Window
 
     plan = [Window(0, start + timedelta(days=i % days), start + timedelta(days=i % days)) for i in range(windows + 2)]
     for window in plan[:2]:  # warm-up: first invocations fill Jinja and import caches

@@ -8,9 +8,9 @@ It starts, in a temporary directory, a real PostgreSQL on loopback with the demo
 `localcluster` with the podman runtime: a real kube-apiserver (with its ``Metadata`` audit log),
 the Job controller and the scheduler, and the node agent (in place of the kubelet) running each
 Pod's container in the image with podman. No operator runs: each chunk is the exact Job it would
-create (`dbtbackfill.jobs.build_job` of a one-day ``DbtBackfill`` spec), created by this process,
+create (`dbtbackfill.operator.jobs.build_job` of a one-day ``DbtBackfill`` spec), created by this process,
 with one variable added to the container, ``DBT_BACKFILL_TIMINGS=1``, so the runner prints its own
-phases (`dbtbackfill.phase_timings`). One uncounted chunk first creates the fact tables, so every
+phases (`dbtbackfill.runner.phase_timings`). One uncounted chunk first creates the fact tables, so every
 measured chunk runs its window compiled, as all chunks of a backfill but the first do.
 
 Where each boundary comes from (all on the machine's one clock):
@@ -51,12 +51,12 @@ import psycopg
 
 from benchmarks.cluster_harness import read_json, wait_for
 from benchmarks.recording import Sampler, environment, load_average, write_results
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.jobs import JobDefaults, Owner, build_job
-from dbtbackfill.localpg import LocalPostgres
-from dbtbackfill.phase_timings import ENV as TIMINGS_ENV
-from dbtbackfill.phase_timings import KEY as TIMINGS_KEY
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres
+from dbtbackfill.operator.jobs import JobDefaults, Owner, build_job
+from dbtbackfill.runner.phase_timings import ENV as TIMINGS_ENV
+from dbtbackfill.runner.phase_timings import KEY as TIMINGS_KEY
 from localcluster.cluster import LocalCluster
 
 NAMESPACE: Final = "chunk-cost"

@@ -3,7 +3,7 @@
 Real parts: `localcluster` (etcd, kube-apiserver with RBAC and an audit log, the Job, TTL and GC
 controllers, the scheduler) and its node agent running each Pod as a host process; the operator as
 its own process (`dbt-backfill operator`) logged in as its ServiceAccount with the RBAC of
-``deploy/``; a real PostgreSQL (`dbtbackfill.localpg.LocalPostgres`) for the audit log.
+``deploy/``; a real PostgreSQL (`dbtbackfill.demo.localpg.LocalPostgres`) for the audit log.
 
 One part is a stand-in, on purpose: the chunk's work. The chunk Jobs run the host "image"
 ``STUB_IMAGE``, whose entrypoint receives the operator's exact runner arguments and, instead of
@@ -28,9 +28,9 @@ from typing import Any
 import kubernetes.client
 import psycopg
 
-from dbtbackfill import audit
-from dbtbackfill.localpg import LocalPostgres
-from dbtbackfill.policy import WAREHOUSE_LABEL, WAREHOUSE_LABEL_VALUE
+from dbtbackfill.core import audit
+from dbtbackfill.demo.localpg import LocalPostgres
+from dbtbackfill.operator.policy import WAREHOUSE_LABEL, WAREHOUSE_LABEL_VALUE
 from localcluster.cluster import LocalCluster
 from localcluster.controlplane import REPO_ROOT
 from tests.support.operator_process import OperatorProcess

@@ -40,8 +40,8 @@ from typing import Any, Final
 
 import psycopg
 
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_OUT: Final = REPO_ROOT / "benchmarks" / "results" / "image_startup.json"

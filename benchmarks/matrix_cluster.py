@@ -38,9 +38,9 @@ import kubernetes.client
 from benchmarks import recording
 from benchmarks.cluster_harness import GROUP, JSON, PLURAL, SECRET, VERSION, Bench, bench, operator, wait_for
 from benchmarks.cluster_traffic import audit_time, count_by_key, request_key, watch_lines
-from dbtbackfill import reconcile
-from dbtbackfill.spec import parse_spec
-from dbtbackfill.status import summarise
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator import reconcile
+from dbtbackfill.operator.status import summarise
 from localcluster.audit import WRITE_VERBS
 from tests.support.job_census import JobCensus
 

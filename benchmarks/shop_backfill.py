@@ -48,7 +48,7 @@ from benchmarks.backfill_speed import (
     sample_days,
     stop_server,
 )
-from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.demo.localpg import LocalPostgres
 from tests.support.shop_data import load_shop_data, shop_env
 
 DEFAULT_OUT: Final = REPO_ROOT / "benchmarks" / "results" / "shop_backfill.json"

@@ -15,9 +15,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from benchmarks import recording
-from dbtbackfill.planner import plan_windows
-from dbtbackfill.reconcile import ChunkState, Failure
-from dbtbackfill.status import summarise
+from dbtbackfill.core.planner import plan_windows
+from dbtbackfill.operator.reconcile import ChunkState, Failure
+from dbtbackfill.operator.status import summarise
 
 NAME = "status_size"
 TARGET_BYTES = 64 * 1024

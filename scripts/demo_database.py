@@ -23,9 +23,9 @@ from pathlib import Path
 
 import psycopg
 
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.localdemo import DEMO_START, DEMO_TENANTS
-from dbtbackfill.localpg import LocalPostgres, LocalPostgresError, free_port
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres, LocalPostgresError, free_port
+from dbtbackfill.demo.run import DEMO_START, DEMO_TENANTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAREHOUSE_DATABASE = "analytics"

@@ -18,7 +18,7 @@ import kubernetes.client
 import psycopg
 import pytest
 
-from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.demo.localpg import LocalPostgres
 from localcluster.cluster import LocalCluster
 from tests.support.session_clusters import fresh_namespace, session_cluster
 

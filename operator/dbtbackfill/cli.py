@@ -23,14 +23,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, contract_check, cost, database_url, lifecycle, planner, runner
-from dbtbackfill.compiled import NotCompilable
-from dbtbackfill.database_url import DatabaseUrlError
-from dbtbackfill.jobs import AUDIT_URL_ENV
-from dbtbackfill.phase_timings import PhaseTimings
-from dbtbackfill.planner import PlanError, Window
-from dbtbackfill.progress import Reporter, print_history
-from dbtbackfill.project import (
+from dbtbackfill.core import audit, cost, database_url, planner
+from dbtbackfill.core.database_url import DatabaseUrlError
+from dbtbackfill.core.planner import PlanError, Window
+from dbtbackfill.operator.jobs import AUDIT_URL_ENV
+from dbtbackfill.runner import contract_check, lifecycle
+from dbtbackfill.runner import session as runner
+from dbtbackfill.runner.compiled import NotCompilable
+from dbtbackfill.runner.phase_timings import PhaseTimings
+from dbtbackfill.runner.progress import Reporter, print_history
+from dbtbackfill.runner.project import (
     GENERATED_TARGET,
     ProjectError,
     find_project_dir,
@@ -38,7 +40,7 @@ from dbtbackfill.project import (
     read_project,
     write_generated_profile,
 )
-from dbtbackfill.window_tests import WindowTests
+from dbtbackfill.runner.window_tests import WindowTests
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -648,7 +650,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from dbtbackfill.demo import load_demo_data
+    from dbtbackfill.demo.data import load_demo_data
 
     try:
         url = resolve_database_url(args.database_url)
@@ -667,15 +669,15 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    from dbtbackfill.operator_main import run_operator
+    from dbtbackfill.operator.main import run_operator
 
     return run_operator(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dbtbackfill.localdemo import run_demo
+    from dbtbackfill.demo.run import run_demo
 
-    code: int = run_demo(args.database_url, days=args.days)
+    code: int = run_demo(run_backfill, args.database_url, days=args.days)
     return code
 
 

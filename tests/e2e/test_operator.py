@@ -24,8 +24,8 @@ import kubernetes.client
 import psycopg
 import pytest
 
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.kube import USER_AGENT
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.operator.kube import USER_AGENT
 from localcluster.cluster import LocalCluster
 from tests.e2e.conftest import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT
 from tests.support.operator_process import SHORT_WATCHES, OperatorProcess

@@ -25,7 +25,7 @@ import kubernetes.client
 import psycopg
 import pytest
 
-from dbtbackfill.demo import load_demo_data
+from dbtbackfill.demo.data import load_demo_data
 from localcluster.cluster import LocalCluster
 from tests.e2e.test_operator import OPERATOR_USER, assert_no_request_was_forbidden
 from tests.support.operator_process import SHORT_WATCHES, OperatorProcess

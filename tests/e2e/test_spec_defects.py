@@ -29,7 +29,7 @@ import kubernetes.client
 import pytest
 import yaml
 
-from dbtbackfill.demo import load_demo_data
+from dbtbackfill.demo.data import load_demo_data
 from localcluster.cluster import LocalCluster
 from tests.support.polling import wait_for
 

@@ -34,8 +34,8 @@ import psycopg
 import pytest
 import yaml
 
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres
 from localcluster.cluster import LocalCluster
 from tests.conftest import REPO_ROOT, create_database
 from tests.e2e.test_operator import audit_rows

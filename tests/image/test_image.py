@@ -15,7 +15,7 @@ from datetime import date
 
 import pytest
 
-from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill.demo.localpg import LocalPostgres
 from tests.conftest import REPO_ROOT, create_database
 from tests.image.conftest import Container
 from tests.integration.conftest import FACTS, audit_rows, load_demo, query

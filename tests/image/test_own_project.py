@@ -4,7 +4,7 @@ The recipe is built with podman on top of the operator image (``shop_image``), t
 in it as the operator's Jobs run one: ``python -m scripts.run_dbt_backfill`` with the Job's
 arguments, ``DATABASE_URL`` the only setting, read-only root, as 10001, against the session's real
 PostgreSQL on loopback: first with ``podman run`` (/tmp a tmpfs), then as the very Job the
-operator would create (`dbtbackfill.jobs.build_job`), on a local cluster whose node agent runs
+operator would create (`dbtbackfill.operator.jobs.build_job`), on a local cluster whose node agent runs
 Pods in their images with podman (a real kube-apiserver, Job controller and scheduler). The shop's
 rows and the audit row are checked against raw.*.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from psycopg import sql
 
-from dbtbackfill.jobs import JobDefaults, Owner, backfill_execution_id, build_job, chunk_execution_id
-from dbtbackfill.localpg import LocalPostgres
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.demo.localpg import LocalPostgres
+from dbtbackfill.operator.jobs import JobDefaults, Owner, backfill_execution_id, build_job, chunk_execution_id
 from localcluster.cluster import LocalCluster
 from tests.conftest import create_database
 from tests.image.conftest import SHOP_BUILD_ARGS, Container

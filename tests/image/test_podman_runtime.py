@@ -22,7 +22,7 @@ import kubernetes.config
 import kubernetes.watch
 import pytest
 
-from dbtbackfill import pod_start
+from dbtbackfill.operator import pod_start
 from localcluster.cluster import LocalCluster
 from localcluster.node_agent import AgentConfig, NodeAgent
 from localcluster.pod_volumes import PodVolumes

@@ -23,9 +23,10 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from dbtbackfill import audit, cli
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.localpg import LocalPostgres
+from dbtbackfill import cli
+from dbtbackfill.core import audit
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres
 from tests.conftest import REPO_ROOT, create_database
 
 PROJECT_DIR = REPO_ROOT / "analytics"

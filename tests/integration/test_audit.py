@@ -17,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from psycopg import sql
 
-from dbtbackfill import audit
+from dbtbackfill.core import audit
 from tests.integration.conftest import audit_rows, execute, query, register_url, table_exists
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from dbt.cli.main import dbtRunner, dbtRunnerResult
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from dbtbackfill.demo import CUSTOMER_LOOKBACK_DAYS, load_demo_data
-from dbtbackfill.project import install_packages, read_project
+from dbtbackfill.demo.data import CUSTOMER_LOOKBACK_DAYS, load_demo_data
+from dbtbackfill.runner.project import install_packages, read_project
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dbtbackfill.demo import (
+from dbtbackfill.demo.data import (
     CUSTOMER_LOOKBACK_DAYS,
     DemoCounts,
     customers_per_day,

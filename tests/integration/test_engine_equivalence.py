@@ -26,8 +26,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from dbtbackfill import planner, runner
-from dbtbackfill.planner import Window
+from dbtbackfill.core import planner
+from dbtbackfill.core.planner import Window
+from dbtbackfill.runner import session as runner
 from tests.integration.conftest import TENANTS, execute, fact_checksums, load_demo
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from dbtbackfill import audit, controller, jobs
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.core import audit
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator import controller, jobs
 
 pytestmark = pytest.mark.integration
 

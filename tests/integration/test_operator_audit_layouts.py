@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill import audit, controller, jobs, reconcile, status
-from dbtbackfill.reconcile import ChunkState, JobView
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.core import audit
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator import controller, jobs, reconcile, status
+from dbtbackfill.operator.reconcile import ChunkState, JobView
 from tests.conftest import create_database
 from tests.integration.conftest import audit_rows, load_demo, register_url, run_cli, table_exists
 

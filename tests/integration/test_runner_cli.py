@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dbtbackfill import audit, planner
+from dbtbackfill.core import audit, planner
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
     FACTS,

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from dbtbackfill import controller, kube
-from dbtbackfill.reconcile import ChunkState, JobView, decide
-from dbtbackfill.spec import parse_spec
-from dbtbackfill.status import FAILURE_CONDITION, api_failure_reason, summarise, with_api_failure
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator import controller, kube
+from dbtbackfill.operator.reconcile import ChunkState, JobView, decide
+from dbtbackfill.operator.status import FAILURE_CONDITION, api_failure_reason, summarise, with_api_failure
 
 T0 = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)
 INVALID = 'Job.batch "b-c0-a1" is invalid: spec.template.spec.containers[0].image: Required value'

@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from dbtbackfill import calendar_view as cv
-from dbtbackfill.calendar_view import Chunk
-from dbtbackfill.kubectl_plugin import PluginError, chunk_for, connect, plan_of, render_status, status_view
-from dbtbackfill.planner import plan_cells, plan_windows
+from dbtbackfill.core.planner import plan_cells, plan_windows
+from dbtbackfill.kubectl import calendar_view as cv
+from dbtbackfill.kubectl.calendar_view import Chunk
+from dbtbackfill.kubectl.plugin import PluginError, chunk_for, connect, plan_of, render_status, status_view
 
 NOW = datetime(2024, 2, 1, 12, 0, tzinfo=UTC)
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from dbtbackfill.compiled import (
+from dbtbackfill.runner.compiled import (
     PARAM_END,
     PARAM_START,
     Hook,

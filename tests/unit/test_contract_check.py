@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill.compiled import WindowDelete, window_delete_hook
-from dbtbackfill.contract_check import (
+from dbtbackfill.runner.compiled import WindowDelete, window_delete_hook
+from dbtbackfill.runner.contract_check import (
     ACROSS_WINDOWS,
     ALLOW_CROSS_WINDOW,
     ALLOW_FULL_REBUILD,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from dbtbackfill.cost import MAX_STATUS_WINDOWS, CostReport, History, WindowCost, merge_models, scan_rows
-from dbtbackfill.planner import plan_windows
+from dbtbackfill.core.cost import MAX_STATUS_WINDOWS, CostReport, History, WindowCost, merge_models, scan_rows
+from dbtbackfill.core.planner import plan_windows
 
 # EXPLAIN (VERBOSE, FORMAT JSON) of a fact model reading a staging view over raw.orders (inlined)
 # joined to raw.customers, as PostgreSQL 15 prints it (abridged to the keys that matter).

@@ -386,7 +386,7 @@ def test_cel_rules_hold_on_defaults_as_written(path: str, node: dict[str, Any]) 
 
 
 def test_spec_fields_are_the_ones_the_operator_reads() -> None:
-    from dbtbackfill.spec import SPEC_FIELDS
+    from dbtbackfill.core.spec import SPEC_FIELDS
 
     spec = SCHEMA["properties"]["spec"]
     assert set(spec["properties"]) == SPEC_FIELDS
@@ -687,8 +687,8 @@ def test_range_limit_is_3660_days_inclusive() -> None:
 
 
 def test_range_rule_matches_the_planner_limit() -> None:
-    from dbtbackfill.planner import MAX_WINDOWS
-    from dbtbackfill.spec import MAX_RANGE_DAYS
+    from dbtbackfill.core.planner import MAX_WINDOWS
+    from dbtbackfill.core.spec import MAX_RANGE_DAYS
 
     rule = next(r["rule"] for r in SCHEMA["properties"]["spec"]["x-kubernetes-validations"] if "duration" in r["rule"])
     hours = int(re.search(r"duration\('(\d+)h'\)", rule).group(1))  # type: ignore[union-attr]
@@ -915,7 +915,7 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
 @given(specs())
 def test_parse_spec_agrees_with_the_crd(spec: dict[str, Any]) -> None:
     """Whatever the API server (schema + CEL) admits, parse_spec accepts, and the reverse."""
-    from dbtbackfill.spec import SpecError, parse_spec
+    from dbtbackfill.core.spec import SpecError, parse_spec
 
     failures = admit(manifest_from(spec))
     try:
@@ -954,7 +954,7 @@ def manifest_from(spec: dict[str, Any]) -> dict[str, Any]:
     ids=["label-keys", "longest-key", "limits", "requests", "ttl-int32-max"],
 )
 def test_valid_pod_settings_are_admitted(changes: dict[str, Any]) -> None:
-    from dbtbackfill.spec import parse_spec
+    from dbtbackfill.core.spec import parse_spec
 
     assert spec_failures(manifest(**changes)) == []
     parse_spec(manifest(**changes)["spec"])

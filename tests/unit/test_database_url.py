@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbtbackfill.database_url import DatabaseUrlError, parse
+from dbtbackfill.core.database_url import DatabaseUrlError, parse
 
 
 def test_every_query_parameter_is_kept_and_the_url_wins_over_our_defaults() -> None:

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from dbtbackfill.kube import API_CALLS, FRAMEWORK_CALLS
-from dbtbackfill.policy import WAREHOUSE_LABEL
+from dbtbackfill.operator.kube import API_CALLS, FRAMEWORK_CALLS
+from dbtbackfill.operator.policy import WAREHOUSE_LABEL
 from tests.support.crd_schema import openapi_to_jsonschema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -574,7 +574,7 @@ def test_examples_fit_together() -> None:
 
 
 def test_deployment_sets_a_valid_policy_that_allows_only_the_defaults(objects: list[dict[str, Any]]) -> None:
-    from dbtbackfill.policy import ALLOWED_IMAGES_ENV, ALLOWED_SERVICE_ACCOUNTS_ENV, build_policy
+    from dbtbackfill.operator.policy import ALLOWED_IMAGES_ENV, ALLOWED_SERVICE_ACCOUNTS_ENV, build_policy
 
     env = {e["name"]: e.get("value") for e in operator_container(objects)["env"]}
     job_policy = build_policy(
@@ -633,7 +633,7 @@ def test_the_local_overlay_changes_nothing_but_the_image_and_its_pull_policy(obj
 
 
 def test_the_local_policy_allows_the_local_image_only() -> None:
-    from dbtbackfill.policy import ALLOWED_IMAGES_ENV, build_policy
+    from dbtbackfill.operator.policy import ALLOWED_IMAGES_ENV, build_policy
 
     env = {e["name"]: e.get("value") for e in operator_container(copy.deepcopy(list(_render_local())))["env"]}
     policy = build_policy(env["DBT_BACKFILL_DEFAULT_IMAGE"], env["DBT_BACKFILL_JOB_SERVICE_ACCOUNT"],

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill.jobs import AUDIT_URL_ENV, JobDefaults, build_job, job_view
+from dbtbackfill.operator.jobs import AUDIT_URL_ENV, JobDefaults, build_job, job_view
 from tests.unit.test_jobs import DEFAULTS, OWNER, api_job, make_spec, window
 
 FAILED = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}

@@ -21,10 +21,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbtbackfill import jobs
-from dbtbackfill.jobs import JobDefaults, Owner, build_job, job_labels, job_name, job_view, runner_command
-from dbtbackfill.planner import Window
-from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
+from dbtbackfill.core.planner import Window
+from dbtbackfill.core.spec import BackfillSpec, SpecError, parse_spec
+from dbtbackfill.operator import jobs
+from dbtbackfill.operator.jobs import JobDefaults, Owner, build_job, job_labels, job_name, job_view, runner_command
 
 K8S_VERSION = "1.32"
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "dbtbackfills.dbt-backfill.io.yaml"

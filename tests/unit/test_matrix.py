@@ -17,10 +17,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbtbackfill import jobs
-from dbtbackfill.jobs import JobDefaults, Owner, build_job
-from dbtbackfill.planner import MAX_TENANTS, Cell, PlanError, expand_runs, plan_cells, plan_windows
-from dbtbackfill.reconcile import (
+from dbtbackfill.core.planner import MAX_TENANTS, Cell, PlanError, expand_runs, plan_cells, plan_windows
+from dbtbackfill.core.spec import (
+    BackfillSpec,
+    ConfigMapKeyRef,
+    SpecError,
+    overlaps,
+    parse_spec,
+    parse_tenant_list,
+    tenant_list_hash,
+)
+from dbtbackfill.operator import jobs
+from dbtbackfill.operator.jobs import JobDefaults, Owner, build_job
+from dbtbackfill.operator.reconcile import (
     ChunkState,
     Failure,
     JobView,
@@ -32,16 +41,7 @@ from dbtbackfill.reconcile import (
     state_from_status,
     state_to_status,
 )
-from dbtbackfill.spec import (
-    BackfillSpec,
-    ConfigMapKeyRef,
-    SpecError,
-    overlaps,
-    parse_spec,
-    parse_tenant_list,
-    tenant_list_hash,
-)
-from dbtbackfill.status import expand_tenant_runs, matrix_date_ranges, summarise, tenant_progress
+from dbtbackfill.operator.status import expand_tenant_runs, matrix_date_ranges, summarise, tenant_progress
 
 T0 = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)
 OWNER = Owner(name="rebuild-all-tenants", namespace="analytics", uid="3f2b8c4e-1d2a-4b7e-9c1f-5a6b7c8d9e0f")
@@ -402,7 +402,7 @@ def _tenants_of(group: dict[str, Any], groups: list[dict[str, Any]], ids: list[s
 def _largest_status(order: str, ids: list[str]) -> dict[str, Any]:
     """1,000 tenants x 365 days mid-run, in the worst shape fail-fast allows: 32 running and 32
     failed cells scattered over tenants and days, 5 waiting for a retry, 10 failures of 1 KiB."""
-    from dbtbackfill.controller import tenants_status
+    from dbtbackfill.operator.controller import tenants_status
 
     matrix = spec(
         startDate="2023-01-01",
@@ -470,6 +470,6 @@ def test_status_of_a_thousand_tenants_for_a_year_stays_under_64_kib(order: str, 
 
 
 def test_a_failed_config_map_read_has_its_own_reason() -> None:
-    from dbtbackfill.status import api_failure_reason
+    from dbtbackfill.operator.status import api_failure_reason
 
     assert api_failure_reason("get", "configmaps/tenants") == "ConfigMapGetFailed"

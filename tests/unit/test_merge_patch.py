@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbtbackfill.status import changed
+from dbtbackfill.operator.status import changed
 from tests.support.merge_patch import merge_patch
 
 keys = st.sampled_from(["a", "b", "c", "retryAt", "attempts"])

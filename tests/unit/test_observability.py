@@ -7,9 +7,9 @@ import logging
 
 from prometheus_client import REGISTRY
 
-from dbtbackfill import controller, reconcile
-from dbtbackfill.operator_main import JsonFormatter
-from dbtbackfill.reconcile import ChunkState
+from dbtbackfill.operator import controller, reconcile
+from dbtbackfill.operator.main import JsonFormatter
+from dbtbackfill.operator.reconcile import ChunkState
 
 
 def sample(name: str) -> float:

@@ -1,4 +1,4 @@
-"""The parse key: which Jinja reads make a parse depend on credentials (dbtbackfill.parse_key)."""
+"""The parse key: which Jinja reads make a parse depend on credentials (dbtbackfill.runner.parse_key)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from dbtbackfill.parse_key import PLACEHOLDERS, connection_reads, parse_environment, project_connection_reads
+from dbtbackfill.runner.parse_key import PLACEHOLDERS, connection_reads, parse_environment, project_connection_reads
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill.reconcile import Peer, blocking_peer, peer_of
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator.reconcile import Peer, blocking_peer, peer_of
 
 
 def item(name: str, created: str, spec: Any, status: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`dbtbackfill.phase_timings`: the JSON line ``DBT_BACKFILL_TIMINGS=1`` prints (the CLI's use of it is
+"""`dbtbackfill.runner.phase_timings`: the JSON line ``DBT_BACKFILL_TIMINGS=1`` prints (the CLI's use of it is
 tested end to end in tests/integration/test_runner_cli.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from dbtbackfill.phase_timings import KEY, PhaseTimings, process_start_unix
+from dbtbackfill.runner.phase_timings import KEY, PhaseTimings, process_start_unix
 
 
 def test_without_the_variable_nothing_is_recorded_or_printed() -> None:

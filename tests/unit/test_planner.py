@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbtbackfill import planner
-from dbtbackfill.planner import PlanError, Window, plan_windows
+from dbtbackfill.core import planner
+from dbtbackfill.core.planner import PlanError, Window, plan_windows
 
 dates = st.dates(min_value=date(1990, 1, 1), max_value=date(2040, 12, 31))
 

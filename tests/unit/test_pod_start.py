@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill.pod_start import failed_create, pod_alive, pod_problem, pod_started, report
+from dbtbackfill.operator.pod_start import failed_create, pod_alive, pod_problem, pod_started, report
 
 
 def pod(phase: str = "Pending", *, waiting: dict[str, str] | None = None, **status: Any) -> dict[str, Any]:

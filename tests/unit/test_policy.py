@@ -1,4 +1,4 @@
-"""dbtbackfill.policy: which images, ServiceAccounts and Secrets a DbtBackfill may use.
+"""dbtbackfill.operator.policy: which images, ServiceAccounts and Secrets a DbtBackfill may use.
 
 Pure: the Secret's labels are passed in as the controller reads them from the API.
 """
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill import policy
-from dbtbackfill.policy import JobPolicy, PolicyConfigError, build_policy, secret_refusal, spec_refusal
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator import policy
+from dbtbackfill.operator.policy import JobPolicy, PolicyConfigError, build_policy, secret_refusal, spec_refusal
 
 DEFAULT_IMAGE = "registry.example/dbt-backfill-operator:0.1.0"
 DEFAULT_SA = "dbt-backfill-job"
@@ -112,7 +112,7 @@ def test_the_secret_must_exist_and_carry_the_warehouse_label() -> None:
 
 def test_refusals_are_invalid_specs() -> None:
     """The controller reports them exactly like a spec parse_spec refuses: InvalidSpec."""
-    from dbtbackfill.spec import SpecError
+    from dbtbackfill.core.spec import SpecError
 
     assert issubclass(policy.PolicyRefusal, SpecError)
     assert issubclass(policy.SecretRefusal, policy.PolicyRefusal)
@@ -126,8 +126,8 @@ def operator_args(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dbtbackfill.controller import OperatorConfig
-    from dbtbackfill.operator_main import apply_policy_flags
+    from dbtbackfill.operator.controller import OperatorConfig
+    from dbtbackfill.operator.main import apply_policy_flags
 
     monkeypatch.setenv(policy.ALLOWED_IMAGES_ENV, "env.example/*")
     monkeypatch.setenv(policy.ALLOWED_SERVICE_ACCOUNTS_ENV, "from-env")
@@ -141,7 +141,7 @@ def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_a_malformed_flag_makes_the_operator_exit_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dbtbackfill.operator_main import run_operator
+    from dbtbackfill.operator.main import run_operator
 
     # Registered with monkeypatch, so what run_operator writes into the environment is undone.
     monkeypatch.delenv(policy.ALLOWED_IMAGES_ENV, raising=False)

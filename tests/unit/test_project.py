@@ -1,4 +1,4 @@
-"""Choosing the dbt project, the profiles directory and the packages to install (dbtbackfill.project)."""
+"""Choosing the dbt project, the profiles directory and the packages to install (dbtbackfill.runner.project)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dbtbackfill import cli
-from dbtbackfill.project import (
+from dbtbackfill.runner.project import (
     ProjectError,
     Target,
     find_profiles_dir,

@@ -13,21 +13,21 @@ import sys
 import pytest
 
 PURE_MODULES = (
-    "planner",
-    "spec",
-    "jobs",
-    "reconcile",
-    "status",
-    "cost",
-    "compiled",
-    "contract_check",
-    "policy",
-    "pod_start",
-    "window_tests",
-    "parse_key",
-    "queue_admission",
-    "queue_status",
-    "calendar_view",
+    "core.planner",
+    "core.spec",
+    "operator.jobs",
+    "operator.reconcile",
+    "operator.status",
+    "core.cost",
+    "runner.compiled",
+    "runner.contract_check",
+    "operator.policy",
+    "operator.pod_start",
+    "runner.window_tests",
+    "runner.parse_key",
+    "operator.queue_admission",
+    "operator.queue_status",
+    "kubectl.calendar_view",
 )
 FORBIDDEN = ("kopf", "kubernetes", "sqlalchemy", "dbt")
 
@@ -54,7 +54,7 @@ def _result(process: subprocess.Popen[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def imported() -> dict[str, list[str]]:
     """sys.modules after importing each module alone; the interpreters run side by side."""
-    names = [f"dbtbackfill.{n}" for n in PURE_MODULES] + ["dbtbackfill.audit"]
+    names = [f"dbtbackfill.{n}" for n in PURE_MODULES] + ["dbtbackfill.core.audit"]
     processes = {name: _probe(name) for name in names}
     return {name: _result(process) for name, process in processes.items()}
 
@@ -69,5 +69,5 @@ def test_pure_module_imports_no_framework(name: str, imported: dict[str, list[st
 
 def test_probe_detects_a_forbidden_import(imported: dict[str, list[str]]) -> None:
     # The check itself works: a module known to need SQLAlchemy is caught.
-    modules = imported["dbtbackfill.audit"]
+    modules = imported["dbtbackfill.core.audit"]
     assert any(m.split(".")[0] == "sqlalchemy" for m in modules)

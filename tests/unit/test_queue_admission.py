@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbtbackfill.controller import admitted_decision
-from dbtbackfill.queue_admission import (
+from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator.controller import admitted_decision
+from dbtbackfill.operator.queue_admission import (
     Member,
     QueueSpec,
     QueueSpecError,
@@ -24,10 +25,9 @@ from dbtbackfill.queue_admission import (
     seconds_until_open,
     verdict_for,
 )
-from dbtbackfill.queue_gate import _member
-from dbtbackfill.queue_status import QueueRow, queue_events, queue_status, with_queue
-from dbtbackfill.reconcile import ChunkState, Decision, decide
-from dbtbackfill.spec import parse_spec
+from dbtbackfill.operator.queue_gate import _member
+from dbtbackfill.operator.queue_status import QueueRow, queue_events, queue_status, with_queue
+from dbtbackfill.operator.reconcile import ChunkState, Decision, decide
 
 NOON = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbtbackfill.queue_admission import MAX_RUNNING_CHUNKS, QUEUE_SPEC_FIELDS, QueueSpecError, parse_queue_spec
+from dbtbackfill.operator.queue_admission import MAX_RUNNING_CHUNKS, QUEUE_SPEC_FIELDS, QueueSpecError, parse_queue_spec
 from tests.support.crd_schema import openapi_to_jsonschema
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbtbackfill.jobs import Owner, job_name
-from dbtbackfill.reconcile import (
+from dbtbackfill.core.spec import BackfillSpec, parse_spec
+from dbtbackfill.operator.jobs import Owner, job_name
+from dbtbackfill.operator.reconcile import (
     MAX_MESSAGE_CHARS,
     MAX_RECENT_FAILURES,
     ChunkState,
@@ -37,8 +38,7 @@ from dbtbackfill.reconcile import (
     state_to_status,
     waiting_for_peers,
 )
-from dbtbackfill.spec import BackfillSpec, parse_spec
-from dbtbackfill.status import changed, summarise
+from dbtbackfill.operator.status import changed, summarise
 from tests.support.merge_patch import merge_patch
 
 T0 = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from dbtbackfill.jobs import Owner, job_name
-from dbtbackfill.reconcile import (
+from dbtbackfill.core.spec import BackfillSpec, parse_spec
+from dbtbackfill.operator.jobs import Owner, job_name
+from dbtbackfill.operator.reconcile import (
     ChunkState,
     Decision,
     JobView,
@@ -25,7 +26,6 @@ from dbtbackfill.reconcile import (
     vanished,
     view_from_audit,
 )
-from dbtbackfill.spec import BackfillSpec, parse_spec
 
 T0 = datetime(2024, 6, 1, 10, 0, 0, tzinfo=UTC)
 OWNER = Owner(name="runtime", namespace="analytics", uid="0b5c1d7e-8f9a-4b2c-9d3e-1f2a3b4c5d6e")

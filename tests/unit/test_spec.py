@@ -1,4 +1,4 @@
-"""dbtbackfill.spec: parsing and re-validating a DbtBackfill spec."""
+"""dbtbackfill.core.spec: parsing and re-validating a DbtBackfill spec."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbtbackfill.planner import Window
-from dbtbackfill.spec import BackfillSpec, SpecError, overlaps, parse_spec
+from dbtbackfill.core.planner import Window
+from dbtbackfill.core.spec import BackfillSpec, SpecError, overlaps, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "crds" / "samples"
@@ -368,7 +368,7 @@ def test_overlaps_means_a_shared_day_and_tenant(a: BackfillSpec, b: BackfillSpec
 
 def test_spec_module_is_pure() -> None:
     code = (
-        "import sys, dbtbackfill.spec; "
+        "import sys, dbtbackfill.core.spec; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'kopf', 'kubernetes', 'sqlalchemy', 'dbt', 'psycopg', 'alembic'}))"
     )
@@ -453,6 +453,6 @@ def test_resources_the_pod_api_accepts_parse(resources: dict[str, Any]) -> None:
 def test_quantities_mean_what_kubernetes_means(text: str, amount: str) -> None:
     from decimal import Decimal
 
-    from dbtbackfill.spec import _quantity
+    from dbtbackfill.core.spec import _quantity
 
     assert _quantity(text) == Decimal(amount)

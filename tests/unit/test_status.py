@@ -17,9 +17,9 @@ import jsonschema
 import pytest
 import yaml
 
-from dbtbackfill.planner import Window, plan_windows
-from dbtbackfill.reconcile import MAX_MESSAGE_CHARS, MAX_RECENT_FAILURES, ChunkState, Failure, Phase
-from dbtbackfill.status import (
+from dbtbackfill.core.planner import Window, plan_windows
+from dbtbackfill.operator.reconcile import MAX_MESSAGE_CHARS, MAX_RECENT_FAILURES, ChunkState, Failure, Phase
+from dbtbackfill.operator.status import (
     argocd_health,
     changed,
     conditions_for,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from dbtbackfill.window_tests import attached_tests, failures_query, scope, window_test
+from dbtbackfill.runner.window_tests import attached_tests, failures_query, scope, window_test
 
 
 def model(*hooks: str, name: str = "fact_orders") -> Any:

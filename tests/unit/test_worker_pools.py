@@ -19,8 +19,9 @@ import kopf
 import pytest
 import yaml
 
-from dbtbackfill import audit, jobs, kube, policy, worker_pools
-from dbtbackfill.worker_pools import PassSlots, WorkersConfigError, parse_workers, pool_sizes
+from dbtbackfill.core import audit
+from dbtbackfill.operator import jobs, kube, policy, worker_pools
+from dbtbackfill.operator.worker_pools import PassSlots, WorkersConfigError, parse_workers, pool_sizes
 
 
 @pytest.mark.parametrize("workers", [1, 2, 16, worker_pools.MAX_WORKERS])
@@ -186,8 +187,8 @@ def test_the_operator_applies_one_sizing_to_its_executors_and_pools(
     kubeconfig: Path, policy_unset: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(worker_pools.WORKERS_ENV, "10")
-    monkeypatch.delitem(sys.modules, "dbtbackfill.handlers", raising=False)
-    from dbtbackfill import handlers
+    monkeypatch.delitem(sys.modules, "dbtbackfill.operator.handlers", raising=False)
+    from dbtbackfill.operator import handlers
 
     sizes = pool_sizes(10)
     assert sizes == handlers.POOLS
@@ -230,7 +231,7 @@ def test_a_bad_worker_count_stops_the_operator_with_one_line(policy_unset: None)
 
 @pytest.mark.asyncio
 async def test_only_job_changes_a_pass_acts_on_wake_the_backfill(kubeconfig: Path) -> None:
-    from dbtbackfill import handlers
+    from dbtbackfill.operator import handlers
 
     owner, job_uid = str(uuid.uuid4()), str(uuid.uuid4())
     wake = handlers._wakeups.setdefault(owner, asyncio.Event())

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql as pg
 
-from dbtbackfill import database_url
+from dbtbackfill.core import database_url
 
 Status = Literal["running", "completed", "failed", "cancelled"]
 Kind = Literal["run", "backfill", "chunk"]
@@ -122,7 +122,7 @@ def engine_for(url: str, connect_timeout: int = 10, *, pool_size: int = 5, max_o
     (SQLAlchemy's defaults; the operator sizes them to its threads).
 
     Every parameter of the URL reaches each connection (``connect_timeout`` in the URL wins over
-    the argument); raises :class:`~dbtbackfill.database_url.DatabaseUrlError` for a URL libpq refuses.
+    the argument); raises :class:`~dbtbackfill.core.database_url.DatabaseUrlError` for a URL libpq refuses.
     """
     key = (url, connect_timeout, pool_size, max_overflow)
     if key not in _engines:

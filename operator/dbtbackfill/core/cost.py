@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from dbtbackfill.planner import Window
+from dbtbackfill.core.planner import Window
 
 Relation = tuple[str, str]  # (schema, table)
 MAX_STATUS_WINDOWS: Final = 31  # the status summary lists the heaviest windows only
@@ -138,8 +138,8 @@ def window_estimates(connect: Mapping[str, str], nodes: Sequence[Any], windows: 
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from dbtbackfill.compiled import _pg_message
-    from dbtbackfill.contract_check import explain_generic, model_shape, plan_facts
+    from dbtbackfill.runner.compiled import _pg_message
+    from dbtbackfill.runner.contract_check import explain_generic, model_shape, plan_facts
 
     notes: list[str] = []
     per_window: list[list[dict[Relation, int]]] = [[] for _ in windows]

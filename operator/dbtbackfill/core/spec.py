@@ -22,7 +22,7 @@ from datetime import date, datetime
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from typing import Any, Final, cast
 
-from dbtbackfill.planner import (
+from dbtbackfill.core.planner import (
     CELL_ORDERS,
     MAX_TENANTS,
     MAX_WINDOWS,
@@ -199,7 +199,7 @@ class BackfillSpec:
     priority: int = 0
 
     def windows(self) -> list[Window]:
-        """The chunks of this backfill, in order (see :func:`dbtbackfill.planner.plan_windows`)."""
+        """The chunks of this backfill, in order (see :func:`dbtbackfill.core.planner.plan_windows`)."""
         return plan_windows(self.start_date, self.end_date, self.chunk_unit, self.chunk_size)
 
     def tenants(self) -> tuple[str | None, ...] | None:

@@ -1,21 +1,32 @@
-"""``make demo``: a real chunked backfill on a local PostgreSQL with demo data, in one command."""
+"""``make demo``: a real chunked backfill on a local PostgreSQL with demo data, in one command.
+
+The backfill itself is the CLI's own ``run_backfill``, handed in by ``dbt-backfill demo``: the
+demo runs exactly what a user types, and the demo package never imports the entry point.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from datetime import date, timedelta
+from typing import Protocol
 
-from dbtbackfill import audit
-from dbtbackfill.cli import run_backfill
-from dbtbackfill.demo import load_demo_data
-from dbtbackfill.localpg import LocalPostgres
-from dbtbackfill.progress import print_history
+from dbtbackfill.core import audit
+from dbtbackfill.demo.data import load_demo_data
+from dbtbackfill.demo.localpg import LocalPostgres
+from dbtbackfill.runner.progress import print_history
 
 DEMO_START = date(2024, 1, 1)
 DEMO_TENANTS = 3
 
 
-def run_demo(database_url: str | None, days: int = 90) -> int:
+class Backfill(Protocol):
+    """The CLI's backfill command (:func:`dbtbackfill.cli.run_backfill`): argv in, exit code out."""
+
+    def __call__(self, argv: Sequence[str] | None = None, prog: str = ...) -> int: ...
+
+
+def run_demo(run_backfill: Backfill, database_url: str | None, days: int = 90) -> int:
     server: LocalPostgres | None = None
     if not database_url:
         print("demo: starting a throwaway PostgreSQL (set DATABASE_URL to use your own)", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The model behind ``kubectl dbf status``: a backfill's days as a calendar of chunk states.
 
-Pure: dates -> grid cells -> state. Rendering (rich) lives in :mod:`dbtbackfill.kubectl_plugin`;
+Pure: dates -> grid cells -> state. Rendering (rich) lives in :mod:`dbtbackfill.kubectl.plugin`;
 this module decides which day sits where and what state it shows, so that can be tested
 without a terminal. Two layouts:
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Final, Literal
 
-from dbtbackfill.planner import Cell, Window, expand_runs
-from dbtbackfill.reconcile import state_from_status
-from dbtbackfill.status import eta
+from dbtbackfill.core.planner import Cell, Window, expand_runs
+from dbtbackfill.operator.reconcile import state_from_status
+from dbtbackfill.operator.status import eta
 
 CellState = Literal["failed", "running", "retrying", "pending", "cancelled", "succeeded"]
 # Legend order, and the order in which an aggregate shows a day: the state that needs
@@ -205,7 +205,7 @@ class Estimate:
 
 
 def estimate(status: Mapping[str, Any] | None, total: int, parallelism: int, now: datetime) -> Estimate:
-    """The operator's own estimate (:func:`dbtbackfill.status.eta`): the mean duration of the
+    """The operator's own estimate (:func:`dbtbackfill.operator.status.eta`): the mean duration of the
     chunks that succeeded (``status.chunkState.durations``) times the waves of ``parallelism``
     chunks still to run. Failed chunks do not count as still to run: they wait for retryFailed."""
     state = state_from_status(status)

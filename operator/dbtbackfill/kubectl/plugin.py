@@ -5,7 +5,7 @@ flags of its own, so ``--namespace/-n``, ``--context`` and ``--kubeconfig`` are 
 resolved as kubectl does: ``--kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config`` (inside
 a Pod, its ServiceAccount); the namespace from ``-n``, else the context's, else ``default``.
 
-- ``status NAME``: the calendar heat map (:mod:`dbtbackfill.calendar_view`), progress, ETA and
+- ``status NAME``: the calendar heat map (:mod:`dbtbackfill.kubectl.calendar_view`), progress, ETA and
   the last failures, all from the backfill's ``.status``.
 - ``retry`` / ``suspend`` / ``resume NAME``: a merge patch of ``spec.retryFailed`` (a new token)
   or ``spec.suspend``, exactly the fields the operator acts on.
@@ -33,12 +33,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dbtbackfill import calendar_view, jobs, lifecycle
-from dbtbackfill.calendar_view import CellState, Chunk, Grid
-from dbtbackfill.kube import GROUP, MERGE_PATCH, PLURAL, VERSION, _api_message
-from dbtbackfill.planner import PlanError
-from dbtbackfill.reconcile import snapshot_ids
-from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
+from dbtbackfill.core.planner import PlanError
+from dbtbackfill.core.spec import BackfillSpec, SpecError, parse_spec
+from dbtbackfill.kubectl import calendar_view
+from dbtbackfill.kubectl.calendar_view import CellState, Chunk, Grid
+from dbtbackfill.operator import jobs
+from dbtbackfill.operator.kube import GROUP, MERGE_PATCH, PLURAL, VERSION, _api_message
+from dbtbackfill.operator.reconcile import snapshot_ids
+from dbtbackfill.runner import lifecycle
 
 PROG: Final = "kubectl dbf"
 EXIT_OK: Final = 0
@@ -438,7 +440,7 @@ def cmd_history(args: argparse.Namespace, namespace: str) -> int:
     """Rows of the backfill's namespace and name: they outlive the object, and a backfill
     deleted and created again under the same name lists both runs (newest first)."""
     from dbtbackfill import cli
-    from dbtbackfill.database_url import DatabaseUrlError
+    from dbtbackfill.core.database_url import DatabaseUrlError
 
     try:
         return cli.show_history(
@@ -452,7 +454,8 @@ def cmd_history(args: argparse.Namespace, namespace: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dbtbackfill import audit, cli
+    from dbtbackfill import cli
+    from dbtbackfill.core import audit
 
     common = _Parser(add_help=False)
     common.add_argument("--namespace", "-n", help="the backfill's namespace (default: the context's)")

@@ -1,6 +1,6 @@
 """One reconcile pass for one DbtBackfill: read, decide (pure), act, record.
 
-The I/O shell around :func:`dbtbackfill.reconcile.decide`: it reads the CR and its Jobs,
+The I/O shell around :func:`dbtbackfill.operator.reconcile.decide`: it reads the CR and its Jobs,
 asks the pure core what to do, creates/deletes Jobs, writes the audit log and patches
 ``.status`` once, with only what changed.
 """
@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
-from dbtbackfill import (
+from dbtbackfill.core.cost import History
+from dbtbackfill.core.planner import Window
+from dbtbackfill.core.spec import BackfillSpec, SpecError, parse_spec, parse_tenant_list, tenant_list_hash
+from dbtbackfill.operator import (
     jobs,
     kube,
     metrics,
@@ -29,16 +32,13 @@ from dbtbackfill import (
     status,
     worker_pools,
 )
-from dbtbackfill.cost import History
-from dbtbackfill.jobs import JobDefaults, Owner
-from dbtbackfill.planner import Window
-from dbtbackfill.policy import JobPolicy
-from dbtbackfill.queue_admission import Member, Verdict
-from dbtbackfill.reconcile import ChunkState, Event, JobView
-from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec, parse_tenant_list, tenant_list_hash
+from dbtbackfill.operator.jobs import JobDefaults, Owner
+from dbtbackfill.operator.policy import JobPolicy
+from dbtbackfill.operator.queue_admission import Member, Verdict
+from dbtbackfill.operator.reconcile import ChunkState, Event, JobView
 
 if TYPE_CHECKING:
-    from dbtbackfill.audit import ExecutionStart
+    from dbtbackfill.core.audit import ExecutionStart
 
 log = logging.getLogger(__name__)
 IDLE_SECONDS: Final = 300.0
@@ -115,7 +115,7 @@ def _execution_start(
 ) -> ExecutionStart:
     """The audit row of the backfill (no parent) or of one chunk attempt of it. A chunk row
     carries its cell's tenant; a matrix backfill's own row has none (it spans its tenants)."""
-    from dbtbackfill import audit
+    from dbtbackfill.core import audit
 
     return audit.ExecutionStart(
         id=execution_id,
@@ -143,7 +143,7 @@ class AuditLog:
         self.max_overflow = max_overflow
 
     def _engine(self) -> Any:
-        from dbtbackfill import audit
+        from dbtbackfill.core import audit
 
         assert self.url is not None
         engine = audit.engine_for(
@@ -158,7 +158,7 @@ class AuditLog:
             return {}
         import sqlalchemy as sa
 
-        from dbtbackfill.audit import BackfillExecution as Row
+        from dbtbackfill.core.audit import BackfillExecution as Row
 
         try:
             with self._engine().connect() as conn:
@@ -173,7 +173,7 @@ class AuditLog:
         """Past completed chunks of exactly ``models``; None when the database cannot be read."""
         if not self.url:
             return None
-        from dbtbackfill import audit
+        from dbtbackfill.core import audit
 
         try:
             return History(*audit.chunk_durations(self._engine(), models))
@@ -184,7 +184,7 @@ class AuditLog:
     def start(self, owner: Owner, spec: BackfillSpec) -> bool:
         if not self.url:
             return True
-        from dbtbackfill import audit
+        from dbtbackfill.core import audit
 
         try:
             audit.record_start(
@@ -201,7 +201,7 @@ class AuditLog:
         """The chunk row of an attempt whose Pod never started (its runner never ran)."""
         if not self.url:
             return
-        from dbtbackfill import audit
+        from dbtbackfill.core import audit
 
         chunk = window.index
         execution_id = jobs.chunk_execution_id(owner, chunk, attempt)
@@ -233,8 +233,8 @@ class AuditLog:
             return True
         import sqlalchemy as sa
 
-        from dbtbackfill import audit
-        from dbtbackfill.audit import BackfillExecution as Row
+        from dbtbackfill.core import audit
+        from dbtbackfill.core.audit import BackfillExecution as Row
 
         parent = jobs.backfill_execution_id(owner)
         try:

@@ -22,10 +22,10 @@ from typing import Any, Final
 
 import kopf
 
-from dbtbackfill import controller, jobs, kube, metrics, reconcile, worker_pools
-from dbtbackfill import status as status_core
-from dbtbackfill.kube import GROUP, PLURAL, VERSION
-from dbtbackfill.spec import SpecError, parse_spec
+from dbtbackfill.core.spec import SpecError, parse_spec
+from dbtbackfill.operator import controller, jobs, kube, metrics, reconcile, worker_pools
+from dbtbackfill.operator import status as status_core
+from dbtbackfill.operator.kube import GROUP, PLURAL, VERSION
 
 FINALIZER_AUDIT_DEADLINE_SECONDS: Final = 30.0
 # A Pod stuck terminating (a lost node) must not keep a deleted backfill forever.

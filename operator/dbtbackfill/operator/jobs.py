@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from dbtbackfill.planner import Cell, Window
-from dbtbackfill.reconcile import JobPhase, JobView
-from dbtbackfill.spec import BackfillSpec
+from dbtbackfill.core.planner import Cell, Window
+from dbtbackfill.core.spec import BackfillSpec
+from dbtbackfill.operator.reconcile import JobPhase, JobView
 
 GROUP: Final = "dbt-backfill.io"
 LABEL_BACKFILL: Final = f"{GROUP}/backfill"

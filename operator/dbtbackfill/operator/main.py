@@ -1,6 +1,6 @@
 """``dbt-backfill operator``: run the kopf operator with metrics, liveness and log format.
 
-Handlers are imported as a module (the equivalent of ``kopf run -m dbtbackfill.handlers``),
+Handlers are imported as a module (the equivalent of ``kopf run -m dbtbackfill.operator.handlers``),
 never by file path, which would put a source folder on ``sys.path``.
 """
 
@@ -52,8 +52,8 @@ def apply_policy_flags(args: argparse.Namespace) -> str | None:
     """Let the CLI flags override the policy's and the worker count's environment variables
     (the handlers read the environment at import), and check the result. Returns the one-line
     error, if any."""
-    from dbtbackfill import policy, worker_pools
-    from dbtbackfill.controller import OperatorConfig
+    from dbtbackfill.operator import policy, worker_pools
+    from dbtbackfill.operator.controller import OperatorConfig
 
     for flag, env in (
         (args.allowed_images, policy.ALLOWED_IMAGES_ENV),
@@ -80,8 +80,8 @@ def run_operator(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when it hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    import dbtbackfill.handlers  # registers the handlers with kopf
-    import dbtbackfill.queue_handlers  # noqa: F401  # and the DbtBackfillQueue's
+    import dbtbackfill.operator.handlers  # registers the handlers with kopf
+    import dbtbackfill.operator.queue_handlers  # noqa: F401  # and the DbtBackfillQueue's
 
     if args.metrics_port:
         start_http_server(args.metrics_port)

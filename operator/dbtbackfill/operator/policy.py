@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from dbtbackfill.spec import BackfillSpec, SpecError
+from dbtbackfill.core.spec import BackfillSpec, SpecError
 
 WAREHOUSE_LABEL: Final = "dbt-backfill.io/warehouse"
 WAREHOUSE_LABEL_VALUE: Final = "true"

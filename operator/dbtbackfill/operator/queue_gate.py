@@ -4,7 +4,7 @@ Why the ceiling holds although kopf reconciles each backfill on its own: every p
 queued backfill takes the queue's lock (one per namespace/queue, in this process), then lists
 the queue's alive chunk Jobs from the API server (label ``dbt-backfill.io/queue``; a list
 without resourceVersion is a consistent read), computes the whole queue's admission
-(:func:`dbtbackfill.queue_admission.verdict_for`) and creates its own admitted Jobs, all
+(:func:`dbtbackfill.operator.queue_admission.verdict_for`) and creates its own admitted Jobs, all
 before it lets go. The next pass, of any member, lists after those creates and counts them.
 Two passes can therefore never both take the last free slot.
 
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from dbtbackfill import jobs, kube, queue_admission, queue_status, status
-from dbtbackfill.jobs import Owner
-from dbtbackfill.queue_admission import Member, QueueSpec, QueueSpecError, Verdict
-from dbtbackfill.reconcile import JobView
+from dbtbackfill.operator import jobs, kube, queue_admission, queue_status, status
+from dbtbackfill.operator.jobs import Owner
+from dbtbackfill.operator.queue_admission import Member, QueueSpec, QueueSpecError, Verdict
+from dbtbackfill.operator.reconcile import JobView
 
 log = logging.getLogger(__name__)
 TERMINAL: Final = frozenset({"Succeeded", "Failed", "Cancelled"})

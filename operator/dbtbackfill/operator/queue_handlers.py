@@ -14,8 +14,8 @@ from typing import Any
 
 import kopf
 
-from dbtbackfill import handlers, kube, queue_gate
-from dbtbackfill.kube import GROUP, QUEUE_PLURAL, VERSION
+from dbtbackfill.operator import handlers, kube, queue_gate
+from dbtbackfill.operator.kube import GROUP, QUEUE_PLURAL, VERSION
 
 # Event types on which the queue's members may see something new: the initial listing (None),
 # the queue appearing or going away. Status-only changes (our own patches) do not count.

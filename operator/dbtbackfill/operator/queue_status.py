@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from dbtbackfill import status as status_core
-from dbtbackfill.queue_admission import WAITING_REASONS, Gate, Member, Verdict, admission_order
-from dbtbackfill.reconcile import Event
+from dbtbackfill.operator import status as status_core
+from dbtbackfill.operator.queue_admission import WAITING_REASONS, Gate, Member, Verdict, admission_order
+from dbtbackfill.operator.reconcile import Event
 
 QUEUED_CONDITION: Final = "Queued"
 ADMITTING_CONDITION: Final = "Admitting"

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from dbtbackfill.planner import Cell, CellPlan, Window, compress_indices, expand_runs
-from dbtbackfill.spec import BackfillSpec, parse_spec
+from dbtbackfill.core.planner import Cell, CellPlan, Window, compress_indices, expand_runs
+from dbtbackfill.core.spec import BackfillSpec, parse_spec
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled"]
 JobPhase = Literal["active", "succeeded", "failed"]
@@ -470,7 +470,7 @@ def blocking_peer(
     overlapping ones created before it that have not started yet, so that of two
     backfills created together exactly one (the older) goes first.
     """
-    from dbtbackfill.spec import overlaps
+    from dbtbackfill.core.spec import overlaps
 
     for peer in sorted(peers, key=lambda p: (p.created, p.name)):
         if peer.name == name or not overlaps(spec, peer.spec, tenants, peer.tenants):

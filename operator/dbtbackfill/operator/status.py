@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, cast
 
-from dbtbackfill.planner import Cell, CellPlan, Window, compress_indices
-from dbtbackfill.reconcile import ChunkState, Phase, failures_to_status, state_to_status
+from dbtbackfill.core.planner import Cell, CellPlan, Window, compress_indices
+from dbtbackfill.operator.reconcile import ChunkState, Phase, failures_to_status, state_to_status
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 CONDITION_TYPES: Final = ("Succeeded", "Running", "Suspended")

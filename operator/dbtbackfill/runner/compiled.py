@@ -333,7 +333,7 @@ class CompiledWindows:
         """Connect with ``connect`` (psycopg keyword arguments) and check ``plans``' statements.
 
         ``verify`` runs in each window's transaction before it commits: a failure it returns rolls
-        the window back (``--verify``, :mod:`dbtbackfill.window_tests`).
+        the window back (``--verify``, :mod:`dbtbackfill.runner.window_tests`).
         """
         import psycopg
         from psycopg.conninfo import make_conninfo

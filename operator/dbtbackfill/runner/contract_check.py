@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from dbtbackfill.compiled import PARAM_END, PARAM_START, WindowDelete, window_delete_hook
+from dbtbackfill.runner.compiled import PARAM_END, PARAM_START, WindowDelete, window_delete_hook
 
 if TYPE_CHECKING:
     import psycopg
@@ -573,7 +573,7 @@ def check(connect: Mapping[str, str], nodes: Sequence[Any]) -> Report:
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from dbtbackfill.compiled import _pg_message
+    from dbtbackfill.runner.compiled import _pg_message
 
     report = Report()
     shapes = [model_shape(n) for n in nodes]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
 
-from dbtbackfill import audit
+from dbtbackfill.core import audit
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

@@ -16,13 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dbtbackfill.planner import Window
+from dbtbackfill.core.planner import Window
 
 if TYPE_CHECKING:
-    from dbtbackfill.audit import BackfillExecution
-    from dbtbackfill.cost import CostReport
-    from dbtbackfill.project import Target
-    from dbtbackfill.runner import BackfillOutcome, WindowResult
+    from dbtbackfill.core.audit import BackfillExecution
+    from dbtbackfill.core.cost import CostReport
+    from dbtbackfill.runner.project import Target
+    from dbtbackfill.runner.session import BackfillOutcome, WindowResult
 
 
 class Reporter:

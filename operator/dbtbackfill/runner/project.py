@@ -305,7 +305,7 @@ def install_packages(project: ProjectFile) -> None:
 
 @dataclass(frozen=True)
 class Resolved:
-    """Everything :class:`dbtbackfill.runner.DbtSession` passes to dbt about where it runs."""
+    """Everything :class:`dbtbackfill.runner.session.DbtSession` passes to dbt about where it runs."""
 
     project: ProjectFile
     profiles_dir: Path

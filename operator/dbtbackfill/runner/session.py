@@ -3,9 +3,9 @@
 Starting dbt costs far more than a window's SQL (about 2.5 s for a fresh ``dbt run``
 against about 0.13 s for an in-process invocation that reuses a parsed manifest), so
 a backfill parses the project once. Models that follow the backfill contract are then
-compiled once and every window runs from that SQL (:mod:`dbtbackfill.compiled`); other
+compiled once and every window runs from that SQL (:mod:`dbtbackfill.runner.compiled`); other
 selections run each window as one ``dbtRunner`` invocation on the parsed manifest.
-Which project, profile and target dbt uses is decided by :mod:`dbtbackfill.project`.
+Which project, profile and target dbt uses is decided by :mod:`dbtbackfill.runner.project`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from dbtbackfill import database_url as database_url_module
-from dbtbackfill.compiled import (
+from dbtbackfill.core import database_url as database_url_module
+from dbtbackfill.core.database_url import ConnectionSettings, DatabaseUrlError
+from dbtbackfill.core.planner import Window
+from dbtbackfill.runner.compiled import (
     CompiledWindows,
     Hook,
     ModelNode,
@@ -33,11 +35,9 @@ from dbtbackfill.compiled import (
     compiled_vars,
     plan_models,
 )
-from dbtbackfill.database_url import ConnectionSettings, DatabaseUrlError
-from dbtbackfill.parse_key import parse_environment, project_connection_reads
-from dbtbackfill.planner import Window
-from dbtbackfill.project import ProjectError, Resolved, Target, find_project_dir, resolve
-from dbtbackfill.window_tests import WindowTests, attached_tests, scope, window_test
+from dbtbackfill.runner.parse_key import parse_environment, project_connection_reads
+from dbtbackfill.runner.project import ProjectError, Resolved, Target, find_project_dir, resolve
+from dbtbackfill.runner.window_tests import WindowTests, attached_tests, scope, window_test
 
 DEFAULT_SCHEMA: Final = "analytics"
 _BOOTSTRAP_LOCK_KEY: Final = 0x64627463  # "dbtc": first creation of the project's tables
@@ -50,7 +50,7 @@ class RunnerError(RuntimeError):
 
 
 def connection_settings(database_url: str) -> ConnectionSettings:
-    """The URL's connection settings (see :mod:`dbtbackfill.database_url`), or RunnerError."""
+    """The URL's connection settings (see :mod:`dbtbackfill.core.database_url`), or RunnerError."""
     try:
         return database_url_module.parse(database_url)
     except DatabaseUrlError as exc:
@@ -212,7 +212,7 @@ def node_label(node: Any) -> str:
 
 
 def model_node(node: Any, nodes: Any) -> ModelNode:
-    """The parts of a compiled dbt model node :mod:`dbtbackfill.compiled` plans with.
+    """The parts of a compiled dbt model node :mod:`dbtbackfill.runner.compiled` plans with.
 
     ``depends_on`` looks through ephemeral models (dbt inlines them) to the models they read.
     """
@@ -279,7 +279,7 @@ class DbtSession:
     """One parsed dbt project, ready to run many windows without parsing again."""
 
     database_url: str
-    #: ``--project-dir``/``--profiles-dir``/``--target``; None: see :mod:`dbtbackfill.project`.
+    #: ``--project-dir``/``--profiles-dir``/``--target``; None: see :mod:`dbtbackfill.runner.project`.
     project_dir: Path | str | None = None
     profiles_dir: Path | str | None = None
     target: str | None = None
@@ -419,7 +419,7 @@ class DbtSession:
     def parse(self) -> None:
         """Parse the project, reusing the saved parse (the image's, or the last run's) when dbt allows.
 
-        The parse sees placeholder host/port/user/password (:mod:`dbtbackfill.parse_key`), so a
+        The parse sees placeholder host/port/user/password (:mod:`dbtbackfill.runner.parse_key`), so a
         parse saved for other credentials but the same database and schema is reused; the
         real credentials are back in the environment before anything connects.
         """
@@ -576,7 +576,7 @@ class DbtSession:
     def window_tests(self, tenant_id: str | None, models: Sequence[str]) -> WindowTests:
         """The data tests attached to ``models``, compiled once, scoped to the window (``$1``/``$2``) and tenant.
 
-        Raises RunnerError when dbt cannot compile them (see :mod:`dbtbackfill.window_tests`).
+        Raises RunnerError when dbt cannot compile them (see :mod:`dbtbackfill.runner.window_tests`).
         """
         if self._manifest is None:
             raise RunnerError("call parse() first")
@@ -702,7 +702,7 @@ def run_windows(
     """Run windows in calendar order; stop at the first failure.
 
     With ``engine="auto"`` and models that follow the backfill contract, dbt compiles them
-    once and every window runs from that SQL (:mod:`dbtbackfill.compiled`); otherwise, or
+    once and every window runs from that SQL (:mod:`dbtbackfill.runner.compiled`); otherwise, or
     with ``engine="dbt"``, each window is one in-process dbt invocation. A table that does not
     exist yet is created by dbt in the first window, then the rest run compiled.
     ``on_engine`` hears which one runs, and why when it is dbt.

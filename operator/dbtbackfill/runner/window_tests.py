@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from dbtbackfill.compiled import _pg_message, _static_hook, window_delete_hook, window_predicate
+from dbtbackfill.runner.compiled import _pg_message, _static_hook, window_delete_hook, window_predicate
 
 if TYPE_CHECKING:
     import psycopg

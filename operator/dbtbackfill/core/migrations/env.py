@@ -1,10 +1,10 @@
-"""Alembic environment: always runs on a connection handed in by ``dbtbackfill.audit.upgrade``."""
+"""Alembic environment: always runs on a connection handed in by ``dbtbackfill.core.audit.upgrade``."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from dbtbackfill.audit import VERSION_TABLE, Base
+from dbtbackfill.core.audit import VERSION_TABLE, Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
