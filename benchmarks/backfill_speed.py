@@ -54,7 +54,7 @@ import psycopg
 
 from dbtbackfill.demo.data import load_demo_data
 from dbtbackfill.demo.localpg import LocalPostgres
-from dbtbackfill.runner.session import RunnerError, dbt_env
+from dbtbackfill.runner.invocation import RunnerError, dbt_env
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_OUT: Final = REPO_ROOT / "benchmarks" / "results" / "backfill_speed.json"

@@ -27,9 +27,10 @@ from dbtbackfill.core import audit, cost, database_url, planner
 from dbtbackfill.core.database_url import DatabaseUrlError
 from dbtbackfill.core.planner import PlanError, Window
 from dbtbackfill.operator.jobs import AUDIT_URL_ENV
-from dbtbackfill.runner import contract_check, lifecycle
+from dbtbackfill.runner import contract_check, cost_estimate, lifecycle
 from dbtbackfill.runner import session as runner
 from dbtbackfill.runner.compiled import NotCompilable
+from dbtbackfill.runner.invocation import RunnerError, connection_settings
 from dbtbackfill.runner.phase_timings import PhaseTimings
 from dbtbackfill.runner.progress import Reporter, print_history
 from dbtbackfill.runner.project import (
@@ -40,6 +41,7 @@ from dbtbackfill.runner.project import (
     read_project,
     write_generated_profile,
 )
+from dbtbackfill.runner.results import BackfillOutcome, WindowResult
 from dbtbackfill.runner.window_tests import WindowTests
 
 if TYPE_CHECKING:
@@ -223,7 +225,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
     try:
         windows, tenant = plan_from_args(args)
         url = resolve_database_url(args.database_url)
-        runner.connection_settings(url)  # the URL's shape and parameters, before any connection attempt
+        connection_settings(url)  # the URL's shape and parameters, before any connection attempt
         check_database(url)
         audit_url = resolve_audit_url(url)
         if audit_url != url:
@@ -274,7 +276,7 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         finally:
             if verify is not None:
                 verify.close()
-    except (UsageError, runner.RunnerError) as exc:
+    except (UsageError, RunnerError) as exc:
         return _fail(prog, str(exc))
     except Exception as exc:  # a bug or an environment we did not foresee: still one line
         return _unexpected(prog, exc, verbose=args.verbose)
@@ -354,7 +356,7 @@ def _cost(
     micro = set(session.microbatch_models(models))
     try:
         nodes = session.compile_params(tenant, [m for m in models if m not in micro])
-        report = cost.window_estimates(session.connect_args(), nodes, windows)
+        report = cost_estimate.window_estimates(session.connect_args(), nodes, windows)
     except NotCompilable as exc:
         report = cost.CostReport(tuple(cost.WindowCost(w, {}) for w in windows), notes=(f"not estimated: {exc}",))
     try:
@@ -401,8 +403,8 @@ def _execute(
         raise UsageError(f"cannot write the audit log backfill_executions: {lifecycle.first_line(exc)}") from None
     timings.mark("audit_started")
     started = time.monotonic()
-    done: list[runner.WindowResult] = []
-    outcome: runner.BackfillOutcome | None = None
+    done: list[WindowResult] = []
+    outcome: BackfillOutcome | None = None
     crash = ""
     with (
         reporter.running(),
@@ -410,7 +412,7 @@ def _execute(
         lifecycle.stop_on_signals() as stop,
     ):
 
-        def window_done(result: runner.WindowResult) -> None:
+        def window_done(result: WindowResult) -> None:
             done.append(result)
             heartbeat.beat()
             reporter.window_done(result)
@@ -606,7 +608,7 @@ def _check(args: argparse.Namespace) -> int:
             if not SELECTOR_RE.match(selector):
                 raise UsageError(f"model selector {selector!r} has characters dbt selectors never use")
         url = resolve_database_url(args.database_url)
-        runner.connection_settings(url)
+        connection_settings(url)
         check_database(url)
         session = runner.DbtSession(
             url, project_dir=args.project_dir, profiles_dir=args.profiles_dir, target=args.target, quiet=True
@@ -614,7 +616,7 @@ def _check(args: argparse.Namespace) -> int:
         session.parse()
         models = session.select_models(args.models)
         report = _contract_report(session, url, models, None)
-    except (UsageError, runner.RunnerError, NotCompilable) as exc:
+    except (UsageError, RunnerError, NotCompilable) as exc:
         return _fail(prog, str(exc))
     finally:
         if session is not None:

@@ -7,6 +7,6 @@
 - :mod:`~dbtbackfill.core.cost`: source rows and ETA before launch (pure);
 - :mod:`~dbtbackfill.core.database_url`: one parser for every database URL.
 
-Imports only the standard library, third-party packages and other ``core`` modules: nothing in
-here knows about dbt sessions, kopf or the command line.
+May import only the standard library, third-party packages and other ``core`` modules: nothing
+in here knows about dbt sessions, kopf or the command line.
 """

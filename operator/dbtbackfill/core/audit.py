@@ -367,3 +367,13 @@ def chunk_durations(engine: sa.Engine, models: Sequence[str], limit: int = 500) 
     with engine.connect() as conn:
         chunks, days, seconds = conn.execute(query).one().tuple()
     return int(chunks), int(days or 0), float(seconds or 0.0)
+
+
+def completed_records(engine: sa.Engine, parent_id: uuid.UUID) -> int:
+    """The rows the completed chunks of one backfill (``parent_id``) processed, summed."""
+    row = BackfillExecution
+    total = sa.func.coalesce(sa.func.sum(row.records_processed), 0)
+    query = sa.select(total).where(row.parent_id == parent_id, row.status == "completed")
+    with engine.connect() as conn:
+        records: Any = conn.execute(query).scalar_one()
+    return int(records)

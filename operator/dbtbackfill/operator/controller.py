@@ -231,26 +231,17 @@ class AuditLog:
     def finish(self, owner: Owner, outcome: str, seconds: float | None, message: str | None) -> bool:
         if not self.url:
             return True
-        import sqlalchemy as sa
-
         from dbtbackfill.core import audit
-        from dbtbackfill.core.audit import BackfillExecution as Row
 
         parent = jobs.backfill_execution_id(owner)
         try:
             engine = self._engine()
-            with engine.connect() as conn:
-                records = conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(Row.records_processed), 0)).where(
-                        Row.parent_id == parent, Row.status == "completed"
-                    )
-                ).scalar_one()
             audit.record_finish(
                 engine,
                 parent,
                 outcome,  # type: ignore[arg-type]
                 duration_seconds=seconds,
-                records_processed=int(records),
+                records_processed=audit.completed_records(engine, parent),
                 error_message=message,
             )
             return True

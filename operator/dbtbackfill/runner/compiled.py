@@ -345,7 +345,7 @@ class CompiledWindows:
             prepare_threshold=cls.PREPARE_THRESHOLD,
         )
         try:
-            prepared = [cls._prepare(conn, plan, tenant_id, n) for n, plan in enumerate(plans)]
+            prepared = [_prepare(conn, plan, tenant_id, n) for n, plan in enumerate(plans)]
             conn.rollback()  # the checks wrote nothing; end their transaction
         except psycopg.Error as e:  # SQL the server rejects: dbt reports it in its own words
             conn.close()
@@ -354,46 +354,6 @@ class CompiledWindows:
             conn.close()
             raise
         return cls(conn, prepared, verify)
-
-    @staticmethod
-    def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None, ordinal: int) -> _Prepared:
-        table_columns = [
-            str(row[0])
-            for row in conn.execute(
-                "select column_name from information_schema.columns"
-                " where table_schema = $1 and table_name = $2 order by ordinal_position",
-                (plan.schema, plan.table),
-            )
-        ]
-        if not table_columns:
-            raise TableMissing(f"table {plan.relation} does not exist yet")
-        probe = date(2000, 1, 1)
-        with conn.cursor() as cur:
-            cur.execute(probe_sql(plan).encode(), (probe, probe))
-            model_columns = [c.name for c in cur.description or ()]
-        drift = column_drift(plan, model_columns, table_columns)
-        if drift is not None:
-            raise NotCompilable(drift)
-        statements: list[tuple[str, bool]] = []
-        for hook in plan.pre_hooks:
-            if isinstance(hook, WindowDelete):
-                statements.append((window_delete_sql(plan, hook, tenant_id), True))
-            else:
-                statements.append((hook, False))
-        temp = temp_relation(plan, ordinal)
-        create = temp_table_sql(plan, temp)
-        delete, insert = delete_insert_sql(plan, temp, table_columns)
-        statements += [(create, True), (delete, False), (insert, False)]
-        window = (probe, probe)
-        for sql, takes_window in statements:
-            if takes_window:  # planned, not run: a bad column or type fails here
-                conn.execute(f"explain {sql}".encode(), window)
-        # The delete and the insert read the temporary table: create it empty to check them too
-        # (open() rolls this transaction back).
-        conn.execute(f"{create} with no data".encode(), window)
-        for sql in (delete, insert):
-            conn.execute(f"explain {sql}".encode())
-        return _Prepared(plan, tuple(statements))
 
     def run(self, start: date, end: date) -> tuple[list[tuple[str, int]], str | None]:
         """Replace one window in one transaction: ``[(model, rows inserted)]`` and an error or None.
@@ -434,6 +394,46 @@ class CompiledWindows:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _prepare(conn: psycopg.Connection[Any], plan: ModelPlan, tenant_id: str | None, ordinal: int) -> _Prepared:
+    table_columns = [
+        str(row[0])
+        for row in conn.execute(
+            "select column_name from information_schema.columns"
+            " where table_schema = $1 and table_name = $2 order by ordinal_position",
+            (plan.schema, plan.table),
+        )
+    ]
+    if not table_columns:
+        raise TableMissing(f"table {plan.relation} does not exist yet")
+    probe = date(2000, 1, 1)
+    with conn.cursor() as cur:
+        cur.execute(probe_sql(plan).encode(), (probe, probe))
+        model_columns = [c.name for c in cur.description or ()]
+    drift = column_drift(plan, model_columns, table_columns)
+    if drift is not None:
+        raise NotCompilable(drift)
+    statements: list[tuple[str, bool]] = []
+    for hook in plan.pre_hooks:
+        if isinstance(hook, WindowDelete):
+            statements.append((window_delete_sql(plan, hook, tenant_id), True))
+        else:
+            statements.append((hook, False))
+    temp = temp_relation(plan, ordinal)
+    create = temp_table_sql(plan, temp)
+    delete, insert = delete_insert_sql(plan, temp, table_columns)
+    statements += [(create, True), (delete, False), (insert, False)]
+    window = (probe, probe)
+    for sql, takes_window in statements:
+        if takes_window:  # planned, not run: a bad column or type fails here
+            conn.execute(f"explain {sql}".encode(), window)
+    # The delete and the insert read the temporary table: create it empty to check them too
+    # (open() rolls this transaction back).
+    conn.execute(f"{create} with no data".encode(), window)
+    for sql in (delete, insert):
+        conn.execute(f"explain {sql}".encode())
+    return _Prepared(plan, tuple(statements))
 
 
 def _succeeded(cur: psycopg.Cursor[Any]) -> bool:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from dbtbackfill.core.audit import BackfillExecution
     from dbtbackfill.core.cost import CostReport
     from dbtbackfill.runner.project import Target
-    from dbtbackfill.runner.session import BackfillOutcome, WindowResult
+    from dbtbackfill.runner.results import BackfillOutcome, WindowResult
 
 
 class Reporter:
