@@ -2,8 +2,8 @@
 
 - :mod:`~dbtbackfill.runner.session`: :class:`~dbtbackfill.runner.session.DbtSession` (one dbt
   project, parsed once) and :func:`~dbtbackfill.runner.session.run_windows`; the session's parts
-  live in :mod:`~dbtbackfill.runner.manifest`, :mod:`~dbtbackfill.runner.invocation` and
-  :mod:`~dbtbackfill.runner.results`;
+  live in :mod:`~dbtbackfill.runner.manifest`, :mod:`~dbtbackfill.runner.invocation`,
+  :mod:`~dbtbackfill.runner.results` and :mod:`~dbtbackfill.runner.compile_once`;
 - :mod:`~dbtbackfill.runner.compiled`: the compiled engine (each model compiled once, every window
   runs from that SQL); :mod:`~dbtbackfill.runner.contract_check`: which models it may run;
 - :mod:`~dbtbackfill.runner.project`: which dbt project, profile and target;
