@@ -26,6 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
+class BenchmarkError(RuntimeError):
+    """A measured run failed or did not do what it is meant to measure: its numbers would be meaningless."""
+
+
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -142,8 +146,13 @@ def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path 
     return path
 
 
-def publish(name: str, data: dict[str, Any], markdown: Callable[[dict[str, Any]], str], out_dir: Path) -> None:
-    """Stamp ``measured_at``, write both files (`write_results`) and print the Markdown."""
+def publish(
+    name: str, data: dict[str, Any], markdown: Callable[[dict[str, Any]], str], out_dir: Path = RESULTS_DIR
+) -> None:
+    """Stamp ``measured_at``, write both files (`write_results`) and print the Markdown.
+
+    ``markdown`` gets the data as stored, so the stored JSON always renders to the stored Markdown.
+    """
     data["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     path = write_results(name, data, markdown(data), out_dir)
     print((out_dir / f"{name}.md").read_text())
@@ -151,8 +160,10 @@ def publish(name: str, data: dict[str, Any], markdown: Callable[[dict[str, Any]]
 
 
 class Stopwatch:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
+    """Seconds since it was made, on the monotonic high-resolution clock, rounded for the results."""
 
-    def seconds(self) -> float:
-        return round(time.monotonic() - self.started, 2)
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self, digits: int = 2) -> float:
+        return round(time.perf_counter() - self.started, digits)

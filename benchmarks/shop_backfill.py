@@ -36,7 +36,6 @@ import psycopg
 
 from benchmarks.backfill_speed.commands import (
     SUMMARY_RE,
-    BenchmarkError,
     Workdir,
     dbt_executable,
     r3,
@@ -45,7 +44,7 @@ from benchmarks.backfill_speed.commands import (
 )
 from benchmarks.backfill_speed.report import environment_info
 from benchmarks.backfill_speed.run import stop_server
-from benchmarks.recording import REPO_ROOT, RESULTS_DIR, load_average, log, write_results
+from benchmarks.recording import REPO_ROOT, RESULTS_DIR, BenchmarkError, load_average, log, publish
 from dbtbackfill.localpg import LocalPostgres
 from tests.support.shop_data import load_shop_data, shop_env
 
@@ -200,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stop_server(server)
         shutil.rmtree(scratch, ignore_errors=True)
-    write_results(opts.out.stem, results, render_markdown(results), opts.out.parent)
+    publish(opts.out.stem, results, render_markdown, opts.out.parent)
     log(f"naive / cli = {results['ratio']['naive_over_cli']}x; wrote {opts.out}")
     return 0 if results["ratio"]["met"] else 1
 

@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import IO, Final
 
-from benchmarks.recording import REPO_ROOT
+from benchmarks.recording import REPO_ROOT, BenchmarkError
 
 START_DATE: Final = date(2024, 1, 1)
 
@@ -35,10 +35,6 @@ PLAN_PREFIX: Final = "plan: "
 ENGINE_PREFIX: Final = "engine: "
 ENGINE_COMPILED: Final = "compiled"
 ENGINE_DBT: Final = "dbt"
-
-
-class BenchmarkError(RuntimeError):
-    """A measured command failed: the numbers would be meaningless."""
 
 
 @dataclass(frozen=True)

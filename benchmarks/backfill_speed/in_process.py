@@ -18,9 +18,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks.backfill_speed.commands import BenchmarkError, Workdir, r3
+from benchmarks.backfill_speed.commands import Workdir, r3
 from benchmarks.backfill_speed.phase_timer import PHASES, PhaseTimer
-from benchmarks.recording import log, nearest_rank
+from benchmarks.recording import BenchmarkError, log, nearest_rank
 
 
 def profile_in_process(

@@ -24,7 +24,6 @@ from typing import Any, Final
 from benchmarks.backfill_speed.commands import (
     ENGINE_DBT,
     START_DATE,
-    BenchmarkError,
     Workdir,
     dbt_run_argv,
     r3,
@@ -42,7 +41,7 @@ from benchmarks.backfill_speed.report import (
     verdicts,
 )
 from benchmarks.backfill_speed.variants import Unchunked, measure_cli, measure_imports, measure_naive
-from benchmarks.recording import RESULTS_DIR, load_average, log, write_results
+from benchmarks.recording import RESULTS_DIR, BenchmarkError, load_average, log, publish
 from dbtbackfill.demo import load_demo_data
 from dbtbackfill.localpg import LocalPostgres
 from dbtbackfill.runner import RunnerError, dbt_env
@@ -275,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         signal.signal(signal.SIGINT, previous)
 
-    write_results(opts.out.stem, results, render_markdown(results), opts.out.parent)
-    print(opts.out.with_suffix(".md").read_text())
+    publish(opts.out.stem, results, render_markdown, opts.out.parent)
     targets = results["ratios"]["targets"]
     log(
         f"(3)/(1) = {results['ratios']['cli_over_unchunked']:.2f}x (target <= {MAX_CLI_OVER_UNCHUNKED}x: "

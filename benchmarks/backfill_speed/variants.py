@@ -23,7 +23,6 @@ from benchmarks.backfill_speed.commands import (
     PLAN_PREFIX,
     SUMMARY_RE,
     WINDOW_RE,
-    BenchmarkError,
     Workdir,
     cli_argv,
     dbt_run_argv,
@@ -34,7 +33,7 @@ from benchmarks.backfill_speed.commands import (
     sample_days,
     shown,
 )
-from benchmarks.recording import load_average, log, median, nearest_rank
+from benchmarks.recording import BenchmarkError, load_average, log, median, nearest_rank
 
 #: (1) is run in these slots, round robin, so that its median sees the same drifting machine load as (2) and (3).
 UNCHUNKED_SLOTS: Final = ("before (2)", "between (2) and (3)", "after (3)")
