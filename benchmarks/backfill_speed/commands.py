@@ -23,6 +23,9 @@ from typing import IO, Final
 from benchmarks.recording import REPO_ROOT, BenchmarkError
 
 START_DATE: Final = date(2024, 1, 1)
+#: What the commands need of the repository: the project, the dbt package it installs (``local:
+#: ../dbt-package``), and the CLI's entry point.
+SNAPSHOT: Final = ("analytics", "dbt-package", "scripts")
 
 SUMMARY_RE: Final = re.compile(
     r"backfill (?P<verdict>completed|FAILED): (?P<done>\d+)/(?P<planned>\d+) window\(s\)"
@@ -51,14 +54,14 @@ class Workdir:
 
 
 def snapshot_project(dest: Path) -> str:
-    """Copy ``analytics/`` and ``scripts/`` to ``dest``; returns what was copied.
+    """Copy ``analytics/``, the ``dbt-package/`` it installs and ``scripts/`` to ``dest``; returns what was copied.
 
     The commands run against a snapshot, not the live tree: other people's runs leave
     untracked models in ``analytics/models`` and write to ``analytics/target``.
     """
     try:
         listed = subprocess.run(
-            ["git", "ls-files", "-z", "--", "analytics", "scripts"], cwd=REPO_ROOT, capture_output=True, check=True
+            ["git", "ls-files", "-z", "--", *SNAPSHOT], cwd=REPO_ROOT, capture_output=True, check=True
         ).stdout.decode()
     except (OSError, subprocess.CalledProcessError):
         listed = ""
@@ -67,11 +70,16 @@ def snapshot_project(dest: Path) -> str:
         for rel in files:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO_ROOT / rel, dest / rel)
-        return "git-tracked files of analytics/ and scripts/ (working-tree content)"
-    for name in ("analytics", "scripts"):
+        return f"git-tracked files of {', '.join(f'{name}/' for name in SNAPSHOT)} (working-tree content)"
+    for name in SNAPSHOT:
         ignore = shutil.ignore_patterns("target", "logs", "dbt_packages", "__pycache__")
         shutil.copytree(REPO_ROOT / name, dest / name, ignore=ignore)
-    return "analytics/ and scripts/ without target/, logs/, dbt_packages/"
+    return f"{', '.join(f'{name}/' for name in SNAPSHOT)} without target/, logs/, dbt_packages/"
+
+
+def dbt_deps_argv() -> list[str]:
+    """``dbt deps`` in the snapshot: a plain ``dbt run`` needs the packages the project declares."""
+    return [*dbt_executable(), "deps", "--project-dir", "analytics", "--profiles-dir", "analytics"]
 
 
 @dataclass(frozen=True)

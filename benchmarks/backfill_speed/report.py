@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import psycopg
 
+from benchmarks.backfill_speed.commands import SNAPSHOT
 from benchmarks.recording import git, load_average
 
 #: The project's targets: the chunked CLI within 1.5x of one unchunked run, and 10x faster than a per-day loop.
@@ -25,7 +26,7 @@ def environment_info(url: str) -> dict[str, Any]:
     with psycopg.connect(url) as conn:
         server = conn.execute("show server_version").fetchone()
     commit = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "operator", "analytics", "scripts")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "operator", *SNAPSHOT)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": commit or None,

@@ -25,6 +25,7 @@ from benchmarks.backfill_speed.commands import (
     ENGINE_DBT,
     START_DATE,
     Workdir,
+    dbt_deps_argv,
     dbt_run_argv,
     r3,
     run_timed,
@@ -171,6 +172,8 @@ def benchmark(opts: Options, url: str, scratch: Path) -> dict[str, Any]:
     project.mkdir()
     copied = snapshot_project(project)
     work = Workdir(cwd=project, env=subprocess_env(url, scratch), target=scratch / "target")
+    deps = run_timed(dbt_deps_argv(), work, "dbt deps")
+    log(f"dbt deps in the snapshot (not counted): {deps.wall_seconds:.2f}s")
 
     # Each variant has its own dbt target dir, warmed by one uncounted run: (1) then finds the
     # partial parse of its own vars, and each CLI run the parse its warm-up saved.
