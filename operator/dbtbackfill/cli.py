@@ -1,8 +1,9 @@
 """Command line: the seed's ``run_dbt_backfill`` contract and the ``dbt-backfill`` tool.
 
 Exit codes: 0 every window succeeded; 1 a window (or dbt) failed; 2 bad input or
-an unusable environment (nothing was written), or a run refused before it touched any data
-(recorded as a failed execution when it has an ``--execution-id``: see :class:`Refusal`).
+an unusable environment (nothing was written); 3 a run refused before it touched any data, which
+would be refused again however often it ran (recorded as a failed execution when it has an
+``--execution-id``: see :class:`Refusal`); 130/143 stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from dbtbackfill import audit, contract_check, cost, database_url, lifecycle, planner, runner
+from dbtbackfill import audit, contract_check, cost, database_url, jobs, lifecycle, planner, runner
 from dbtbackfill.compiled import NotCompilable
 from dbtbackfill.database_url import DatabaseUrlError
 from dbtbackfill.jobs import AUDIT_URL_ENV
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# Refused for good: the operator fails such a chunk at once instead of retrying it (a Job
+# podFailurePolicy rule, see jobs.py), while 1 and 2 (a database that was unreachable) retry.
+EXIT_REFUSED = jobs.EXIT_REFUSED
 
 # dbt selectors: names, paths, tags, graph operators; never quotes, spaces or shell syntax, and
 # never a leading "-", which would turn a selector into a runner option (--tenant-id=...).
@@ -59,9 +63,10 @@ class UsageError(Exception):
 
 class Refusal(UsageError):
     """A well-formed run the runner will not start: the contract check refused a model, or a
-    microbatch model under ``--tenant-id``. Exit code 2 and no data touched, like bad input; but
-    the run was real (an operator chunk, say), so with ``--execution-id`` its audit row records
-    it as failed with this text, where ``history`` and the operator's status find why."""
+    microbatch model under ``--tenant-id``. One line and no data touched, like bad input, but
+    exit code 3: it would be refused again on every retry. The run was real (an operator chunk,
+    say), so with ``--execution-id`` its audit row records it as failed with this text, where
+    ``history`` and the operator's status find why."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,9 +75,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _fail(prog: str, message: str) -> int:
+def _fail(prog: str, message: str, code: int = EXIT_USAGE) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
 def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -272,6 +277,8 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
         finally:
             if verify is not None:
                 verify.close()
+    except Refusal as exc:
+        return _fail(prog, str(exc), EXIT_REFUSED)
     except (UsageError, runner.RunnerError) as exc:
         return _fail(prog, str(exc))
     except Exception as exc:  # a bug or an environment we did not foresee: still one line
