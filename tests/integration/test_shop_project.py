@@ -290,7 +290,7 @@ def test_microbatch_models_get_each_windows_event_time_bounds(
     revenue_rows = query(url, "select * from jaffle.daily_store_revenue order by 1, 2")
     chunk = uuid.uuid4()
     assert run_cli(*RANGE, "--tenant-id", "brooklyn", "--execution-id", str(chunk),
-                   "--project-dir", str(shop_layout)) == 2  # fmt: skip
+                   "--project-dir", str(shop_layout)) == EXIT_REFUSED  # fmt: skip
     [refused] = err_lines(capfd)
     assert refused == line
     *_, row = audit_rows(url)
