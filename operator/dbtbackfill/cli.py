@@ -269,8 +269,9 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
             print(f"verify: {len(verify.tests)} data test(s) of {scoped} model(s), per window", file=sys.stderr)
         if args.dry_run:
             reporter.engine(runner.describe_engine(session, tenant, models, args.engine, len(windows)))
-            reporter.cost(_cost(session, audit_url, windows, tenant, models, args.models or models))
-            return _dry_run(session, windows, tenant, args.models, reporter)
+            estimate = _cost(session, audit_url, windows, tenant, models, args.models or models)
+            reporter.cost(estimate)
+            return _dry_run(args, audit_url, session, windows, tenant, models, reporter, estimate)
         timings.mark("planned")
         try:
             return _execute(args, audit_url, session, windows, tenant, models, reporter, verify, timings)
@@ -370,15 +371,42 @@ def _cost(
 
 
 def _dry_run(
+    args: argparse.Namespace,
+    audit_url: str,
     session: runner.DbtSession,
     windows: list[Window],
     tenant: str | None,
-    selectors: list[str],
+    models: list[str],
     reporter: Reporter,
+    estimate: cost.CostReport,
 ) -> int:
-    result = session.compile(windows[0], tenant, selectors)
+    started = time.monotonic()
+    result = session.compile(windows[0], tenant, args.models)
     reporter.dry_run_done(result)
+    if args.execution_id is not None:  # an operator chunk: its estimate goes where the operator reads it
+        start = dataclasses.replace(_execution_start(args, session, windows, tenant, models), dry_run=True)
+        _record_estimate(audit_url, start, result, round(time.monotonic() - started, 3), estimate.total_rows)
     return EXIT_OK if result.success else EXIT_FAILED
+
+
+def _record_estimate(
+    audit_url: str, start: audit.ExecutionStart, result: runner.WindowResult, seconds: float, rows: int
+) -> None:
+    """A dry run's audit row: ``completed`` (or ``failed``: the compile failed), 0 records, and
+    its estimated source rows. Only the audit table is written, never data; a row that cannot be
+    written is said in one line and leaves the dry run's outcome as it was."""
+    status: audit.Status = "completed" if result.success else "failed"
+    try:
+        engine = audit.engine_for(audit_url)
+        audit.ensure_schema(engine)
+        audit.record_start(engine, start)
+        audit.record_finish(
+            engine, start.id, status, duration_seconds=seconds, records_processed=0,
+            error_message=None if result.success else result.error, estimated_source_rows=rows,
+        )  # fmt: skip
+    except Exception as exc:  # the estimate was printed; the status summary will miss this cell
+        print(f"warning: the dry run's estimate was not recorded in audit row {start.id}: "
+              f"{lifecycle.first_line(exc)}", file=sys.stderr)  # fmt: skip
 
 
 def _execute(
