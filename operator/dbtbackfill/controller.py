@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import kopf
 
 from dbtbackfill import (
+    cost,
     jobs,
     kube,
     metrics,
@@ -29,7 +30,7 @@ from dbtbackfill import (
     status,
     worker_pools,
 )
-from dbtbackfill.cost import History
+from dbtbackfill.cost import CellEstimate, History
 from dbtbackfill.jobs import JobDefaults, Owner
 from dbtbackfill.planner import Window
 from dbtbackfill.policy import JobPolicy
@@ -179,6 +180,19 @@ class AuditLog:
             return History(*audit.chunk_durations(self._engine(), models))
         except Exception as exc:  # an estimate is never worth failing a pass for
             log.warning("audit: cannot read past chunk durations for the dry run's estimate: %s", exc)
+            return None
+
+    def estimates(self, owner: Owner) -> tuple[int, int, CellEstimate | None] | None:
+        """(cells, total rows, largest cell) the backfill's dry-run chunks recorded; None when
+        the database cannot be read."""
+        if not self.url:
+            return None
+        from dbtbackfill import audit
+
+        try:
+            return audit.dry_run_estimates(self._engine(), jobs.backfill_execution_id(owner))
+        except Exception as exc:  # an estimate is never worth failing a pass for
+            log.warning("audit: cannot read the dry-run chunks' estimates: %s", exc)
             return None
 
     def start(self, owner: Owner, spec: BackfillSpec) -> bool:
@@ -591,7 +605,8 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     if tenant_block is not None:
         new["tenants"] = tenant_block
     if spec.dry_run:
-        new["costEstimate"] = _cost_estimate(previous, generation, spec, windows, auditlog)
+        settled = len(decision.state.succeeded) + len(decision.state.failed)
+        new["costEstimate"] = _cost_estimate(previous, generation, spec, windows, auditlog, owner, settled)
     new["retryFailedObserved"] = spec.retry_failed or ""
     if queued is not None:
         new = queue_status.with_queue(new, queued.verdict, spec.priority, previous, generation, now)
@@ -663,25 +678,41 @@ def _patched_status(
 
 
 def _cost_estimate(
-    previous: Mapping[str, Any], generation: int | None, spec: BackfillSpec, cells: Sequence[Window], auditlog: AuditLog
+    previous: Mapping[str, Any],
+    generation: int | None,
+    spec: BackfillSpec,
+    cells: Sequence[Window],
+    auditlog: AuditLog,
+    owner: Owner,
+    settled: int,
 ) -> dict[str, Any]:
     """A dry run's ETA for the real run: past completed chunks of the same models, per day, over
-    this plan's cells and parallelism (read once per generation). Each cell's source-row
-    estimate is in its dry-run chunk's log."""
+    this plan's cells and parallelism (read once per generation); and the source rows the
+    dry-run chunks estimated and recorded in their audit rows (total, the largest cell), read
+    again whenever more cells have ``settled`` (finished) since the last read."""
     prior = previous.get("costEstimate") or {}
-    if prior.get("observedGeneration") == generation and prior.get("estimatedSeconds") is not None:
-        return dict(prior)  # without past chunks (or a readable audit log) it is looked up again
-    history = auditlog.durations(spec.models)
-    days = sum(c.days for c in cells)
-    per_day = history.seconds_per_day if history else None
-    seconds = None if per_day is None else round(per_day * days / spec.parallelism, 1)
-    return {
-        "observedGeneration": generation,
-        "cells": len(cells),
-        "days": days,
-        "estimatedSeconds": seconds,
-        "pastChunks": history.chunks if history else 0,
-    }
+    same = prior.get("observedGeneration") == generation
+    if same and prior.get("estimatedSeconds") is not None:
+        out = dict(prior)  # without past chunks (or a readable audit log) it is looked up again
+    else:
+        history = auditlog.durations(spec.models)
+        days = sum(c.days for c in cells)
+        per_day = history.seconds_per_day if history else None
+        seconds = None if per_day is None else round(per_day * days / spec.parallelism, 1)
+        out = {
+            "observedGeneration": generation,
+            "cells": len(cells),
+            "days": days,
+            "estimatedSeconds": seconds,
+            "pastChunks": history.chunks if history else 0,
+        }
+        if same:  # keep the estimates read so far this generation
+            out.update({k: prior[k] for k in cost.ESTIMATE_FIELDS if k in prior})
+    if not same or prior.get("settledCellsRead") != settled:
+        recorded = auditlog.estimates(owner)
+        if recorded is not None:
+            out.update(cost.estimates_summary(*recorded), settledCellsRead=settled)
+    return out
 
 
 def _audit_pending(new: Mapping[str, Any]) -> bool:

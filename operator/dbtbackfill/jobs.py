@@ -28,6 +28,12 @@ LABEL_WINDOW_START: Final = f"{GROUP}/window-start"
 LABEL_WINDOW_END: Final = f"{GROUP}/window-end"
 # The DbtBackfillQueue that admitted the Job: admission counts a queue's Jobs by this label.
 LABEL_QUEUE: Final = f"{GROUP}/queue"
+CONTAINER: Final = "dbt"
+#: The runner's exit code for a chunk refused for good (the contract check, a microbatch model
+#: under a tenant): the Job's podFailurePolicy fails the Job on it with reason
+#: ``PodFailurePolicy``, and the operator fails the chunk at once instead of retrying it.
+EXIT_REFUSED: Final = 3
+REFUSED_REASON: Final = "PodFailurePolicy"
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
 ANNOTATION_TENANT: Final = f"{GROUP}/tenant"
 ALL_TENANTS: Final = "all"
@@ -207,7 +213,7 @@ def audit_env(defaults: JobDefaults) -> list[dict[str, Any]]:
 def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, defaults: JobDefaults) -> dict[str, Any]:
     """The batch/v1 Job for one chunk attempt (ownerReferences are added by the caller)."""
     container: dict[str, Any] = {
-        "name": "dbt",
+        "name": CONTAINER,
         "image": spec.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
         # args, not command: the image's entrypoint (tini) stays PID 1 and forwards SIGTERM.
@@ -255,6 +261,16 @@ def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, de
         # Retries belong to the operator (with backoff, audit and status); a pod-level retry
         # would rerun the chunk behind its back under the same attempt number.
         "backoffLimit": 0,
+        # Marks a refusal on the Job itself (its Failed condition's reason), so the operator
+        # knows from the Job alone that a retry would be refused again.
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_REFUSED]},
+                }
+            ]
+        },
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds:
@@ -298,12 +314,14 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     phase: JobPhase
     message = None
+    refused = False
     failure = conditions.get("Failed") or conditions.get("FailureTarget")
     if status.get("succeeded") or "Complete" in conditions:
         phase = "succeeded"
     elif status.get("failed") or failure:
         phase = "failed"
         message = (failure or {}).get("message") or "the chunk's Job failed"
+        refused = (failure or {}).get("reason") == REFUSED_REASON
     else:
         phase = "active"
     # The Job controller counts a Pod being deleted as failed while it still runs, and (since
@@ -322,6 +340,7 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
         deleting=bool(meta.get("deletionTimestamp")),
         created=_time(meta.get("creationTimestamp")),
         alive=alive,
+        refused=refused,
     )
 
 

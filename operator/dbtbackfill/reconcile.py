@@ -46,6 +46,7 @@ class JobView:
     alive: bool = False  # a Pod of it may still run (active, terminating, or not yet settled)
     pod_started: bool = True  # some Pod of it got a container running (or finished)
     start_problem: str | None = None  # why no Pod started, when none did
+    refused: bool = False  # the runner refused the chunk for good (exit 3): a retry would be refused too
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _absorb(
             message = (job.message or "chunk Job failed").strip()[:MAX_MESSAGE_CHARS]
             recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now, tenant_in(window))]
             recent = recent[-MAX_RECENT_FAILURES:]
-            if tries <= spec.retry_limit:
+            if tries <= spec.retry_limit and not job.refused:
                 delay = spec.backoff_for(tries)
                 retry_at[job.chunk] = now + timedelta(seconds=delay)
                 events.append(
@@ -239,7 +240,9 @@ def _absorb(
                     Event(
                         "Warning",
                         "ChunkFailed",
-                        f"chunk {job.chunk} ({describe(window)}) failed after {tries} attempt(s): {message[:200]}",
+                        f"chunk {job.chunk} ({describe(window)}) "
+                        + ("was refused, not retried" if job.refused else f"failed after {tries} attempt(s)")
+                        + f": {message[:200]}",
                     )
                 )
     new_state = ChunkState(

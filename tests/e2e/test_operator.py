@@ -187,11 +187,15 @@ def audit_rows(url: str, name: str) -> list[dict[str, Any]]:
         return list(cur.fetchall())
 
 
-def event_reasons(client: kubernetes.client.ApiClient, namespace: str, name: str) -> set[str]:
+def events_of(client: kubernetes.client.ApiClient, namespace: str, name: str) -> list[Any]:
     events = kubernetes.client.CoreV1Api(client).list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=DbtBackfill"
     )
-    return {e.reason for e in events.items}
+    return list(events.items)
+
+
+def event_reasons(client: kubernetes.client.ApiClient, namespace: str, name: str) -> set[str]:
+    return {e.reason for e in events_of(client, namespace, name)}
 
 
 def assert_events(client: kubernetes.client.ApiClient, namespace: str, name: str, *reasons: str) -> None:
@@ -327,8 +331,18 @@ def test_a_chunk_the_contract_check_refuses_fails_with_the_refusal_in_the_status
         " unique_key=['tenant_id', 'order_id'], pre_hook=\"{{ backfill_delete_window('ordered_at') }}\") }}\n"
         "select tenant_id, order_id, ordered_at, amount from {{ source('raw', 'orders') }}\n"
     )
-    create(kube_client, backfill(namespace, "refused", "2024-01-05", "2024-01-05", retry={"limit": 0}))
+    # Retries allowed, yet the refusal (exit 3) would recur on each: the chunk fails on its first attempt.
+    create(kube_client, backfill(namespace, "refused", "2024-01-05", "2024-01-05",
+                                 retry={"limit": 2, "backoffSeconds": 1}))  # fmt: skip
     status = wait_phase(kube_client, operator, namespace, "refused", "Failed", timeout=600)
+    [job] = jobs_of(kube_client, namespace, "refused")
+    assert job["metadata"]["labels"]["dbt-backfill.io/attempt"] == "1"
+    failed = {c["type"]: c for c in job["status"]["conditions"]}["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "PodFailurePolicy")
+    assert "exit code 3" in failed["message"]
+    assert_events(kube_client, namespace, "refused", "ChunkFailed")
+    [chunk_failed] = [e for e in events_of(kube_client, namespace, "refused") if e.reason == "ChunkFailed"]
+    assert "was refused, not retried" in chunk_failed.message
 
     refusal = "model zz_e2e_no_window: never reads the window"
     [failure] = status["recentFailures"]

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbtbackfill import jobs
-from dbtbackfill.jobs import JobDefaults, Owner, build_job, job_labels, job_name, job_view, runner_command
+from dbtbackfill.jobs import EXIT_REFUSED, JobDefaults, Owner, build_job, job_labels, job_name, job_view, runner_command
 from dbtbackfill.planner import Window
 from dbtbackfill.spec import BackfillSpec, SpecError, parse_spec
 
@@ -625,6 +625,20 @@ def test_job_view_of_a_failed_job_carries_the_condition_message() -> None:
     assert view.message == "Job has reached the specified backoff limit"
     # Failed Jobs have no completionTime; the Failed condition says when.
     assert view.finished == datetime(2024, 6, 1, 10, 1, tzinfo=UTC)
+
+
+def test_a_chunk_job_fails_on_the_refusal_exit_code_and_its_view_says_refused() -> None:
+    spec = parse_spec(BASE_SPEC)
+    rules = build_job(OWNER, spec, window(spec), 1, DEFAULTS)["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "dbt", "operator": "In", "values": [EXIT_REFUSED]}}
+    ]
+    failed = {"type": "Failed", "status": "True", "message": "Container dbt for pod ns/p failed with exit code 3"}
+    refused = job_view(api_job(0, 1, failed=1, conditions=[{**failed, "reason": "PodFailurePolicy"}]))
+    other = job_view(api_job(0, 1, failed=1, conditions=[{**failed, "reason": "BackoffLimitExceeded"}]))
+    assert refused is not None and other is not None
+    assert (refused.phase, refused.refused) == ("failed", True)
+    assert (other.phase, other.refused) == ("failed", False)
 
 
 def test_job_view_of_a_deadline_exceeded_job_without_failed_pods() -> None:
