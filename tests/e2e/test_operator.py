@@ -293,10 +293,11 @@ def test_deleting_a_running_backfill_deletes_its_jobs_and_cancels_the_audit_row(
 def test_an_overlapping_backfill_queues_until_the_first_one_ends(
     kube_client: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, analytics_db: str
 ) -> None:
-    create(kube_client, backfill(namespace, "first", "2024-01-01", "2024-01-05", parallelism=1))
+    # Three days one at a time: "second" is created (overlapping its last day) while "first" runs.
+    create(kube_client, backfill(namespace, "first", "2024-01-01", "2024-01-03", parallelism=1))
     wait_for(lambda: status_of(kube_client, namespace, "first").get("phase") == "Running", timeout=600)
-    create(kube_client, backfill(namespace, "second", "2024-01-04", "2024-01-06", tenantId="tenant-001"))
-    create(kube_client, backfill(namespace, "elsewhere", "2024-01-20", "2024-01-21"))
+    create(kube_client, backfill(namespace, "second", "2024-01-03", "2024-01-04", tenantId="tenant-001"))
+    create(kube_client, backfill(namespace, "elsewhere", "2024-01-20", "2024-01-20"))
 
     status = wait_phase(kube_client, operator, namespace, "second", "Queued", timeout=600)
     assert status["queuedBehind"] == "first"
