@@ -1,6 +1,6 @@
 """One DbtBackfill for many tenants, end to end on the real control plane.
 
-The same real parts as tests/e2e/test_operator.py (whose fixtures these tests use): a real
+The same real parts as tests/e2e/test_operator.py (with its fixtures, from conftest.py): a real
 kube-apiserver and controllers, the operator as its own process logged in with the RBAC of
 ``deploy/``, and each chunk Pod's real runner with real dbt against a real PostgreSQL.
 """
@@ -14,7 +14,6 @@ import kubernetes.client
 import psycopg
 import pytest
 
-from tests.e2e import test_operator as e2e
 from tests.e2e.test_operator import (
     OperatorProcess,
     assert_events,
@@ -29,14 +28,6 @@ from tests.e2e.test_operator import (
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-# The operator e2e tests' fixtures, reused by name: a test database with demo data, the test's
-# project copy and host image, and the operator process scoped to the test's namespace.
-analytics_db = e2e.analytics_db
-project_dir = e2e.project_dir
-image = e2e.image
-operator_scope = e2e.operator_scope
-operator = e2e.operator
 
 TENANTS = ["tenant-001", "tenant-002"]
 

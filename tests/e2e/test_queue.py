@@ -18,17 +18,12 @@ import kubernetes.client
 import pytest
 
 from localcluster.cluster import LocalCluster
-from tests.e2e.test_operator import (  # noqa: F401  # fixtures, used by name
+from tests.e2e.test_operator import (
     OperatorProcess,
-    analytics_db,
     assert_events,
     backfill,
     create,
-    image,
     jobs_of,
-    operator,
-    operator_scope,
-    project_dir,
     status_of,
     wait_phase,
 )
@@ -86,7 +81,7 @@ def census(kube_client: kubernetes.client.ApiClient, namespace: str) -> Iterator
 
 def test_two_backfills_on_a_queue_of_two_never_run_more_than_two_chunks_and_priority_goes_first(
     cluster: LocalCluster, kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    operator: OperatorProcess,
     census: JobCensus,
 ) -> None:  # fmt: skip
     # Paused first, so both backfills are waiting when admission starts: the priority decides,
@@ -168,7 +163,7 @@ def test_a_backfill_joining_a_busy_queue_gets_its_fair_share_from_its_first_gran
 
 def test_a_backfill_naming_a_missing_queue_waits_until_the_queue_exists(
     kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    operator: OperatorProcess,
     census: JobCensus,
 ) -> None:  # fmt: skip
     create(kube_client, backfill(namespace, "early", "2024-01-05", "2024-01-05", queueName="later"))
@@ -193,7 +188,7 @@ def clock(hours: float) -> str:
 
 def test_outside_its_allowed_windows_a_queue_admits_nothing_until_a_window_holds_now(
     kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    operator: OperatorProcess,
     census: JobCensus,
 ) -> None:  # fmt: skip
     # A window that opens in two hours (the test never lasts that long), and then one holding now.

@@ -27,7 +27,7 @@ import pytest
 
 from dbtbackfill.demo import load_demo_data
 from localcluster.cluster import LocalCluster
-from tests.e2e.test_operator import OPERATOR_USER, assert_no_request_was_forbidden
+from tests.e2e.conftest import OPERATOR_USER, assert_no_request_was_forbidden
 from tests.support.operator_process import SHORT_WATCHES, OperatorProcess
 from tests.support.polling import wait_for
 
