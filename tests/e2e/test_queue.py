@@ -125,10 +125,8 @@ def test_two_backfills_on_a_queue_of_two_never_run_more_than_two_chunks_and_prio
 
 
 def test_a_backfill_joining_a_busy_queue_gets_its_fair_share_from_its_first_grant(
-    kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
-    census: JobCensus,
-) -> None:  # fmt: skip
+    kube_client: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, census: JobCensus
+) -> None:
     """``first`` holds both slots of a queue of 2 and wants more; ``joiner`` (equal priority,
     younger) joins. The next slot that frees is the joiner's, and from then on neither holds both
     slots while the other still has chunks to start. The admitting pass counts the joiner's
