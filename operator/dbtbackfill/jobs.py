@@ -34,6 +34,11 @@ CONTAINER: Final = "dbt"
 #: ``PodFailurePolicy``, and the operator fails the chunk at once instead of retrying it.
 EXIT_REFUSED: Final = 3
 REFUSED_REASON: Final = "PodFailurePolicy"
+# Set on a finished Job once a status patch has recorded its end: passes and the Job watch
+# select without it, so finished Jobs (kept when there is no ttlSecondsAfterFinished) cost
+# nothing (Argo Workflows keeps finished Pods out of its informer the same way).
+LABEL_SETTLED: Final = f"{GROUP}/settled"
+SETTLED: Final = {LABEL_SETTLED: "true"}
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
 ANNOTATION_TENANT: Final = f"{GROUP}/tenant"
 ALL_TENANTS: Final = "all"
@@ -115,7 +120,22 @@ def cell_job_name(owner: Owner, spec: BackfillSpec, window: Window, attempt: int
 
 
 def selector(owner: Owner) -> str:
+    """All of the backfill's Jobs (and their Pods), settled or not."""
     return f"{LABEL_BACKFILL_UID}={owner.uid}"
+
+
+def unsettled_selector(owner: Owner) -> str:
+    """The backfill's Jobs whose end no status records yet: what a pass lists."""
+    return f"{selector(owner)},!{LABEL_SETTLED}"
+
+
+def chunk_selector(owner: Owner, chunk: int, attempt: int) -> str:
+    """The Pods of one chunk attempt."""
+    return f"{selector(owner)},{LABEL_CHUNK}={chunk},{LABEL_ATTEMPT}={attempt}"
+
+
+#: The Job watch (server-side): our Jobs, without those already settled.
+WATCH_SELECTOR: Final = f"{LABEL_BACKFILL_UID},!{LABEL_SETTLED}"
 
 
 def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -> dict[str, str]:
@@ -359,3 +379,15 @@ def wake_key(job: Mapping[str, Any]) -> WakeKey | None:
         return None
     alive = view.alive and view.phase != "succeeded"
     return view.phase, alive, bool((job.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def deletion_wakes(job: Mapping[str, Any]) -> bool:
+    """Whether a DELETED watch event of this Job should wake its owner.
+
+    Labelling a Job settled takes it out of the watch's selector, which the API server reports
+    as DELETED (with the Job as it was before the label). A Job last seen finished, with no Pod
+    that may still run and not being deleted, has nothing left for a pass to act on, whether it
+    was settled or its TTL took it: its end already woke the owner. Anything else (a running
+    Job deleted, a retry waiting for the Job to go) wakes it."""
+    key = wake_key(job)
+    return key is None or key[0] == "active" or key[1] or key[2]

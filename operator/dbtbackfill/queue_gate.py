@@ -52,7 +52,8 @@ def hold(namespace: str, queue: str | None) -> Iterator[None]:
 
 
 def selector(queue: str) -> str:
-    return f"{jobs.LABEL_QUEUE}={queue}"
+    # A settled Job is never alive (its end is in status and no Pod of it runs): not listed.
+    return f"{jobs.LABEL_QUEUE}={queue},!{jobs.LABEL_SETTLED}"
 
 
 @dataclass(frozen=True)

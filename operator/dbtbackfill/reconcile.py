@@ -292,6 +292,32 @@ def vanished(state: ChunkState, jobs: Sequence[JobView]) -> list[tuple[int, int]
     ]
 
 
+def settled(state: ChunkState, jobs: Sequence[JobView], chunks: int) -> tuple[str, ...]:
+    """Names of finished Jobs whose end ``state`` records, so that once ``state`` is written no
+    pass needs to see them again (they are labelled settled and listed no more).
+
+    A succeeded chunk's Jobs change nothing (:func:`_absorb` skips them). A failed attempt is
+    recorded when a newer attempt is, or when the chunk is failed, waiting for its retry, or
+    forgiven by retryFailed: :func:`vanished` and the lost-Job rule skip each of those. A failed
+    Job is settled only once no Pod of it may run: until then it keeps its chunk busy."""
+    out = []
+    for job in jobs:
+        c = job.chunk
+        if job.phase == "active" or job.deleting or c >= chunks:
+            continue
+        if c in state.succeeded:
+            out.append(job.name)
+            continue
+        if job.alive:
+            continue
+        latest = state.attempts.get(c, 0)
+        superseded = job.attempt < latest
+        ended = job.phase == "failed" and job.attempt == latest
+        if superseded or (ended and (c in state.failed or c in state.retry_at or state.tries(c) <= 0)):
+            out.append(job.name)
+    return tuple(out)
+
+
 def view_from_audit(
     chunk: int, attempt: int, status: str | None, records: int | None, error: str | None, name: str
 ) -> JobView:

@@ -788,3 +788,29 @@ def test_a_job_without_chunk_labels_has_no_wake_key() -> None:
     job = api_job()
     job["metadata"]["labels"] = {}
     assert jobs.wake_key(job) is None
+
+
+# ----------------------------------------------------------------------------- settled Jobs
+
+
+def test_a_finished_jobs_deletion_wakes_nobody_so_labelling_it_settled_costs_no_pass() -> None:
+    """The watch reports a Job that leaves its selector (labelled settled) as DELETED."""
+    assert not jobs.deletion_wakes(api_job(succeeded=1, conditions=COMPLETE))
+    assert not jobs.deletion_wakes(api_job(succeeded=1))  # Complete not set yet: nothing waits for it
+    assert not jobs.deletion_wakes(api_job(failed=1, conditions=FAILED))
+
+
+def test_deleting_a_running_failing_or_terminating_job_wakes_its_owner() -> None:
+    assert jobs.deletion_wakes(api_job(active=1))
+    assert jobs.deletion_wakes(api_job(failed=1, terminating=1))  # a retry waits for its Pod to go
+    being_deleted = api_job(succeeded=1, conditions=COMPLETE)
+    being_deleted["metadata"]["deletionTimestamp"] = "2024-06-01T10:05:00Z"
+    assert jobs.deletion_wakes(being_deleted)
+    assert jobs.deletion_wakes({"metadata": {"labels": {}}})  # not a chunk Job as far as it shows
+
+
+def test_passes_and_the_watch_select_unsettled_jobs_and_a_pod_lookup_selects_one_attempt() -> None:
+    assert jobs.unsettled_selector(OWNER) == f"{jobs.selector(OWNER)},!{jobs.LABEL_SETTLED}"
+    assert jobs.chunk_selector(OWNER, 3, 2).endswith(f",{jobs.LABEL_CHUNK}=3,{jobs.LABEL_ATTEMPT}=2")
+    spec = make_spec()
+    assert jobs.LABEL_SETTLED not in build_job(OWNER, spec, window(spec, 0), 1, DEFAULTS)["metadata"]["labels"]
