@@ -50,7 +50,15 @@ import kubernetes.client
 import psycopg
 
 from benchmarks.cluster_harness import read_json, wait_for
-from benchmarks.recording import Sampler, environment, load_average, write_results
+from benchmarks.recording import (
+    RESULTS_DIR,
+    BenchmarkError,
+    Sampler,
+    environment,
+    load_average,
+    median,
+    publish,
+)
 from dbtbackfill.core.spec import parse_spec
 from dbtbackfill.demo.data import load_demo_data
 from dbtbackfill.demo.localpg import LocalPostgres
@@ -81,10 +89,6 @@ PHASES: Final = (
     ("finish", "windows", "closed", "audit row finished, summary, session closed"),
     ("exit", "closed", "exited", "interpreter exit, podman start returns, agent's inspect + rm, status"),
 )
-
-
-class BenchmarkError(RuntimeError):
-    """A measured run failed or did not do what it is meant to measure."""
 
 
 def stamp(text: str) -> float:
@@ -182,7 +186,7 @@ def run_chunk(cluster: LocalCluster, api: kubernetes.client.ApiClient, image: st
 def summarise(runs: list[JSON]) -> JSON:
     totals = [r["total_seconds"] for r in runs]
     mean_total = statistics.fmean(totals)
-    out: JSON = {"total": {"mean": round(mean_total, 3), "median": round(statistics.median(totals), 3)}}
+    out: JSON = {"total": {"mean": round(mean_total, 3), "median": median(totals)}}
     for phase, *_ in PHASES:
         values = [r["phases_seconds"][phase] for r in runs]
         mean = statistics.fmean(values)
@@ -190,7 +194,7 @@ def summarise(runs: list[JSON]) -> JSON:
         out[phase] = {
             "cpu_mean": round(statistics.fmean(cpu), 3) if cpu else None,
             "mean": round(mean, 3),
-            "median": round(statistics.median(values), 3),
+            "median": median(values),
             "min": round(min(values), 3),
             "max": round(max(values), 3),
             "share_of_mean_total": round(mean / mean_total, 3),
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chunk_cost_k8s", description=__doc__.split("\n")[0])
     parser.add_argument("--image", default=os.environ.get("IMAGE", "localhost/dbt-backfill-operator:dev"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default benchmarks/results)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (audit log, Pod logs)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -282,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "warmup": warmup,
     }
-    md = markdown(report)
-    write_results("chunk_cost_k8s", report, md, *([args.out] if args.out else []))
-    print(md)
+    publish("chunk_cost_k8s", report, markdown, args.out)
     return 0
 
 

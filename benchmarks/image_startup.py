@@ -26,11 +26,9 @@ so (the load average is recorded next to them).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -40,11 +38,11 @@ from typing import Any, Final
 
 import psycopg
 
+from benchmarks.recording import RESULTS_DIR, BenchmarkError, Stopwatch, median, publish
 from dbtbackfill.demo.data import load_demo_data
 from dbtbackfill.demo.localpg import LocalPostgres
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[1]
-DEFAULT_OUT: Final = REPO_ROOT / "benchmarks" / "results" / "image_startup.json"
+DEFAULT_OUT: Final = RESULTS_DIR / "image_startup.json"
 TARGET_FIRST_SQL_SECONDS: Final = 1.5
 PARSED_DATABASE: Final = "analytics"
 LOG_PREFIX: Final = "%m [bench] app=%a "
@@ -53,10 +51,6 @@ LOG_LINE: Final = re.compile(r"^(\S+ \S+) UTC \[bench\] app=(\S*) LOG:  (?:state
 RECORD: Final = re.compile(r"^\S+ \S+ UTC \[bench\] ")
 # dbt prefixes its statements with a /* {...} */ query comment.
 WRITE: Final = re.compile(r"^\s*(?:/\*.*?\*/\s*)*(delete|insert|create|merge|update)\b.*\bfact_", re.I | re.S)
-
-
-class BenchmarkError(RuntimeError):
-    """A measured run failed or did not do what it is meant to measure."""
 
 
 def database(server: LocalPostgres, name: str) -> str:
@@ -117,7 +111,7 @@ def _seconds(text: str) -> float:
 def one_chunk(server: LocalPostgres, image: str, url: str, day: date, expect_parse: str) -> dict[str, Any]:
     offset = server.log_file.stat().st_size
     started = datetime.now(UTC)
-    clock = time.monotonic()
+    clock = Stopwatch()
     # `times` (the shell's children's CPU time) is the load-independent cost of the same run.
     run = podman_run(
         image,
@@ -126,7 +120,7 @@ def one_chunk(server: LocalPostgres, image: str, url: str, day: date, expect_par
         "--start-date", day.isoformat(), "--end-date", day.isoformat(), "--chunk", "day",
         env={"DATABASE_URL": url},
     )  # fmt: skip
-    wall = time.monotonic() - clock
+    wall = clock.seconds(3)
     if run.returncode != 0:
         raise BenchmarkError(f"the chunk failed ({run.returncode}): {run.stderr[-2000:]}")
     cpu_user, cpu_sys = (_seconds(v) for v in run.stderr.strip().splitlines()[-1].split())
@@ -145,10 +139,36 @@ def one_chunk(server: LocalPostgres, image: str, url: str, day: date, expect_par
         "day": day.isoformat(),
         "first_sql_seconds": round((first - started).total_seconds(), 3),
         "first_window_statement_seconds": round((window - started).total_seconds(), 3),
-        "exit_seconds": round(wall, 3),
+        "exit_seconds": wall,
         "cpu_seconds": round(cpu_user + cpu_sys, 3),
         "parse_line": parse,
     }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    summary, machine = report["median"], report["machine"]
+    rows = [
+        "| | first SQL | first window statement | exit | CPU (user+sys) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {kind} parse | {s['first_sql_seconds']} s | {s['first_window_statement_seconds']} s "
+            f"| {s['exit_seconds']} s | {s['cpu_seconds']} s |"
+            for kind, s in summary.items()
+        ),
+    ]
+    md = [
+        f"# Image start-up ({report['when']}, {machine['cpus']} CPUs, load {machine['load_before'][0]:.1f} before, "
+        f"{report['load_after'][0]:.1f} after)",
+        "",
+        f"Median of {len(report['runs']['reused'])} daily chunks, seconds from `podman run` to each event; "
+        f"`podman run ... true` alone: {report['podman_run_true_seconds']['median']} s.",
+        "",
+        *rows,
+        "",
+        f"Target: container start to first SQL <= {report['target_first_sql_seconds']} s with the image's parse: "
+        f"{'met' if report['target_met'] else 'NOT met'}.",
+    ]
+    return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     runtime = []
     for _ in range(args.repeats):
-        clock = time.monotonic()
+        clock = Stopwatch()
         podman_run(args.image, "true")
-        runtime.append(round(time.monotonic() - clock, 3))
+        runtime.append(clock.seconds(3))
 
     results: dict[str, list[dict[str, Any]]] = {"reused": [], "full": []}
     with LocalPostgres() as server:
@@ -180,12 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[kind].append(one_chunk(server, args.image, urls[kind], day, expect[kind]))
                 print(f"{kind}: {results[kind][-1]}", file=sys.stderr)
 
-    def median(kind: str, key: str) -> float:
-        return round(statistics.median(r[key] for r in results[kind]), 3)
-
     summary = {
         kind: {
-            key: median(kind, key)
+            key: median(r[key] for r in results[kind])
             for key in ("first_sql_seconds", "first_window_statement_seconds", "exit_seconds", "cpu_seconds")
         }
         for kind in results
@@ -203,37 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
             ).stdout
         ),
-        "podman_run_true_seconds": {"median": statistics.median(runtime), "runs": runtime},
+        "podman_run_true_seconds": {"median": median(runtime), "runs": runtime},
         "median": summary,
         "runs": results,
         "target_first_sql_seconds": TARGET_FIRST_SQL_SECONDS,
         "target_met": summary["reused"]["first_sql_seconds"] <= TARGET_FIRST_SQL_SECONDS,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    rows = [
-        "| | first SQL | first window statement | exit | CPU (user+sys) |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {kind} parse | {s['first_sql_seconds']} s | {s['first_window_statement_seconds']} s "
-            f"| {s['exit_seconds']} s | {s['cpu_seconds']} s |"
-            for kind, s in summary.items()
-        ),
-    ]
-    md = [
-        f"# Image start-up ({report['when']}, {os.cpu_count()} CPUs, load {load_before[0]:.1f} before, "
-        f"{report['load_after'][0]:.1f} after)",
-        "",
-        f"Median of {args.repeats} daily chunks, seconds from `podman run` to each event; "
-        f"`podman run ... true` alone: {report['podman_run_true_seconds']['median']} s.",
-        "",
-        *rows,
-        "",
-        f"Target: container start to first SQL <= {TARGET_FIRST_SQL_SECONDS} s with the image's parse: "
-        f"{'met' if report['target_met'] else 'NOT met'}.",
-    ]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(args.out.stem, report, markdown, args.out.parent)
     return 0
 
 

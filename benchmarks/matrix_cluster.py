@@ -75,7 +75,7 @@ class StatusWatch:
 
 def pure_pass_seconds(spec_body: JSON, status: JSON) -> float:
     """One pass's pure work (no API, no audit): parse, plan the cells, decide, summarise."""
-    clock = time.perf_counter()
+    clock = recording.Stopwatch()
     spec = parse_spec(spec_body)
     cells = spec.cells()
     state = reconcile.state_from_status(status)
@@ -83,7 +83,7 @@ def pure_pass_seconds(spec_body: JSON, status: JSON) -> float:
     decision = reconcile.decide(spec, cells, state, [], now)
     summarise(windows=cells, state=decision.state, phase=decision.phase, running=decision.running,
               parallelism=spec.parallelism, generation=1, previous=status, now=now, matrix=True)  # fmt: skip
-    return round(time.perf_counter() - clock, 4)
+    return clock.seconds(4)
 
 
 def admission(creates: list[float], started: float, parallelism: int) -> JSON:

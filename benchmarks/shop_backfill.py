@@ -34,24 +34,21 @@ from typing import Any, Final
 
 import psycopg
 
-from benchmarks.backfill_speed import (
-    REPO_ROOT,
+from benchmarks.backfill_speed.commands import (
     SUMMARY_RE,
-    BenchmarkError,
     Workdir,
     dbt_executable,
-    environment_info,
-    load_1m,
-    log,
     r3,
     run_timed,
     sample_days,
-    stop_server,
 )
+from benchmarks.backfill_speed.report import environment_info
+from benchmarks.backfill_speed.run import stop_server
+from benchmarks.recording import REPO_ROOT, RESULTS_DIR, BenchmarkError, load_average, log, publish
 from dbtbackfill.demo.localpg import LocalPostgres
 from tests.support.shop_data import load_shop_data, shop_env
 
-DEFAULT_OUT: Final = REPO_ROOT / "benchmarks" / "results" / "shop_backfill.json"
+DEFAULT_OUT: Final = RESULTS_DIR / "shop_backfill.json"
 START: Final = date(2024, 1, 1)
 MIN_NAIVE_OVER_CLI: Final = 30.0
 LAYOUT: Final = ("tests/projects/shop", "tests/projects/shop_utils", "dbt-package")
@@ -94,7 +91,7 @@ def measure(opts: argparse.Namespace, url: str, scratch: Path) -> dict[str, Any]
     log(f"set-up run (dbt deps, tables created): {setup.wall_seconds:.1f}s")
 
     cli_work = work.with_target(scratch / "t-cli")
-    load = load_1m()
+    load = load_average()
     run = run_timed(cli_argv(project, START, end), cli_work, "run_dbt_backfill --chunk day")
     summary = SUMMARY_RE.search(run.stderr)
     if summary is None or summary["verdict"] != "completed":
@@ -138,7 +135,7 @@ def measure(opts: argparse.Namespace, url: str, scratch: Path) -> dict[str, Any]
         "samples_wall_seconds": [round(w, 2) for w in walls],
     }
     ratio = naive["wall_seconds"] / cli["wall_seconds"]
-    environment["load_average_1m_at_end"] = load_1m()
+    environment["load_average_1m_at_end"] = load_average()
     return {
         "benchmark": "shop_backfill",
         "environment": environment,
@@ -202,9 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stop_server(server)
         shutil.rmtree(scratch, ignore_errors=True)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(results, indent=2) + "\n")
-    opts.out.with_suffix(".md").write_text(render_markdown(results))
+    publish(opts.out.stem, results, render_markdown, opts.out.parent)
     log(f"naive / cli = {results['ratio']['naive_over_cli']}x; wrote {opts.out}")
     return 0 if results["ratio"]["met"] else 1
 

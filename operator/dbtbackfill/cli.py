@@ -1,8 +1,9 @@
 """Command line: the seed's ``run_dbt_backfill`` contract and the ``dbt-backfill`` tool.
 
 Exit codes: 0 every window succeeded; 1 a window (or dbt) failed; 2 bad input or
-an unusable environment (nothing was written), or a run refused before it touched any data
-(recorded as a failed execution when it has an ``--execution-id``: see :class:`Refusal`).
+an unusable environment (nothing was written); 3 a run refused before it touched any data, which
+would be refused again however often it ran (recorded as a failed execution when it has an
+``--execution-id``: see :class:`Refusal`); 130/143 stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, NoReturn
 from dbtbackfill.core import audit, cost, database_url, planner
 from dbtbackfill.core.database_url import DatabaseUrlError
 from dbtbackfill.core.planner import PlanError, Window
+from dbtbackfill.operator import jobs
 from dbtbackfill.operator.jobs import AUDIT_URL_ENV
 from dbtbackfill.runner import contract_check, cost_estimate, lifecycle
 from dbtbackfill.runner import session as runner
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# Refused for good: the operator fails such a chunk at once instead of retrying it (a Job
+# podFailurePolicy rule, see jobs.py), while 1 and 2 (a database that was unreachable) retry.
+EXIT_REFUSED = jobs.EXIT_REFUSED
 
 # dbt selectors: names, paths, tags, graph operators; never quotes, spaces or shell syntax, and
 # never a leading "-", which would turn a selector into a runner option (--tenant-id=...).
@@ -63,9 +68,10 @@ class UsageError(Exception):
 
 class Refusal(UsageError):
     """A well-formed run the runner will not start: the contract check refused a model, or a
-    microbatch model under ``--tenant-id``. Exit code 2 and no data touched, like bad input; but
-    the run was real (an operator chunk, say), so with ``--execution-id`` its audit row records
-    it as failed with this text, where ``history`` and the operator's status find why."""
+    microbatch model under ``--tenant-id``. One line and no data touched, like bad input, but
+    exit code 3: it would be refused again on every retry. The run was real (an operator chunk,
+    say), so with ``--execution-id`` its audit row records it as failed with this text, where
+    ``history`` and the operator's status find why."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,9 +80,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _fail(prog: str, message: str) -> int:
+def _fail(prog: str, message: str, code: int = EXIT_USAGE) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
 def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -268,14 +274,17 @@ def run_backfill(argv: Sequence[str] | None = None, prog: str = "run_dbt_backfil
             print(f"verify: {len(verify.tests)} data test(s) of {scoped} model(s), per window", file=sys.stderr)
         if args.dry_run:
             reporter.engine(runner.describe_engine(session, tenant, models, args.engine, len(windows)))
-            reporter.cost(_cost(session, audit_url, windows, tenant, models, args.models or models))
-            return _dry_run(session, windows, tenant, args.models, reporter)
+            estimate = _cost(session, audit_url, windows, tenant, models, args.models or models)
+            reporter.cost(estimate)
+            return _dry_run(args, audit_url, session, windows, tenant, models, reporter, estimate)
         timings.mark("planned")
         try:
             return _execute(args, audit_url, session, windows, tenant, models, reporter, verify, timings)
         finally:
             if verify is not None:
                 verify.close()
+    except Refusal as exc:
+        return _fail(prog, str(exc), EXIT_REFUSED)
     except (UsageError, RunnerError) as exc:
         return _fail(prog, str(exc))
     except Exception as exc:  # a bug or an environment we did not foresee: still one line
@@ -367,15 +376,42 @@ def _cost(
 
 
 def _dry_run(
+    args: argparse.Namespace,
+    audit_url: str,
     session: runner.DbtSession,
     windows: list[Window],
     tenant: str | None,
-    selectors: list[str],
+    models: list[str],
     reporter: Reporter,
+    estimate: cost.CostReport,
 ) -> int:
-    result = session.compile(windows[0], tenant, selectors)
+    started = time.monotonic()
+    result = session.compile(windows[0], tenant, args.models)
     reporter.dry_run_done(result)
+    if args.execution_id is not None:  # an operator chunk: its estimate goes where the operator reads it
+        start = dataclasses.replace(_execution_start(args, session, windows, tenant, models), dry_run=True)
+        _record_estimate(audit_url, start, result, round(time.monotonic() - started, 3), estimate.total_rows)
     return EXIT_OK if result.success else EXIT_FAILED
+
+
+def _record_estimate(
+    audit_url: str, start: audit.ExecutionStart, result: WindowResult, seconds: float, rows: int
+) -> None:
+    """A dry run's audit row: ``completed`` (or ``failed``: the compile failed), 0 records, and
+    its estimated source rows. Only the audit table is written, never data; a row that cannot be
+    written is said in one line and leaves the dry run's outcome as it was."""
+    status: audit.Status = "completed" if result.success else "failed"
+    try:
+        engine = audit.engine_for(audit_url)
+        audit.ensure_schema(engine)
+        audit.record_start(engine, start)
+        audit.record_finish(
+            engine, start.id, status, duration_seconds=seconds, records_processed=0,
+            error_message=None if result.success else result.error, estimated_source_rows=rows,
+        )  # fmt: skip
+    except Exception as exc:  # the estimate was printed; the status summary will miss this cell
+        print(f"warning: the dry run's estimate was not recorded in audit row {start.id}: "
+              f"{lifecycle.first_line(exc)}", file=sys.stderr)  # fmt: skip
 
 
 def _execute(

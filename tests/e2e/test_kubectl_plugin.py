@@ -13,19 +13,10 @@ import kubernetes.client
 import pytest
 
 from localcluster.cluster import LocalCluster
-from tests.e2e import test_operator
 from tests.e2e.test_operator import OperatorProcess, backfill, create, get_backfill, status_of, wait_phase
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-# test_operator.py's fixtures: the operator process, its database, the test's dbt project and image.
-operator = test_operator.operator
-analytics_db = test_operator.analytics_db
-project_dir = test_operator.project_dir
-image = test_operator.image
-operator_scope = test_operator.operator_scope
-broken_day = test_operator.broken_day
 
 GLYPHS = {"■": "succeeded", "▶": "running", "↻": "retrying", "·": "pending", "✗": "failed", "-": "cancelled"}
 

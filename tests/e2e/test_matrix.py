@@ -1,6 +1,6 @@
 """One DbtBackfill for many tenants, end to end on the real control plane.
 
-The same real parts as tests/e2e/test_operator.py (whose fixtures these tests use): a real
+The same real parts as tests/e2e/test_operator.py (with its fixtures, from conftest.py): a real
 kube-apiserver and controllers, the operator as its own process logged in with the RBAC of
 ``deploy/``, and each chunk Pod's real runner with real dbt against a real PostgreSQL.
 """
@@ -14,7 +14,6 @@ import kubernetes.client
 import psycopg
 import pytest
 
-from tests.e2e import test_operator as e2e
 from tests.e2e.test_operator import (
     OperatorProcess,
     assert_events,
@@ -29,14 +28,6 @@ from tests.e2e.test_operator import (
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-# The operator e2e tests' fixtures, reused by name: a test database with demo data, the test's
-# project copy and host image, and the operator process scoped to the test's namespace.
-analytics_db = e2e.analytics_db
-project_dir = e2e.project_dir
-image = e2e.image
-operator_scope = e2e.operator_scope
-operator = e2e.operator
 
 TENANTS = ["tenant-001", "tenant-002"]
 
@@ -184,6 +175,17 @@ def test_a_dry_run_matrix_reports_the_eta_of_the_real_run_from_past_chunks(
     assert {k: estimate[k] for k in ("cells", "days", "pastChunks")} == {"cells": 4, "days": 4, "pastChunks": 1}
     # The past chunk's seconds per day, times 4 cell-days, over parallelism 2.
     assert estimate["estimatedSeconds"] == pytest.approx(past["duration_seconds"] * 4 / 2, abs=0.1)
+    # Each dry-run chunk recorded the source rows its cell reads in its audit row; the status sums them.
+    cells = [r for r in audit_rows(analytics_db, "estimate") if r["kind"] == "chunk"]
+    assert len(cells) == 4 and all(r["dry_run"] and r["status"] == "completed" for r in cells)
+    assert all(r["estimated_source_rows"] is not None for r in cells)
+    assert (estimate["reportedCells"], estimate["settledCellsRead"]) == (4, 4)
+    assert estimate["estimatedSourceRows"] == sum(r["estimated_source_rows"] for r in cells) > 0
+    top = max(cells, key=lambda r: (r["estimated_source_rows"], -r["chunk_index"]))
+    assert estimate["largestCell"] == {
+        "chunk": top["chunk_index"], "window": f"{top['start_date']}..{top['end_date']}",
+        "tenant": top["tenant_id"], "estimatedSourceRows": top["estimated_source_rows"],
+    }  # fmt: skip
     for job in jobs_of(kube_client, namespace, "estimate"):
         assert "--dry-run" in job["spec"]["template"]["spec"]["containers"][0]["args"]
     with psycopg.connect(analytics_db) as conn:

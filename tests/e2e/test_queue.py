@@ -8,6 +8,7 @@ namespace's Jobs, in the API server's own order of events, never with timings.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,17 +18,12 @@ import kubernetes.client
 import pytest
 
 from localcluster.cluster import LocalCluster
-from tests.e2e.test_operator import (  # noqa: F401  # fixtures, used by name
+from tests.e2e.test_operator import (
     OperatorProcess,
-    analytics_db,
     assert_events,
     backfill,
     create,
-    image,
     jobs_of,
-    operator,
-    operator_scope,
-    project_dir,
     status_of,
     wait_phase,
 )
@@ -85,7 +81,7 @@ def census(kube_client: kubernetes.client.ApiClient, namespace: str) -> Iterator
 
 def test_two_backfills_on_a_queue_of_two_never_run_more_than_two_chunks_and_priority_goes_first(
     cluster: LocalCluster, kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    operator: OperatorProcess,
     census: JobCensus,
 ) -> None:  # fmt: skip
     # Paused first, so both backfills are waiting when admission starts: the priority decides,
@@ -128,9 +124,44 @@ def test_two_backfills_on_a_queue_of_two_never_run_more_than_two_chunks_and_prio
     assert table[1].split()[:5] == ["warehouse", "0", "0", "2", "false"]
 
 
+def test_a_backfill_joining_a_busy_queue_gets_its_fair_share_from_its_first_grant(
+    kube_client: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, census: JobCensus
+) -> None:
+    """``first`` holds both slots of a queue of 2 and wants more; ``joiner`` (equal priority,
+    younger) joins. The next slot that frees is the joiner's, and from then on neither holds both
+    slots while the other still has chunks to start. The admitting pass counts the joiner's
+    current demand (its declared demand, or its parallelism before its first pass), not its
+    status, which is written only after the queue's lock is let go."""
+    make_queue(kube_client, namespace, "shared", maxRunningChunks=2)
+    totals = {"first": 6, "joiner": 3}
+    create(kube_client, backfill(namespace, "first", "2024-01-01", "2024-01-06", tenantId="tenant-001",
+                                 parallelism=2, queueName="shared"))  # fmt: skip
+    wait_for(lambda: census.alive_by_backfill().get("first") == 2, timeout=300, message=lambda: operator.logs()[-3000:])
+    before = len(census.created)
+    create(kube_client, backfill(namespace, "joiner", "2024-01-01", "2024-01-03", tenantId="tenant-002",
+                                 parallelism=2, queueName="shared"))  # fmt: skip
+    for name in ("joiner", "first"):
+        status = wait_phase(kube_client, operator, namespace, name, "Succeeded", timeout=900)
+        assert status["progress"] == f"{totals[name]}/{totals[name]}"
+    census.stop()
+
+    assert census.peak == 2  # the ceiling was reached, and never passed
+    assert sorted(census.created) == ["first"] * 6 + ["joiner"] * 3
+    joined = census.created.index("joiner")
+    # At most one Job of first after the joiner was created: a pass of first that listed the
+    # backfills just before the joiner existed. Any pass that saw the joiner gave it the slot.
+    assert census.created[before:joined].count("first") <= 1, census.created
+    for i in range(joined, len(census.created)):
+        started = Counter(census.created[: i + 1])
+        alive = census.alive_at_creation[i]
+        for name, other in (("first", "joiner"), ("joiner", "first")):
+            if started[other] < totals[other]:  # the other still had chunks to start
+                assert alive.get(name, 0) < 2, (census.created, census.alive_at_creation)
+
+
 def test_a_backfill_naming_a_missing_queue_waits_until_the_queue_exists(
     kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    operator: OperatorProcess,
     census: JobCensus,
 ) -> None:  # fmt: skip
     create(kube_client, backfill(namespace, "early", "2024-01-05", "2024-01-05", queueName="later"))
@@ -155,7 +186,7 @@ def clock(hours: float) -> str:
 
 def test_outside_its_allowed_windows_a_queue_admits_nothing_until_a_window_holds_now(
     kube_client: kubernetes.client.ApiClient, namespace: str,
-    operator: OperatorProcess,  # noqa: F811  # the fixture imported above
+    operator: OperatorProcess,
     census: JobCensus,
 ) -> None:  # fmt: skip
     # A window that opens in two hours (the test never lasts that long), and then one holding now.

@@ -27,7 +27,7 @@ import pytest
 
 from dbtbackfill.demo.data import load_demo_data
 from localcluster.cluster import LocalCluster
-from tests.e2e.test_operator import OPERATOR_USER, assert_no_request_was_forbidden
+from tests.e2e.conftest import OPERATOR_USER, assert_no_request_was_forbidden
 from tests.support.operator_process import SHORT_WATCHES, OperatorProcess
 from tests.support.polling import wait_for
 
@@ -209,22 +209,23 @@ class AdmissionPolicy:
 def admission_policy(kube_client: kubernetes.client.ApiClient) -> Iterator[Any]:
     made: list[AdmissionPolicy] = []
 
-    def make(client: kubernetes.client.ApiClient, namespace: str, *, message: str) -> AdmissionPolicy:
-        policy = AdmissionPolicy(client, f"refuse-jobs-{namespace}"[:63])
-        rules = [{"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["jobs"]}]
+    def make(
+        client: kubernetes.client.ApiClient,
+        namespace: str,
+        *,
+        message: str,
+        operation: str = "CREATE",
+        expression: str = "has(object.metadata.labels) && 'team' in object.metadata.labels",
+    ) -> AdmissionPolicy:
+        policy = AdmissionPolicy(client, f"refuse-jobs-{operation.lower()}-{namespace}"[:63])
+        rules = [{"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": [operation], "resources": ["jobs"]}]
         policy.api.create_validating_admission_policy(
             {
                 "metadata": {"name": policy.name},
                 "spec": {
                     "failurePolicy": "Fail",
                     "matchConstraints": {"resourceRules": rules},
-                    "validations": [
-                        {
-                            "expression": "has(object.metadata.labels) && 'team' in object.metadata.labels",
-                            "message": message,
-                            "reason": "Invalid",
-                        }
-                    ],
+                    "validations": [{"expression": expression, "message": message, "reason": "Invalid"}],
                 },
             }
         )
@@ -242,20 +243,28 @@ def admission_policy(kube_client: kubernetes.client.ApiClient) -> Iterator[Any]:
         made.append(policy)
         # The API server loads policies asynchronously: wait until a Job is actually refused.
         container = {"name": "c", "image": "host", "command": ["true"]}
-        probe = {
+        probe: JSON = {
             "metadata": {"generateName": "probe-"},
-            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [container]}}},
+            "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}},
         }
+        batch: Any = kubernetes.client.BatchV1Api(client)
+        if operation == "UPDATE":  # a suspended Job (no Pod) to try the update on
+            probe = raw(batch.create_namespaced_job, namespace, probe)
 
         def refused() -> bool:
             try:
-                batch: Any = kubernetes.client.BatchV1Api(client)
-                batch.create_namespaced_job(namespace, probe, dry_run="All")
+                if operation == "UPDATE":
+                    patch = {"metadata": {"labels": {"dbt-backfill.io/settled": "true"}}}
+                    batch.patch_namespaced_job(probe["metadata"]["name"], namespace, patch, dry_run="All")
+                else:
+                    batch.create_namespaced_job(namespace, probe, dry_run="All")
             except kubernetes.client.ApiException as e:
                 return bool(e.status == 422)
             return False
 
         wait_for(refused, timeout=30, message="the admission policy never took effect")
+        if operation == "UPDATE":
+            batch.delete_namespaced_job(probe["metadata"]["name"], namespace)
         return policy
 
     yield make
@@ -440,3 +449,92 @@ def test_a_chunk_whose_job_its_ttl_deleted_while_the_operator_was_down_is_not_ru
         if e["objectRef"].get("resource") == "jobs"
     ]
     assert len(creates) == 1
+
+
+# ----------------------------------------------------------------------------- settled Jobs
+
+SETTLED = "dbt-backfill.io/settled"
+
+
+def test_finished_jobs_are_labelled_settled_once_recorded_and_later_passes_list_only_the_rest(
+    cluster: LocalCluster,
+    kube_client: kubernetes.client.ApiClient,
+    ready_namespace: str,
+    start_operator: Any,
+    admission_policy: Any,
+) -> None:
+    """Issue #10: a pass lists only Jobs whose end no status records yet. The label write comes
+    after the status; an admission policy that refuses it stands in for an operator killed
+    between the two: the status is written, the Jobs stay unlabelled, and once the operator
+    is back (restarted, the policy gone) it labels them without running anything again."""
+    ns = ready_namespace
+    secret(kube_client, ns, "warehouse", {"DATABASE_URL": "postgresql://unused@127.0.0.1:1/x"})
+    refusal = admission_policy(
+        kube_client,
+        ns,
+        message="not yet",
+        operation="UPDATE",
+        expression=f"!has(object.metadata.labels) || !('{SETTLED}' in object.metadata.labels)",
+    )
+    # Chunk 1's first attempt fails: a retried chunk, and a failed Job whose end is recorded.
+    image = shell_image(cluster, 'case " $* " in *" --chunk-index 1 --attempt 1 "*) exit 3;; esac; exit 0')
+    operator = start_operator(image)
+    retry = {"limit": 1, "backoffSeconds": 1, "maxBackoffSeconds": 1}
+    create_backfill(kube_client, ns, backfill("settling", endDate="2024-01-04", parallelism=2, retry=retry))
+    first = wait_phase(kube_client, ns, "settling", "Succeeded", operator)
+    assert first["chunks"] == {"total": 4, "succeeded": 4, "failed": 0, "running": 0, "pending": 0}
+    batch = kubernetes.client.BatchV1Api(kube_client)
+
+    def jobs_of(name: str, selector: str = "") -> list[JSON]:
+        labels = f"dbt-backfill.io/backfill={name}" + (f",{selector}" if selector else "")
+        return list(raw(batch.list_namespaced_job, ns, label_selector=labels)["items"])
+
+    made = {(j["metadata"]["labels"]["dbt-backfill.io/chunk"], j["metadata"]["labels"]["dbt-backfill.io/attempt"])
+            for j in jobs_of("settling")}  # fmt: skip
+    assert made == {("0", "1"), ("1", "1"), ("1", "2"), ("2", "1"), ("3", "1")}
+    assert jobs_of("settling", SETTLED) == []  # every label write was refused
+    refused = [
+        e
+        for e in cluster.audit_events(username=OPERATOR_USER, verbs=["patch"], namespace=ns)
+        if e["objectRef"].get("resource") == "jobs"
+    ]
+    assert refused and all(e["responseStatus"]["code"] == 422 for e in refused)
+
+    operator.stop()
+    refusal.remove()
+    restarted = len(cluster.audit_events(username=OPERATOR_USER))
+    operator.start()
+    wait_for(
+        lambda: len(jobs_of("settling", SETTLED)) == 5,
+        timeout=120,
+        message=lambda: f"not all settled: {jobs_of('settling', '!' + SETTLED)}\n{operator.logs()[-3000:]}",
+    )
+    assert status_of(kube_client, ns, "settling")["chunkState"] == first["chunkState"]  # nothing re-counted
+
+    # A second backfill, without the policy: its Jobs (its chunk 1 fails once too) are labelled as
+    # the passes record them.
+    create_backfill(kube_client, ns, backfill("later", startDate="2024-02-01", endDate="2024-02-03", parallelism=1))
+    later = wait_phase(kube_client, ns, "later", "Succeeded", operator)
+    assert later["progress"] == "3/3"
+    wait_for(lambda: len(jobs_of("later", SETTLED)) == 4, timeout=60, message=lambda: operator.logs()[-3000:])
+    assert jobs_of("later", "!" + SETTLED) == [] and jobs_of("settling", "!" + SETTLED) == []
+
+    after = [e for e in cluster.audit_events(username=OPERATOR_USER)[restarted:] if e.get("objectRef")]
+    job_creates = [
+        e
+        for e in cluster.audit_events(username=OPERATOR_USER, verbs=["create"], namespace=ns)
+        if e["objectRef"].get("resource") == "jobs" and e["responseStatus"]["code"] == 201
+    ]
+    assert len(job_creates) == 5 + 4  # nothing ran again after the restart
+    reads = [e for e in after if e["objectRef"].get("resource") == "jobs" and e["verb"] in ("list", "watch")]
+    assert reads
+    for event in reads:  # the passes' lists and kopf's watch alike leave settled Jobs out
+        [selector] = parse_qs(urlsplit(event["requestURI"]).query).get("labelSelector") or [""]
+        assert f"!{SETTLED}" in selector, event["requestURI"]
+    pod_lists = [e for e in after if e["objectRef"].get("resource") == "pods" and e["verb"] == "list"]
+    assert pod_lists
+    assert all(
+        "status.phase!=Succeeded" in (parse_qs(urlsplit(e["requestURI"]).query).get("fieldSelector") or [""])[0]
+        for e in pod_lists
+        if "dbt-backfill.io/chunk" not in e["requestURI"]
+    )

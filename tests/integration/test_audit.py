@@ -406,8 +406,17 @@ def test_a_beat_refreshes_a_running_row_and_leaves_finished_ones(migrated: sa.En
     assert audit.get(migrated, running).effective_status == "running"  # type: ignore[union-attr]
 
 
-def test_the_heartbeat_migration_keeps_existing_rows(engine: sa.Engine, database_url: str) -> None:
-    audit.upgrade(engine, "0001")
+@pytest.mark.parametrize(
+    ("revision", "added"),
+    [
+        ("0001", {"heartbeat_at": None}),  # the heartbeat migration (0003) and those after it
+        ("0003", {"dry_run": False, "estimated_source_rows": None}),  # a real run, without an estimate
+    ],
+)
+def test_later_migrations_keep_existing_rows(
+    engine: sa.Engine, database_url: str, revision: str, added: dict[str, object]
+) -> None:
+    audit.upgrade(engine, revision)
     execute(
         database_url,
         "insert into backfill_executions (id, start_date, end_date, status) values (%s, '2024-01-01', '2024-01-31',"
@@ -416,10 +425,36 @@ def test_the_heartbeat_migration_keeps_existing_rows(engine: sa.Engine, database
     )
     audit.upgrade(engine)
     [row] = audit_rows(database_url)
-    assert (row["id"], row["status"], row["heartbeat_at"]) == (uuid.UUID(int=1), "completed", None)
+    assert (row["id"], row["status"]) == (uuid.UUID(int=1), "completed")
+    assert {k: row[k] for k in added} == added
     assert version_rows(database_url) == [(audit.HEAD_REVISION,)]
 
 
 def test_history_refuses_a_negative_limit(migrated: sa.Engine) -> None:
     with pytest.raises(ValueError, match="limit"):
         audit.history(migrated, limit=-1)
+
+
+def test_a_dry_run_row_keeps_its_estimate_and_a_replay_of_its_id_starts_over(
+    migrated: sa.Engine, database_url: str
+) -> None:
+    parent, chunk, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    dry = start(chunk, kind="chunk", parent_id=parent, chunk_index=0, attempt=1, dry_run=True)
+    audit.record_start(migrated, dry)
+    assert audit.record_finish(migrated, chunk, "completed", duration_seconds=0.2, records_processed=0,
+                               estimated_source_rows=10**12)  # fmt: skip  # bigint
+    audit.record_start(migrated, start(other, kind="chunk", parent_id=parent, chunk_index=1, attempt=1, dry_run=True))
+    assert audit.record_finish(migrated, other, "failed", duration_seconds=0.1, records_processed=0,
+                               error_message="compilation failed", estimated_source_rows=7)  # fmt: skip
+    rows = {r["id"]: r for r in audit_rows(database_url)}
+    assert (rows[chunk]["dry_run"], rows[chunk]["estimated_source_rows"]) == (True, 10**12)
+    # Only completed dry-run chunks count in the backfill's summary.
+    reported, total, largest = audit.dry_run_estimates(migrated, parent)
+    assert (reported, total) == (1, 10**12)
+    assert largest is not None and (largest.chunk_index, largest.rows) == (0, 10**12)
+
+    # The same id started again (a restarted Pod) starts over: no stale estimate.
+    audit.record_start(migrated, dry)
+    again = {r["id"]: r for r in audit_rows(database_url)}[chunk]
+    assert (again["status"], again["dry_run"], again["estimated_source_rows"]) == ("running", True, None)
+    assert audit.dry_run_estimates(migrated, parent) == (0, 0, None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
+from dbtbackfill.operator.jobs import EXIT_REFUSED
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
     audit_rows,
@@ -169,7 +170,7 @@ def test_run_refuses_a_model_that_never_reads_the_window_and_writes_nothing(
 ) -> None:
     before = db_state(demo_url)
 
-    assert run_cli(*FEB, "--models", "bad_no_window", "good_orders", "--database-url", demo_url) == 2
+    assert run_cli(*FEB, "--models", "bad_no_window", "good_orders", "--database-url", demo_url) == EXIT_REFUSED
 
     err = capfd.readouterr().err
     [line] = [x for x in err.splitlines() if "error:" in x]
@@ -192,7 +193,7 @@ def test_run_refuses_cross_window_models_unless_allowed_and_warns_on_the_rest(
     before = db_state(demo_url)
     models = ("--models", "bad_left_join", "bad_order_sequence", "bad_no_window_index")
 
-    assert run_cli(*FEB, *models, "--database-url", demo_url) == 2
+    assert run_cli(*FEB, *models, "--database-url", demo_url) == EXIT_REFUSED
     err = capfd.readouterr().err
     [line] = [x for x in err.splitlines() if "error:" in x]
     assert "model bad_left_join: reads the window only through a left join" in line
@@ -237,7 +238,7 @@ def test_a_refused_chunk_is_a_failed_audit_row_with_the_refusal_and_touches_no_d
     )  # fmt: skip
     code = run_cli(*chunk_args)
 
-    assert code == 2
+    assert code == EXIT_REFUSED
     err = capfd.readouterr().err
     [line] = [x for x in err.splitlines() if "error:" in x]
     prefix = "run_dbt_backfill: error: "
@@ -263,7 +264,7 @@ def test_a_refused_chunk_is_a_failed_audit_row_with_the_refusal_and_touches_no_d
     assert run_tool("history", "--status", "failed", "--database-url", demo_url) == 0
     out = capfd.readouterr().out
     assert str(chunk) in out and "never reads the window" in " ".join(out.split())
-    assert run_cli(*chunk_args) == 2
+    assert run_cli(*chunk_args) == EXIT_REFUSED
     rows = audit_rows(demo_url)
     assert [r["id"] for r in rows] == [earlier["id"], chunk]
     assert (rows[1]["status"], rows[1]["error_message"]) == ("failed", line.removeprefix(prefix))
@@ -271,7 +272,10 @@ def test_a_refused_chunk_is_a_failed_audit_row_with_the_refusal_and_touches_no_d
     capfd.readouterr()
 
     # The same id for another execution (other models): still the refusal, plus why no row was written.
-    assert run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url, "--execution-id", str(chunk)) == 2
+    assert (
+        run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url, "--execution-id", str(chunk))
+        == EXIT_REFUSED
+    )
     [conflict] = [x for x in capfd.readouterr().err.splitlines() if "error:" in x]
     assert conflict.startswith(prefix + "model bad_no_window: never reads the window")
     assert f"(its audit row {chunk} was not written: execution id {chunk} already belongs to" in conflict
@@ -282,9 +286,9 @@ def test_a_refused_run_without_an_execution_id_or_as_a_dry_run_writes_nothing(
     in_trap_project: Path, demo_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     before = db_state(demo_url)
-    assert run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url) == 2
+    assert run_cli(*FEB, "--models", "bad_no_window", "--database-url", demo_url) == EXIT_REFUSED
     dry = ("--models", "bad_no_window", "--dry-run", "--execution-id", str(uuid.uuid4()))
-    assert run_cli(*FEB, *dry, "--database-url", demo_url) == 2
+    assert run_cli(*FEB, *dry, "--database-url", demo_url) == EXIT_REFUSED
     errors = [x for x in capfd.readouterr().err.splitlines() if "error:" in x]
     assert len(errors) == 2 and all("never reads the window" in x for x in errors)
     assert db_state(demo_url) == before

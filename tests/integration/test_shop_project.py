@@ -22,6 +22,7 @@ import pytest
 from dbt.cli.main import dbtRunner
 from psycopg import sql
 
+from dbtbackfill.operator.jobs import EXIT_REFUSED
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import (
     audit_rows,
@@ -281,7 +282,7 @@ def test_microbatch_models_get_each_windows_event_time_bounds(
 
     # A microbatch model replaces whole batches, for every store: never one store's backfill.
     before = audit_rows(url)
-    assert run_cli(*RANGE, "--tenant-id", "brooklyn", "--project-dir", str(shop_layout)) == 2
+    assert run_cli(*RANGE, "--tenant-id", "brooklyn", "--project-dir", str(shop_layout)) == EXIT_REFUSED
     [line] = err_lines(capfd)
     assert line.startswith("run_dbt_backfill: error: microbatch model(s) daily_store_revenue replace whole batches")
     assert audit_rows(url) == before
@@ -289,7 +290,7 @@ def test_microbatch_models_get_each_windows_event_time_bounds(
     revenue_rows = query(url, "select * from jaffle.daily_store_revenue order by 1, 2")
     chunk = uuid.uuid4()
     assert run_cli(*RANGE, "--tenant-id", "brooklyn", "--execution-id", str(chunk),
-                   "--project-dir", str(shop_layout)) == 2  # fmt: skip
+                   "--project-dir", str(shop_layout)) == EXIT_REFUSED  # fmt: skip
     [refused] = err_lines(capfd)
     assert refused == line
     *_, row = audit_rows(url)

@@ -30,7 +30,10 @@ class JobCensus:
         self.batch = kubernetes.client.BatchV1Api(client)
         self.namespace = namespace
         self.alive: dict[str, bool] = {}
+        self.owner: dict[str, str] = {}  # Job name -> its backfill
         self.created: list[str] = []  # backfill of each Job, in creation order
+        # Alive Jobs per backfill just after each Job appeared (same order as ``created``).
+        self.alive_at_creation: list[dict[str, int]] = []
         self.peak = 0
         self.stopping = threading.Event()
         self.error: BaseException | None = None
@@ -59,10 +62,21 @@ class JobCensus:
         if event["type"] == "BOOKMARK":
             return
         name = job["metadata"]["name"]
-        if event["type"] == "ADDED" and name not in self.alive:
-            self.created.append((job["metadata"].get("labels") or {}).get("dbt-backfill.io/backfill", ""))
+        added = event["type"] == "ADDED" and name not in self.alive
+        if added:
+            self.owner[name] = (job["metadata"].get("labels") or {}).get("dbt-backfill.io/backfill", "")
+            self.created.append(self.owner[name])
         self.alive[name] = event["type"] != "DELETED" and _alive(job)
         self.peak = max(self.peak, sum(self.alive.values()))
+        if added:
+            self.alive_at_creation.append(self.alive_by_backfill())
+
+    def alive_by_backfill(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for job, alive in self.alive.items():
+            if alive:
+                counts[self.owner[job]] = counts.get(self.owner[job], 0) + 1
+        return counts
 
     def stop(self) -> None:
         self.stopping.set()

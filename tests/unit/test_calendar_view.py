@@ -144,6 +144,26 @@ def test_status_view_of_a_matrix_has_a_column_per_tenant_and_the_last_failures()
     assert "ETA: nothing left to run; 1 failed chunk(s) wait for `kubectl dbf retry`" in text
 
 
+def test_status_shows_a_dry_runs_estimate_of_the_real_run() -> None:
+    estimate = {"cells": 6, "days": 6, "estimatedSeconds": 95.0, "pastChunks": 4, "estimatedSourceRows": 123456,
+                "reportedCells": 5, "settledCellsRead": 5,
+                "largestCell": {"chunk": 3, "window": "2024-01-02..2024-01-02", "tenant": "globex",
+                                "estimatedSourceRows": 40000}}  # fmt: skip
+    spec = {"startDate": "2024-01-01", "endDate": "2024-01-03", "tenantIds": ["acme", "globex"], "dryRun": True}
+    view = status_view(body(spec, {"phase": "Running", "progress": "5/6", "costEstimate": estimate}), NOW)
+    assert view.cost == (
+        "dry run: ~123,456 source row(s) over 5/6 cell(s) estimated; largest tenant globex 2024-01-02..2024-01-02"
+        " ~40,000; real run ~1m35s from 4 past chunk(s)"
+    )
+    console = Console(record=True, width=200, no_color=True)
+    render_status(view, console, NOW)
+    assert view.cost in console.export_text()
+    # Before any cell reported, and without past chunks: it says what it lacks.
+    bare = status_view(body(spec, {"costEstimate": {"cells": 6, "estimatedSeconds": None, "pastChunks": 0}}), NOW)
+    assert bare.cost == "dry run: real run: no ETA (no past chunk of these models)"
+    assert status_view(body(spec, {"phase": "Running"}), NOW).cost is None
+
+
 def test_logs_picks_the_cell_of_the_day_and_tenant_or_says_why_not() -> None:
     plan = plan_of(body({"startDate": "2024-01-01", "endDate": "2024-01-03", "tenantIds": ["acme", "globex"]}))
     assert chunk_for(plan, date(2024, 1, 2), "globex").index == 3

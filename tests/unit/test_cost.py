@@ -3,10 +3,21 @@ combining them per window, the ETA from past chunk durations, and what is printe
 
 from __future__ import annotations
 
+import json
 from datetime import date
 from typing import Any
 
-from dbtbackfill.core.cost import MAX_STATUS_WINDOWS, CostReport, History, WindowCost, merge_models, scan_rows
+from dbtbackfill.core.cost import (
+    ESTIMATE_FIELDS,
+    MAX_STATUS_WINDOWS,
+    CellEstimate,
+    CostReport,
+    History,
+    WindowCost,
+    estimates_summary,
+    merge_models,
+    scan_rows,
+)
 from dbtbackfill.core.planner import plan_windows
 
 # EXPLAIN (VERBOSE, FORMAT JSON) of a fact model reading a staging view over raw.orders (inlined)
@@ -104,3 +115,41 @@ def test_the_status_summary_is_bounded_and_keeps_the_heaviest_windows_in_order()
     assert all(h["estimatedSourceRows"] >= 42 for h in heaviest)
     assert [h["window"] for h in heaviest] == sorted(h["window"] for h in heaviest)
     assert year["estimatedSeconds"] is None and year["pastChunks"] == 0
+
+
+# --- the dry-run chunks' recorded estimates, summarised for status.costEstimate ----------------
+
+
+def test_the_estimates_summary_names_the_total_the_reporting_cells_and_the_largest_cell() -> None:
+    largest = CellEstimate(41, "tenant-007", date(2024, 1, 6), date(2024, 1, 6), 12_345)
+    assert estimates_summary(120, 987_654, largest) == {
+        "estimatedSourceRows": 987_654,
+        "reportedCells": 120,
+        "largestCell": {"chunk": 41, "window": "2024-01-06..2024-01-06", "tenant": "tenant-007",
+                        "estimatedSourceRows": 12_345},
+    }  # fmt: skip
+    untenanted = estimates_summary(1, 5, CellEstimate(0, None, date(2024, 1, 1), date(2024, 1, 7), 5))
+    assert "tenant" not in untenanted["largestCell"]
+    assert estimates_summary(0, 0, None) == {"estimatedSourceRows": 0, "reportedCells": 0, "largestCell": None}
+    assert set(estimates_summary(0, 0, None)) | {"settledCellsRead"} == set(ESTIMATE_FIELDS)
+
+
+def test_the_estimates_summary_stays_small_for_1000_tenants_by_365_days() -> None:
+    """Every cell reported, the longest tenant id the spec allows, counts near int64: a few
+    hundred bytes, the same as for one cell (the status limit is 64 KiB for the whole object)."""
+    tenants = ["t" * 63 if i == 999 else f"tenant-{i:04d}" for i in range(1000)]
+    cells = [(t, day) for day in range(365) for t in tenants]
+    rows = {
+        cell: (i * 7919) % 1_000_000 + (10**15 if cell == (tenants[-1], 364) else 0) for i, cell in enumerate(cells)
+    }
+    top = max(rows, key=lambda c: rows[c])
+    index = cells.index(top)
+    day = date(2024, 1, 1).toordinal() + top[1]
+    largest = CellEstimate(index, top[0], date.fromordinal(day), date.fromordinal(day), rows[top])
+    summary = estimates_summary(len(cells), sum(rows.values()), largest)
+    assert summary["reportedCells"] == 365_000
+    assert summary["largestCell"]["tenant"] == "t" * 63 and summary["largestCell"]["chunk"] == 364_999
+    one = estimates_summary(1, 1, CellEstimate(0, "t" * 63, date(2024, 1, 1), date(2024, 1, 1), 1))
+    size = len(json.dumps(summary))
+    digits = sum(len(str(n)) - 1 for n in (sum(rows.values()), len(cells), index, rows[top]))
+    assert size < 400 and size - len(json.dumps(one)) == digits  # only the numbers' digits grow

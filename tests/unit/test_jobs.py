@@ -24,7 +24,16 @@ from hypothesis import strategies as st
 from dbtbackfill.core.planner import Window
 from dbtbackfill.core.spec import BackfillSpec, SpecError, parse_spec
 from dbtbackfill.operator import jobs
-from dbtbackfill.operator.jobs import JobDefaults, Owner, build_job, job_labels, job_name, job_view, runner_command
+from dbtbackfill.operator.jobs import (
+    EXIT_REFUSED,
+    JobDefaults,
+    Owner,
+    build_job,
+    job_labels,
+    job_name,
+    job_view,
+    runner_command,
+)
 
 K8S_VERSION = "1.32"
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "dbtbackfills.dbt-backfill.io.yaml"
@@ -627,6 +636,20 @@ def test_job_view_of_a_failed_job_carries_the_condition_message() -> None:
     assert view.finished == datetime(2024, 6, 1, 10, 1, tzinfo=UTC)
 
 
+def test_a_chunk_job_fails_on_the_refusal_exit_code_and_its_view_says_refused() -> None:
+    spec = parse_spec(BASE_SPEC)
+    rules = build_job(OWNER, spec, window(spec), 1, DEFAULTS)["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "dbt", "operator": "In", "values": [EXIT_REFUSED]}}
+    ]
+    failed = {"type": "Failed", "status": "True", "message": "Container dbt for pod ns/p failed with exit code 3"}
+    refused = job_view(api_job(0, 1, failed=1, conditions=[{**failed, "reason": "PodFailurePolicy"}]))
+    other = job_view(api_job(0, 1, failed=1, conditions=[{**failed, "reason": "BackoffLimitExceeded"}]))
+    assert refused is not None and other is not None
+    assert (refused.phase, refused.refused) == ("failed", True)
+    assert (other.phase, other.refused) == ("failed", False)
+
+
 def test_job_view_of_a_deadline_exceeded_job_without_failed_pods() -> None:
     view = job_view(
         api_job(
@@ -774,3 +797,29 @@ def test_a_job_without_chunk_labels_has_no_wake_key() -> None:
     job = api_job()
     job["metadata"]["labels"] = {}
     assert jobs.wake_key(job) is None
+
+
+# ----------------------------------------------------------------------------- settled Jobs
+
+
+def test_a_finished_jobs_deletion_wakes_nobody_so_labelling_it_settled_costs_no_pass() -> None:
+    """The watch reports a Job that leaves its selector (labelled settled) as DELETED."""
+    assert not jobs.deletion_wakes(api_job(succeeded=1, conditions=COMPLETE))
+    assert not jobs.deletion_wakes(api_job(succeeded=1))  # Complete not set yet: nothing waits for it
+    assert not jobs.deletion_wakes(api_job(failed=1, conditions=FAILED))
+
+
+def test_deleting_a_running_failing_or_terminating_job_wakes_its_owner() -> None:
+    assert jobs.deletion_wakes(api_job(active=1))
+    assert jobs.deletion_wakes(api_job(failed=1, terminating=1))  # a retry waits for its Pod to go
+    being_deleted = api_job(succeeded=1, conditions=COMPLETE)
+    being_deleted["metadata"]["deletionTimestamp"] = "2024-06-01T10:05:00Z"
+    assert jobs.deletion_wakes(being_deleted)
+    assert jobs.deletion_wakes({"metadata": {"labels": {}}})  # not a chunk Job as far as it shows
+
+
+def test_passes_and_the_watch_select_unsettled_jobs_and_a_pod_lookup_selects_one_attempt() -> None:
+    assert jobs.unsettled_selector(OWNER) == f"{jobs.selector(OWNER)},!{jobs.LABEL_SETTLED}"
+    assert jobs.chunk_selector(OWNER, 3, 2).endswith(f",{jobs.LABEL_CHUNK}=3,{jobs.LABEL_ATTEMPT}=2")
+    spec = make_spec()
+    assert jobs.LABEL_SETTLED not in build_job(OWNER, spec, window(spec, 0), 1, DEFAULTS)["metadata"]["labels"]

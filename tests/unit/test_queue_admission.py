@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dbtbackfill.core.spec import parse_spec
+from dbtbackfill.operator import queue_gate
 from dbtbackfill.operator.controller import admitted_decision
 from dbtbackfill.operator.queue_admission import (
     Member,
@@ -336,8 +338,51 @@ def test_a_peer_wants_its_recorded_demand_minus_what_runs_now() -> None:
     running = Counter({"p": 1})
     seen = _member(peer(queue={"name": "wh", "demand": 4}, phase="Running"), "wh", running)
     assert (seen.priority, seen.running, seen.wanting) == (3, 1, 3)
-    # Finished, or recorded for another queue: it wants nothing here.
+    # Finished: it wants nothing here.
     assert _member(peer(queue={"name": "wh", "demand": 4}, phase="Succeeded"), "wh", running).wanting == 0
+    # Nothing on record for this queue (never reconciled, or just moved here): its parallelism
+    # (default 1), so its peers leave it its share until its first pass here declares its demand.
+    assert _member(peer(), "wh", Counter()).wanting == 1
     assert _member(peer(queue={"name": "old", "demand": 4}, phase="Running"), "wh", running).wanting == 0
-    # Never reconciled yet: no demand on record, so it takes nothing from the others until its pass.
-    assert _member(peer(), "wh", Counter()).wanting == 0
+    moved = peer(queue={"name": "old", "demand": 4}, phase="Running")
+    moved["spec"]["parallelism"] = 3
+    assert _member(moved, "wh", Counter()).wanting == 3
+    # What its last pass declared under the queue's lock wins over its (lagging) status.
+    assert _member(peer(queue={"name": "wh", "demand": 4}, phase="Running"), "wh", running, {"p": 2}).wanting == 1
+
+
+def test_a_backfill_joining_a_busy_queue_gets_its_fair_share_from_its_first_grant() -> None:
+    """The older member holds both slots of a queue of 2 and wants more; the newcomer's first pass
+    finds the queue full. When a slot frees, the older member's pass must give it to the
+    newcomer, although the newcomer's status (written after the lock) does not yet say it waits."""
+    older = member("older", created="2024-01-01T00:00:00Z", running=1, wanting=1)
+    newcomer_status: dict[str, Any] = {}  # its first pass ran; its status patch has not landed
+    newcomer_item = {"metadata": {"uid": "uid-new", "name": "new", "creationTimestamp": "2024-01-02T00:00:00Z"},
+                     "spec": {"queueName": "wh", "parallelism": 2}, "status": newcomer_status}  # fmt: skip
+    running = Counter({"uid-older": 1})
+
+    # Before the fix: the peer's demand was what its status recorded; nothing, so the older took the slot.
+    stale = member("new", created="2024-01-02T00:00:00Z", wanting=recorded_demand(newcomer_status, "wh"))
+    assert verdict_for("wh", QueueSpec(2), [older, stale], older, running=1, now=NOON).granted == 1
+
+    # Now: the demand its first pass declared (under the lock), or if that pass has not yet run
+    # its parallelism, makes the older member leave the free slot to the newcomer.
+    for declared in ({"uid-new": 2}, {}):
+        seen = _member(newcomer_item, "wh", running, declared)
+        assert (seen.running, seen.wanting) == (0, 2)
+        mine = verdict_for("wh", QueueSpec(2), [older, seen], older, running=1, now=NOON)
+        assert (mine.granted, mine.waiting, mine.wake) == (0, 1, ("uid-new",))
+        theirs = verdict_for("wh", QueueSpec(2), [older, seen], seen, running=1, now=NOON)
+        assert theirs.granted == 1  # the newcomer's own pass, woken, takes it: the ceiling still holds
+    # Once both run one, the next free slot goes back to the older: an even split.
+    both = [member("older", running=0, wanting=2), member("new", created="2024-01-02T00:00:00Z", running=1, wanting=1)]
+    assert admit(QueueSpec(2), both, running=1, now=NOON).grants == {"uid-older": 1, "uid-new": 0}
+
+
+def test_a_pass_declares_its_demand_for_the_next_passes_and_forgets_members_that_left() -> None:
+    view = queue_gate.View(None, QueueSpec(2), None, ({"metadata": {"uid": "uid-a"}},), Counter(), frozenset())
+    queue_gate.declare("ns-declare", "wh", replace(view, members=()), member("gone", running=1, wanting=1))
+    book = queue_gate.declare("ns-declare", "wh", view, member("a", running=1, wanting=2))
+    assert book == {"uid-a": 3}  # "gone" is no member any more
+    assert queue_gate.declared("ns-declare", "wh") == {"uid-a": 3}
+    assert queue_gate.declared("ns-declare", "other") == {}

@@ -105,6 +105,7 @@ class Cluster:
         *,
         message: str | None = None,
         records: int | None = None,
+        refused: bool = False,
     ) -> None:
         name = job_name(OWNER, chunk, attempt)
         job = self.jobs[name]
@@ -115,6 +116,7 @@ class Cluster:
             finished=now,
             message=message if phase == "failed" else None,
             records=records,
+            refused=refused,
         )
 
     def active(self) -> list[JobView]:
@@ -387,6 +389,26 @@ def test_retry_limit_zero_fails_on_the_first_failure() -> None:
     assert decision.phase == "Failed"
     assert decision.state.failed == frozenset({0})
     assert decision.launch == ()
+
+
+def test_a_refused_chunk_fails_at_once_whatever_its_retry_limit() -> None:
+    """Exit 3 (the contract check refused it): every retry would be refused alike."""
+    op = Operator(days(2, parallelism=2, retry={"limit": 3, "backoffSeconds": 1}))
+    op.reconcile(T0)
+    op.cluster.finish(0, 1, "failed", later(1), message="model m: never reads the window", refused=True)
+    op.cluster.finish(1, 1, "failed", later(1), message="could not connect to server")
+    decision = op.reconcile(later(2))
+    assert decision.state.failed == frozenset({0})  # the refusal: failed, no retry scheduled
+    assert set(decision.state.retry_at) == {1}  # an ordinary failure still retries
+    assert [(e.reason, "was refused, not retried" in e.message) for e in decision.events] == [
+        ("ChunkFailed", True),
+        ("ChunkRetry", False),
+    ]
+    assert "never reads the window" in decision.events[0].message
+    assert op.state().recent_failures[0].message == "model m: never reads the window"
+    later_pass = op.reconcile(later(10))
+    assert (0, 2) not in op.cluster.created
+    assert 0 in later_pass.state.failed and 0 not in later_pass.state.retry_at
 
 
 def test_recent_failures_are_bounded_and_messages_truncated() -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql as pg
 
 from dbtbackfill.core import database_url
+from dbtbackfill.core.cost import CellEstimate
 
 Status = Literal["running", "completed", "failed", "cancelled"]
 Kind = Literal["run", "backfill", "chunk"]
@@ -31,7 +32,7 @@ KINDS: Final = ("run", "backfill", "chunk")
 VERSION_TABLE: Final = "dbt_backfill_alembic_version"
 #: The newest migration in migrations/versions (a unit test keeps the two in step). A database
 #: already there needs no Alembic at all, which saves every backfill process importing it.
-HEAD_REVISION: Final = "0003"
+HEAD_REVISION: Final = "0004"
 # Serialises concurrent first-use migrations from parallel chunk Jobs.
 _MIGRATION_LOCK_KEY: Final = 0x64627462  # "dbtb"
 MAX_ERROR_CHARS: Final = 8000
@@ -84,6 +85,10 @@ class BackfillExecution(Base):
     updated_at: orm.Mapped[datetime] = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
     heartbeat_at: orm.Mapped[datetime | None] = orm.mapped_column(sa.DateTime(timezone=True))
+    #: A dry run: nothing was written; kept out of the ETA's past durations.
+    dry_run: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
+    #: A dry run's planner estimate of the source rows its windows read.
+    estimated_source_rows: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger)
     #: ``status``, except that a ``running`` row whose heartbeat is stale reads ``abandoned``
     #: (rows written before heartbeats existed count from their last update).
     effective_status: orm.Mapped[str] = orm.column_property(
@@ -220,6 +225,7 @@ class ExecutionStart:
     chunk_index: int | None = None
     attempt: int | None = None
     target: Mapping[str, Any] | None = None
+    dry_run: bool = False
 
 
 #: What makes an execution the same one: a replay with another of these is another run.
@@ -248,6 +254,7 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
         "attempt": start.attempt,
         "target": dict(start.target) if start.target is not None else None,
         "heartbeat_at": sa.func.now(),
+        "dry_run": start.dry_run,
     }
     insert = pg.insert(_TABLE).values(**values)
     # A re-run of the same execution id (a restarted pod) starts over in the same row;
@@ -260,6 +267,8 @@ def record_start(engine: sa.Engine, start: ExecutionStart) -> None:
             "error_message": None,
             "duration_seconds": None,
             "records_processed": None,
+            "dry_run": insert.excluded.dry_run,
+            "estimated_source_rows": None,
             "finished_at": None,
             "updated_at": sa.func.now(),
             "heartbeat_at": sa.func.now(),
@@ -294,8 +303,9 @@ def record_finish(
     duration_seconds: float | None,
     records_processed: int | None,
     error_message: str | None = None,
+    estimated_source_rows: int | None = None,
 ) -> bool:
-    """Close a row. Returns False when no such row exists."""
+    """Close a row (a dry run's with its estimate). Returns False when no such row exists."""
     if status == "running":
         raise ValueError("a finished execution cannot have status 'running'")
     update = (
@@ -306,6 +316,7 @@ def record_finish(
             duration_seconds=duration_seconds,
             records_processed=records_processed,
             error_message=error_message[:MAX_ERROR_CHARS] if error_message else None,
+            estimated_source_rows=estimated_source_rows,
             updated_at=sa.func.now(),
             finished_at=sa.func.now(),
         )
@@ -355,6 +366,7 @@ def chunk_durations(engine: sa.Engine, models: Sequence[str], limit: int = 500) 
         .where(
             row.kind.in_(("chunk", "run")),
             row.status == "completed",
+            row.dry_run.is_(False),
             row.duration_seconds.is_not(None),
             row.models == list(models),
         )
@@ -377,3 +389,30 @@ def completed_records(engine: sa.Engine, parent_id: uuid.UUID) -> int:
     with engine.connect() as conn:
         records: Any = conn.execute(query).scalar_one()
     return int(records)
+
+
+def dry_run_estimates(engine: sa.Engine, parent_id: uuid.UUID) -> tuple[int, int, CellEstimate | None]:
+    """(cells, total rows, largest cell) over the completed dry-run chunks of the backfill
+    ``parent_id``, each chunk counted once (its latest attempt). Aggregated in the database, so
+    the answer stays three numbers and one row for any number of cells."""
+    row = BackfillExecution
+    latest = (
+        sa.select(row.chunk_index, row.tenant_id, row.start_date, row.end_date, row.estimated_source_rows)
+        .where(
+            row.parent_id == parent_id,
+            row.kind == "chunk",
+            row.dry_run.is_(True),
+            row.status == "completed",
+            row.estimated_source_rows.is_not(None),
+        )
+        .distinct(row.chunk_index)
+        .order_by(row.chunk_index, row.attempt.desc())
+        .subquery()
+    )
+    totals = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(latest.c.estimated_source_rows), 0))
+    largest = sa.select(latest).order_by(latest.c.estimated_source_rows.desc(), latest.c.chunk_index).limit(1)
+    with engine.connect() as conn:
+        cells, total = conn.execute(totals).one().tuple()
+        top = conn.execute(largest).first()
+    cell = None if top is None else CellEstimate(top[0], top[1], top[2], top[3], int(top[4]))
+    return int(cells), int(total), cell

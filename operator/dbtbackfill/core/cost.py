@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Final
 
 from dbtbackfill.core.planner import Window
 
 Relation = tuple[str, str]  # (schema, table)
 MAX_STATUS_WINDOWS: Final = 31  # the status summary lists the heaviest windows only
+#: status.costEstimate's fields from the dry-run chunks' recorded estimates.
+ESTIMATE_FIELDS: Final = ("estimatedSourceRows", "reportedCells", "largestCell", "settledCellsRead")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,34 @@ class CostReport:
                 for w in sorted(heaviest, key=lambda w: w.window.index)
             ],
         }
+
+
+@dataclass(frozen=True)
+class CellEstimate:
+    """One dry-run chunk's recorded estimate: its window (and tenant), the source rows it reads."""
+
+    chunk_index: int
+    tenant_id: str | None
+    start_date: date
+    end_date: date
+    rows: int
+
+    def label(self) -> str:
+        return f"{self.start_date.isoformat()}..{self.end_date.isoformat()}"
+
+
+def estimates_summary(reported: int, total: int, largest: CellEstimate | None) -> dict[str, Any]:
+    """``status.costEstimate``'s share of the dry-run chunks' recorded estimates: the total
+    source rows, how many cells reported one, and the largest cell. Its size does not grow with
+    the plan (1,000 tenants x 365 days is as small as one cell)."""
+    out: dict[str, Any] = {"estimatedSourceRows": total, "reportedCells": reported, "largestCell": None}
+    if largest is not None:
+        cell: dict[str, Any] = {"chunk": largest.chunk_index, "window": largest.label(),
+                                "estimatedSourceRows": largest.rows}  # fmt: skip
+        if largest.tenant_id is not None:
+            cell["tenant"] = largest.tenant_id
+        out["largestCell"] = cell
+    return out
 
 
 def _by_relation(rows: Mapping[Relation, int]) -> str:

@@ -210,6 +210,7 @@ class StatusView:
     estimate: calendar_view.Estimate
     failures: list[Mapping[str, Any]]
     message: str | None
+    cost: str | None = None  # a dry run's estimate of the real run (status.costEstimate)
 
 
 def status_view(body: Mapping[str, Any], now: datetime, max_columns: int = MAX_TENANT_COLUMNS) -> StatusView:
@@ -232,7 +233,28 @@ def status_view(body: Mapping[str, Any], now: datetime, max_columns: int = MAX_T
         estimate=calendar_view.estimate(status, len(plan.chunks), plan.spec.parallelism, now),
         failures=list(status.get("recentFailures") or [])[-SHOWN_FAILURES:],
         message=said if plan.tenants_known else "the tenant list (spec.tenantIdsFrom) has not been read yet",
+        cost=cost_line(status.get("costEstimate")),
     )
+
+
+def cost_line(estimate: Any) -> str | None:
+    """spec.dryRun's estimate of the real run in one line: source rows, the largest cell, the ETA."""
+    if not isinstance(estimate, Mapping):
+        return None
+    parts = []
+    if estimate.get("reportedCells") is not None:
+        parts.append(f"~{int(estimate.get('estimatedSourceRows') or 0):,} source row(s) over "
+                     f"{estimate['reportedCells']}/{estimate.get('cells', '?')} cell(s) estimated")  # fmt: skip
+    largest = estimate.get("largestCell")
+    if isinstance(largest, Mapping):
+        tenant = f"tenant {largest['tenant']} " if largest.get("tenant") else ""
+        parts.append(f"largest {tenant}{largest.get('window')} ~{int(largest.get('estimatedSourceRows') or 0):,}")
+    seconds = estimate.get("estimatedSeconds")
+    if seconds is not None:
+        parts.append(f"real run ~{_duration(float(seconds))} from {estimate.get('pastChunks', 0)} past chunk(s)")
+    else:
+        parts.append("real run: no ETA (no past chunk of these models)")
+    return "dry run: " + "; ".join(parts)
 
 
 def _cell(cell: calendar_view.GridCell | None) -> Text:
@@ -296,6 +318,8 @@ def render_status(view: StatusView, console: Console, now: datetime) -> None:
     console.print(render_grid(view.grid))
     console.print(legend(view.counts))
     console.print(eta_line(view, now))
+    if view.cost:
+        console.print(view.cost)
     if view.failures:
         # Two lines per failure, not a table: the message gets the terminal's whole width.
         console.print(Text("last failures", style="bold"))

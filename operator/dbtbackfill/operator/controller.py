@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import kopf
 
-from dbtbackfill.core.cost import History
+from dbtbackfill.core import cost
+from dbtbackfill.core.cost import CellEstimate, History
 from dbtbackfill.core.planner import Window
 from dbtbackfill.core.spec import BackfillSpec, SpecError, parse_spec, parse_tenant_list, tenant_list_hash
 from dbtbackfill.operator import (
@@ -85,6 +89,9 @@ class Outcome:
     phase: str | None = None
     api_failed: bool = False  # an API call failed; the daemon backs off
     wake: tuple[str, ...] = ()  # uids of other backfills to wake (their queue granted them slots)
+    # The backfill's resourceVersion as this pass last read or wrote it: while kopf's copy has
+    # exactly this version, the next pass may use that copy instead of reading the object.
+    resource_version: str | None = None
 
 
 def _now() -> datetime:
@@ -133,9 +140,8 @@ def _execution_start(
     )
 
 
-class AuditLog:
-    """The operator's side of ``backfill_executions``. Every write is an idempotent upsert
-    keyed by a UUIDv5 of the backfill, so retrying until it lands never duplicates."""
+class _AuditDatabase:
+    """The audit database (None: no audit log), reached through one pooled engine."""
 
     def __init__(self, database_url: str | None, pool_size: int = 5, max_overflow: int = 10) -> None:
         self.url = database_url
@@ -151,6 +157,11 @@ class AuditLog:
         )
         audit.ensure_schema(engine)
         return engine
+
+
+class _AuditReads(_AuditDatabase):
+    """What the operator reads back from the audit log. None (or no rows) when it cannot be read:
+    the database being down never stops a backfill."""
 
     def chunk_rows(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ChunkRow] | None:
         """Chunk rows by id; None when the database cannot be read (so nothing is concluded)."""
@@ -180,6 +191,24 @@ class AuditLog:
         except Exception as exc:  # an estimate is never worth failing a pass for
             log.warning("audit: cannot read past chunk durations for the dry run's estimate: %s", exc)
             return None
+
+    def estimates(self, owner: Owner) -> tuple[int, int, CellEstimate | None] | None:
+        """(cells, total rows, largest cell) the backfill's dry-run chunks recorded; None when
+        the database cannot be read."""
+        if not self.url:
+            return None
+        from dbtbackfill.core import audit
+
+        try:
+            return audit.dry_run_estimates(self._engine(), jobs.backfill_execution_id(owner))
+        except Exception as exc:  # an estimate is never worth failing a pass for
+            log.warning("audit: cannot read the dry-run chunks' estimates: %s", exc)
+            return None
+
+
+class AuditLog(_AuditReads):
+    """The operator's side of ``backfill_executions``. Every write is an idempotent upsert
+    keyed by a UUIDv5 of the backfill, so retrying until it lands never duplicates."""
 
     def start(self, owner: Owner, spec: BackfillSpec) -> bool:
         if not self.url:
@@ -268,11 +297,25 @@ class Observed:
     audit_unreadable: bool = False
 
 
-def _observe_cluster(owner: Owner, spec: BackfillSpec, now: datetime) -> Observed:
-    """Jobs, plus what their Pods (and the Job controller's Events) say about starting and living."""
-    views = [v for j in kube.list_jobs(owner.namespace, jobs.selector(owner)) if (v := jobs.job_view(j))]
+@cache
+def _side_reads(workers: int) -> ThreadPoolExecutor:
+    """Threads for the read a pass makes beside its own (Jobs and Pods are listed at once)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass-read")
+
+
+def _observe_cluster(owner: Owner, spec: BackfillSpec, now: datetime, workers: int = 1) -> Observed:
+    """Jobs, plus what their Pods (and the Job controller's Events) say about starting and living.
+
+    Only Jobs whose end no status records yet (not settled) and only Pods that have not
+    finished are listed, so a pass costs the same however many finished Jobs are kept."""
+    pod_list = _side_reads(workers).submit(kube.list_live_pods, owner.namespace, jobs.selector(owner))
+    try:
+        listed = kube.list_jobs(owner.namespace, jobs.unsettled_selector(owner))
+    finally:
+        live_pods = pod_list.result()
+    views = [v for j in listed if (v := jobs.job_view(j))]
     pods: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for pod in kube.list_pods(owner.namespace, jobs.selector(owner)):
+    for pod in live_pods:
         position = jobs.chunk_of((pod.get("metadata") or {}).get("labels") or {})
         if position is not None:
             pods.setdefault(position, []).append(pod)
@@ -282,7 +325,11 @@ def _observe_cluster(owner: Owner, spec: BackfillSpec, now: datetime) -> Observe
         events: list[dict[str, Any]] = []
         overdue = view.created is not None and (now - view.created).total_seconds() >= spec.start_deadline_seconds
         if view.phase == "active" and not mine and overdue:
-            events = kube.list_job_events(owner.namespace, view.name)  # no Pod: did the controller say why?
+            # No live Pod: its Pod may have finished before the Job controller marked the Job
+            # (then it started), or never been made (did the controller say why?).
+            mine = kube.list_pods(owner.namespace, jobs.chunk_selector(owner, view.chunk, view.attempt))
+            if not mine:
+                events = kube.list_job_events(owner.namespace, view.name)
         seen = pod_start.report(mine, events)
         out.append(replace(view, pod_started=seen.started, start_problem=seen.problem, alive=view.alive or seen.alive))
     # Pods outlive a Job deleted in the background (kubectl's default): they still hold their chunk.
@@ -356,14 +403,46 @@ def _peers(namespace: str) -> list[reconcile.Peer]:
     return [peer for item in kube.list_backfills(namespace) if (peer := reconcile.peer_of(item))]
 
 
-def enforce_policy(namespace: str, spec: BackfillSpec, job_policy: JobPolicy) -> None:
-    """Raise :class:`policy.PolicyRefusal` unless the operator may run this spec's Jobs."""
+def enforce_policy(spec: BackfillSpec, job_policy: JobPolicy) -> None:
+    """Raise :class:`policy.PolicyRefusal` unless the operator may run this spec's Jobs' image
+    and ServiceAccount (pure: checked on every pass)."""
     refused = policy.spec_refusal(spec, job_policy)
     if refused:
         raise policy.PolicyRefusal(refused)
+
+
+def enforce_secret(namespace: str, spec: BackfillSpec) -> None:
+    """Raise :class:`policy.SecretRefusal` unless the Secret the Jobs would read carries the
+    opt-in label. Read just before Jobs are created (the only moment it grants anything), so
+    a pass that only records finished Jobs costs no Secret read."""
     refused = policy.secret_refusal(spec, kube.get_secret_labels(namespace, spec.secret_name))
     if refused:
         raise policy.SecretRefusal(refused)
+
+
+# The resourceVersion of the backfill as the running pass (one thread) last read or wrote it.
+_pass_version = threading.local()
+
+
+def _write_status(namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    _pass_version.value = kube.patch_backfill_status(namespace, name, patch) or None
+
+
+def _version_of(body: Mapping[str, Any] | None) -> str | None:
+    version = ((body or {}).get("metadata") or {}).get("resourceVersion")
+    return str(version) if version else None
+
+
+def _current_body(
+    namespace: str, name: str, cached: Mapping[str, Any] | None, known_version: str | None
+) -> Mapping[str, Any] | None:
+    """The backfill to act on: kopf's copy when it is the version the last pass ended with
+    (kopf has seen that pass's own status write, and nothing newer arrived since), else read
+    now. A copy of any other version may predate our own last write: acting on it could
+    relaunch a chunk that write recorded."""
+    if cached is not None and known_version is not None and _version_of(cached) == known_version:
+        return cached
+    return kube.get_backfill(namespace, name)
 
 
 def _launch(
@@ -475,13 +554,50 @@ def _report_failure(
     )
     patch = status.changed(previous, new)
     if patch:
-        kube.patch_backfill_status(namespace, name, patch)  # if this fails too, the daemon reports it
+        _write_status(namespace, name, patch)  # if this fails too, the daemon reports it
     log.warning("reconcile of %s/%s: %s; retrying in %.0fs", namespace, name, exc, delay)
     return Outcome(delay, (Event("Warning", reason, message),), body, previous.get("phase"), api_failed=True)
 
 
-def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog: AuditLog) -> Outcome:
-    body = kube.get_backfill(namespace, name)
+def reconcile_backfill(
+    namespace: str,
+    name: str,
+    cfg: OperatorConfig,
+    auditlog: AuditLog,
+    cached: Mapping[str, Any] | None = None,
+    known_version: str | None = None,
+) -> Outcome:
+    """One pass. ``cached`` is kopf's copy of the backfill, used instead of a read when its
+    resourceVersion is ``known_version`` (the previous pass's ``Outcome.resource_version``)."""
+    body = _current_body(namespace, name, cached, known_version)
+    _pass_version.value = _version_of(body)
+    outcome = _reconcile(namespace, name, cfg, auditlog, body)
+    return replace(outcome, resource_version=_pass_version.value)
+
+
+def _refused(
+    namespace: str,
+    name: str,
+    body: Mapping[str, Any],
+    previous: Mapping[str, Any],
+    spec: BackfillSpec | None,
+    exc: SpecError,
+    now: datetime,
+) -> Outcome:
+    """A spec that cannot run (as written, or by policy): InvalidSpec, no Job created."""
+    new = status.invalid_spec_status(str(exc), body["metadata"].get("generation"), previous, now)
+    patch = status.changed(previous, new)
+    if patch:
+        _write_status(namespace, name, patch)
+    # Fixable without touching the backfill: a Secret's label, a ConfigMap's tenant list.
+    fixable = isinstance(exc, policy.SecretRefusal) or (spec is not None and spec.tenant_ids_from is not None)
+    recheck = SECRET_RECHECK_SECONDS if fixable else None
+    return Outcome(recheck, (Event("Warning", "InvalidSpec", str(exc)),) if patch else (), body, "Failed")
+
+
+def _reconcile(
+    namespace: str, name: str, cfg: OperatorConfig, auditlog: AuditLog, body: Mapping[str, Any] | None
+) -> Outcome:
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Outcome(None, (), body)
     now = _now()
@@ -490,26 +606,19 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     spec: BackfillSpec | None = None
     try:
         spec = parse_spec(body.get("spec") or {})
-        enforce_policy(namespace, spec, cfg.policy)
+        enforce_policy(spec, cfg.policy)
         tenants = resolve_tenants(namespace, spec, previous)
         windows: Sequence[Window] = spec.cells(tenants)
     except SpecError as exc:
-        new = status.invalid_spec_status(str(exc), generation, previous, now)
-        patch = status.changed(previous, new)
-        if patch:
-            kube.patch_backfill_status(namespace, name, patch)
-        # Fixable without touching the backfill: a Secret's label, a ConfigMap's tenant list.
-        fixable = isinstance(exc, policy.SecretRefusal) or (spec is not None and spec.tenant_ids_from is not None)
-        recheck = SECRET_RECHECK_SECONDS if fixable else None
-        return Outcome(recheck, (Event("Warning", "InvalidSpec", str(exc)),) if patch else (), body, "Failed")
+        return _refused(namespace, name, body, previous, spec, exc, now)
     except TenantListUnavailable as exc:
         new = status.waiting_status("TenantListUnavailable", str(exc), generation, previous, now)
         patch = status.changed(previous, new)
         if patch:
-            kube.patch_backfill_status(namespace, name, patch)
+            _write_status(namespace, name, patch)
         told = (Event("Warning", "TenantListUnavailable", str(exc)),) if patch else ()
         return Outcome(SECRET_RECHECK_SECONDS, told, body, "Pending")
-    except kube.ApiFailure as exc:  # the policy's Secret lookup, the tenant list's ConfigMap
+    except kube.ApiFailure as exc:  # the tenant list's ConfigMap
         return _report_failure(namespace, name, body, previous, exc, now)
 
     if spec.tenant_ids_from is not None and reconcile.snapshot_ids(previous) is None:
@@ -517,7 +626,7 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         # find the list those Jobs were numbered by, not whatever the ConfigMap says by then.
         snapshot = {"tenants": tenants_status(spec, tenants)}
         try:
-            kube.patch_backfill_status(namespace, name, snapshot)
+            _write_status(namespace, name, snapshot)
         except kube.ApiFailure as exc:
             return _report_failure(namespace, name, body, previous, exc, now)
         previous.update(snapshot)
@@ -538,7 +647,8 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         state = reconcile.reset_failed(state)
 
     try:
-        observed = _with_audit(_observe_cluster(owner, spec, now), owner, spec, windows, state, auditlog)
+        cluster = _observe_cluster(owner, spec, now, cfg.pools.reconcile_workers)
+        observed = _with_audit(cluster, owner, spec, windows, state, auditlog)
         not_started = not state.attempts and not state.succeeded and not observed.views
         blocked_by = None
         if not_started and not spec.suspend:
@@ -552,6 +662,13 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
         spec, windows, state, observed.views, now, blocked_by=blocked_by, busy=observed.busy, launch_after=launch_after
     )
     events += decision.events
+    if decision.launch:
+        try:
+            enforce_secret(namespace, spec)
+        except policy.SecretRefusal as exc:
+            return _refused(namespace, name, body, previous, spec, exc, now)
+        except kube.ApiFailure as exc:
+            return _report_failure(namespace, name, body, previous, exc, now)
 
     failure: kube.ApiFailure | None = None
     # A queued backfill admits and creates its Jobs under its queue's lock (see queue_gate).
@@ -582,7 +699,8 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     if tenant_block is not None:
         new["tenants"] = tenant_block
     if spec.dry_run:
-        new["costEstimate"] = _cost_estimate(previous, generation, spec, windows, auditlog)
+        settled = len(decision.state.succeeded) + len(decision.state.failed)
+        new["costEstimate"] = _cost_estimate(previous, generation, spec, windows, auditlog, owner, settled)
     new["retryFailedObserved"] = spec.retry_failed or ""
     if queued is not None:
         new = queue_status.with_queue(new, queued.verdict, spec.priority, previous, generation, now)
@@ -594,6 +712,9 @@ def reconcile_backfill(namespace: str, name: str, cfg: OperatorConfig, auditlog:
     # Deleting comes after the status records why (suspend, a never-started Pod), so an operator
     # killed in between finds the reason written, not a Job that vanished unexplained.
     new_failure = _patched_status(namespace, name, previous, new, failure, generation, now, events)
+    if new_failure is failure and not observed.audit_unreadable:  # the status landed
+        listed = {v.name for v in cluster.views}
+        _settle(namespace, [n for n in reconcile.settled(decision.state, observed.views, len(windows)) if n in listed])
     for chunk, attempt, message in decision.unstarted:
         auditlog.unstarted(owner, spec, windows[chunk], attempt, message)
     for job_name in decision.delete:
@@ -646,33 +767,60 @@ def _patched_status(
     patch = status.changed(previous, new)
     if patch:
         try:
-            kube.patch_backfill_status(namespace, name, patch)
+            _write_status(namespace, name, patch)
         except kube.ApiFailure as exc:
             events.append(Event("Warning", *_failure_of(exc)))
             return exc
     return failure
 
 
+def _settle(namespace: str, names: Sequence[str]) -> None:
+    """Label Jobs whose end the status now records. Best effort: a Job not labelled (the API
+    failed, the operator died first) is listed by the next pass and labelled then."""
+    for job_name in names:
+        try:
+            kube.label_job(namespace, job_name, jobs.SETTLED)
+        except kube.ApiFailure as exc:
+            log.warning("job %s/%s not labelled settled yet: %s", namespace, job_name, exc)
+            return
+
+
 def _cost_estimate(
-    previous: Mapping[str, Any], generation: int | None, spec: BackfillSpec, cells: Sequence[Window], auditlog: AuditLog
+    previous: Mapping[str, Any],
+    generation: int | None,
+    spec: BackfillSpec,
+    cells: Sequence[Window],
+    auditlog: AuditLog,
+    owner: Owner,
+    settled: int,
 ) -> dict[str, Any]:
     """A dry run's ETA for the real run: past completed chunks of the same models, per day, over
-    this plan's cells and parallelism (read once per generation). Each cell's source-row
-    estimate is in its dry-run chunk's log."""
+    this plan's cells and parallelism (read once per generation); and the source rows the
+    dry-run chunks estimated and recorded in their audit rows (total, the largest cell), read
+    again whenever more cells have ``settled`` (finished) since the last read."""
     prior = previous.get("costEstimate") or {}
-    if prior.get("observedGeneration") == generation and prior.get("estimatedSeconds") is not None:
-        return dict(prior)  # without past chunks (or a readable audit log) it is looked up again
-    history = auditlog.durations(spec.models)
-    days = sum(c.days for c in cells)
-    per_day = history.seconds_per_day if history else None
-    seconds = None if per_day is None else round(per_day * days / spec.parallelism, 1)
-    return {
-        "observedGeneration": generation,
-        "cells": len(cells),
-        "days": days,
-        "estimatedSeconds": seconds,
-        "pastChunks": history.chunks if history else 0,
-    }
+    same = prior.get("observedGeneration") == generation
+    if same and prior.get("estimatedSeconds") is not None:
+        out = dict(prior)  # without past chunks (or a readable audit log) it is looked up again
+    else:
+        history = auditlog.durations(spec.models)
+        days = sum(c.days for c in cells)
+        per_day = history.seconds_per_day if history else None
+        seconds = None if per_day is None else round(per_day * days / spec.parallelism, 1)
+        out = {
+            "observedGeneration": generation,
+            "cells": len(cells),
+            "days": days,
+            "estimatedSeconds": seconds,
+            "pastChunks": history.chunks if history else 0,
+        }
+        if same:  # keep the estimates read so far this generation
+            out.update({k: prior[k] for k in cost.ESTIMATE_FIELDS if k in prior})
+    if not same or prior.get("settledCellsRead") != settled:
+        recorded = auditlog.estimates(owner)
+        if recorded is not None:
+            out.update(cost.estimates_summary(*recorded), settledCellsRead=settled)
+    return out
 
 
 def _audit_pending(new: Mapping[str, Any]) -> bool:

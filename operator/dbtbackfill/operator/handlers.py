@@ -4,7 +4,8 @@
 - ``backfill_daemon`` is each DbtBackfill's reconcile loop. Job and CR events only wake
   it, so a burst of events becomes one pass and one coalesced status patch.
 - ``on_job_event`` is the watch on our Jobs: it wakes the owner. The API server filters
-  that watch by label (``settings.watching.label_selectors``), so other Jobs never stream.
+  that watch by label (``settings.watching.label_selectors``), so other Jobs, and our
+  finished Jobs once labelled settled, never stream.
 - ``on_delete`` (the finalizer) deletes the Jobs, waits until none of their Pods is left,
   and closes the audit row.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 from collections import Counter
@@ -77,7 +79,8 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = WATCH_TIMEOUT_SECONDS + 10
     # Server-side: the Job watch-stream asks for ?labelSelector=, instead of streaming every Job
     # of the cluster to filter here (a handler's labels= filter is applied client-side).
-    settings.watching.label_selectors["batch", "jobs"] = jobs.LABEL_BACKFILL_UID
+    # Settled Jobs (finished, their end recorded in the status) are left out as well.
+    settings.watching.label_selectors["batch", "jobs"] = jobs.WATCH_SELECTOR
     # on_create and on_delete run on kopf's executor; the client pools count its threads too.
     settings.execution.max_workers = POOLS.handler_workers
     kube.configure_pool(POOLS.api_connections)
@@ -108,15 +111,26 @@ async def backfill_daemon(
     # A backfill without a phase that this daemon has not passed yet is new: its first pass
     # waits behind passes of started backfills (kopf's body may lag behind our own patch).
     first = not (body.get("status") or {}).get("phase")
+    known_version: str | None = None  # the backfill's version as the last pass left it
     try:
         while not stopped:
             wake.clear()
             try:
                 async with SLOTS.slot(first=first):
+                    # kopf replaces the live body on its loop; the pass gets a copy of it as of now.
+                    cached = copy.deepcopy(dict(body))
                     outcome = await asyncio.get_running_loop().run_in_executor(
-                        PASS_EXECUTOR, controller.reconcile_backfill, namespace or "", name, CONFIG, AUDIT
+                        PASS_EXECUTOR,
+                        controller.reconcile_backfill,
+                        namespace or "",
+                        name,
+                        CONFIG,
+                        AUDIT,
+                        cached,
+                        known_version,
                     )
                 first = False
+                known_version = outcome.resource_version
             except Exception as exc:  # the API (or anything else) failed where no status could say so
                 outcome = controller.Outcome(
                     None, (reconcile.Event("Warning", "ReconcileFailed", str(exc)[:1024]),), body, api_failed=True
@@ -160,8 +174,10 @@ async def on_job_event(type: str | None, body: kopf.Body, labels: kopf.Labels, u
     # every pass costs API calls, and a finished Job's pass must not queue behind needless ones.
     owner = labels.get(jobs.LABEL_BACKFILL_UID)
     if type == "DELETED":
+        # Also how the watch reports a Job labelled settled (it left the selector).
         _job_keys.pop(uid or "", None)
-        _wake(owner)
+        if jobs.deletion_wakes(body):
+            _wake(owner)
         return
     key = jobs.wake_key(body)
     if key is None or uid is None:

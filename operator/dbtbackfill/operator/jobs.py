@@ -28,6 +28,17 @@ LABEL_WINDOW_START: Final = f"{GROUP}/window-start"
 LABEL_WINDOW_END: Final = f"{GROUP}/window-end"
 # The DbtBackfillQueue that admitted the Job: admission counts a queue's Jobs by this label.
 LABEL_QUEUE: Final = f"{GROUP}/queue"
+CONTAINER: Final = "dbt"
+#: The runner's exit code for a chunk refused for good (the contract check, a microbatch model
+#: under a tenant): the Job's podFailurePolicy fails the Job on it with reason
+#: ``PodFailurePolicy``, and the operator fails the chunk at once instead of retrying it.
+EXIT_REFUSED: Final = 3
+REFUSED_REASON: Final = "PodFailurePolicy"
+# Set on a finished Job once a status patch has recorded its end: passes and the Job watch
+# select without it, so finished Jobs (kept when there is no ttlSecondsAfterFinished) cost
+# nothing (Argo Workflows keeps finished Pods out of its informer the same way).
+LABEL_SETTLED: Final = f"{GROUP}/settled"
+SETTLED: Final = {LABEL_SETTLED: "true"}
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
 ANNOTATION_TENANT: Final = f"{GROUP}/tenant"
 ALL_TENANTS: Final = "all"
@@ -109,7 +120,22 @@ def cell_job_name(owner: Owner, spec: BackfillSpec, window: Window, attempt: int
 
 
 def selector(owner: Owner) -> str:
+    """All of the backfill's Jobs (and their Pods), settled or not."""
     return f"{LABEL_BACKFILL_UID}={owner.uid}"
+
+
+def unsettled_selector(owner: Owner) -> str:
+    """The backfill's Jobs whose end no status records yet: what a pass lists."""
+    return f"{selector(owner)},!{LABEL_SETTLED}"
+
+
+def chunk_selector(owner: Owner, chunk: int, attempt: int) -> str:
+    """The Pods of one chunk attempt."""
+    return f"{selector(owner)},{LABEL_CHUNK}={chunk},{LABEL_ATTEMPT}={attempt}"
+
+
+#: The Job watch (server-side): our Jobs, without those already settled.
+WATCH_SELECTOR: Final = f"{LABEL_BACKFILL_UID},!{LABEL_SETTLED}"
 
 
 def job_labels(owner: Owner, spec: BackfillSpec, window: Window, attempt: int) -> dict[str, str]:
@@ -207,7 +233,7 @@ def audit_env(defaults: JobDefaults) -> list[dict[str, Any]]:
 def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, defaults: JobDefaults) -> dict[str, Any]:
     """The batch/v1 Job for one chunk attempt (ownerReferences are added by the caller)."""
     container: dict[str, Any] = {
-        "name": "dbt",
+        "name": CONTAINER,
         "image": spec.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
         # args, not command: the image's entrypoint (tini) stays PID 1 and forwards SIGTERM.
@@ -255,6 +281,16 @@ def build_job(owner: Owner, spec: BackfillSpec, window: Window, attempt: int, de
         # Retries belong to the operator (with backoff, audit and status); a pod-level retry
         # would rerun the chunk behind its back under the same attempt number.
         "backoffLimit": 0,
+        # Marks a refusal on the Job itself (its Failed condition's reason), so the operator
+        # knows from the Job alone that a retry would be refused again.
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_REFUSED]},
+                }
+            ]
+        },
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds:
@@ -298,12 +334,14 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     phase: JobPhase
     message = None
+    refused = False
     failure = conditions.get("Failed") or conditions.get("FailureTarget")
     if status.get("succeeded") or "Complete" in conditions:
         phase = "succeeded"
     elif status.get("failed") or failure:
         phase = "failed"
         message = (failure or {}).get("message") or "the chunk's Job failed"
+        refused = (failure or {}).get("reason") == REFUSED_REASON
     else:
         phase = "active"
     # The Job controller counts a Pod being deleted as failed while it still runs, and (since
@@ -322,6 +360,7 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
         deleting=bool(meta.get("deletionTimestamp")),
         created=_time(meta.get("creationTimestamp")),
         alive=alive,
+        refused=refused,
     )
 
 
@@ -340,3 +379,15 @@ def wake_key(job: Mapping[str, Any]) -> WakeKey | None:
         return None
     alive = view.alive and view.phase != "succeeded"
     return view.phase, alive, bool((job.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def deletion_wakes(job: Mapping[str, Any]) -> bool:
+    """Whether a DELETED watch event of this Job should wake its owner.
+
+    Labelling a Job settled takes it out of the watch's selector, which the API server reports
+    as DELETED (with the Job as it was before the label). A Job last seen finished, with no Pod
+    that may still run and not being deleted, has nothing left for a pass to act on, whether it
+    was settled or its TTL took it: its end already woke the owner. Anything else (a running
+    Job deleted, a retry waiting for the Job to go) wakes it."""
+    key = wake_key(job)
+    return key is None or key[0] == "active" or key[1] or key[2]

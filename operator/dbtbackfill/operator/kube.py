@@ -30,6 +30,8 @@ API_CALLS: Final = frozenset(
         ("batch", "jobs", "list"),
         ("batch", "jobs", "create"),
         ("batch", "jobs", "delete"),
+        # The settled label on a Job whose end the status records: later passes list without it.
+        ("batch", "jobs", "patch"),
         # The policy's label check on spec.databaseSecretRef: metadata only (see below).
         ("", "secrets", "get"),
         # spec.tenantIdsFrom: the one ConfigMap a matrix backfill names, read once (snapshot).
@@ -207,6 +209,38 @@ def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
     return items
 
 
+# Pods that have not finished: a pass needs only those (a finished Pod of an active Job is
+# looked up by that Job alone, see controller._observe_cluster).
+LIVE_PODS: Final = "status.phase!=Succeeded,status.phase!=Failed"
+
+
+def list_live_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    with _calling("list", "pods"):
+        response = _core().list_namespaced_pod(
+            namespace, label_selector=label_selector, field_selector=LIVE_PODS, _preload_content=False
+        )
+    items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
+    return items
+
+
+def label_job(namespace: str, name: str, labels: Mapping[str, str]) -> None:
+    """Merge ``labels`` into a Job's labels; a Job that is gone already is no error."""
+    from kubernetes.client.exceptions import ApiException
+
+    with _calling("patch", f"jobs/{name}"):
+        try:
+            _batch().patch_namespaced_job(
+                name,
+                namespace,
+                {"metadata": {"labels": dict(labels)}},
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            if _status_of(exc) != 404:
+                raise
+
+
 def list_job_events(namespace: str, job_name: str) -> list[dict[str, Any]]:
     """core/v1 Events about one Job (the Job controller's FailedCreate, for one)."""
     selector = f"involvedObject.kind=Job,involvedObject.name={job_name}"
@@ -279,11 +313,14 @@ def delete_job(namespace: str, name: str) -> None:
                 raise
 
 
-def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+def patch_backfill_status(namespace: str, name: str, status: Mapping[str, Any]) -> str | None:
+    """Merge-patch the status; returns the object's resourceVersion after the write."""
     with _calling("patch", f"{PLURAL}/{name}/status"):
-        _custom().patch_namespaced_custom_object_status(
+        result = _custom().patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH
         )
+    version = ((result or {}).get("metadata") or {}).get("resourceVersion") if isinstance(result, Mapping) else None
+    return str(version) if version else None
 
 
 def get_queue(namespace: str, name: str) -> dict[str, Any] | None:

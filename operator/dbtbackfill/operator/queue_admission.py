@@ -254,6 +254,25 @@ def missing_queue_verdict(queue: str, wanting: int, running: int, problem: str |
     return Verdict(queue, 0, wanting, running + wanting, running, reason, message, WAITING_RECHECK_SECONDS)
 
 
+def current_demand(status: Mapping[str, Any] | None, queue: str, declared: int | None, parallelism: int) -> int:
+    """A member's demand as the admitting pass should count it.
+
+    What the member declared on its last pass under the queue's lock (``declared``) is current:
+    a member's demand changes only on its own pass. Without it (not seen by this process, e.g.
+    after a restart) its status tells, but the status is written after the lock is let go, so it
+    lags. A member with nothing on record for this queue (just created or just moved here, its
+    first pass here still to come) counts as wanting its ``parallelism``: at worst a slot stays
+    free until that pass, which comes at once; counted as wanting nothing, it would find the
+    queue taken by its peers and miss its share.
+    """
+    if declared is not None:
+        return max(0, declared)
+    block = (status or {}).get("queue") or {}
+    if block.get("name") != queue or "demand" not in block:
+        return max(0, parallelism)
+    return recorded_demand(status, queue)
+
+
 def recorded_demand(status: Mapping[str, Any] | None, queue: str) -> int:
     """The demand a member recorded in its status on its last pass (0 if in another queue)."""
     block = (status or {}).get("queue") or {}

@@ -34,6 +34,9 @@ TERMINAL: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
 
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
+# Each member's demand (running + wanting) as its last pass declared it, per queue; read and
+# written only under that queue's lock, so every pass admits against its peers' current demand.
+_declared: dict[tuple[str, str], dict[str, int]] = {}
 
 
 @contextmanager
@@ -49,7 +52,8 @@ def hold(namespace: str, queue: str | None) -> Iterator[None]:
 
 
 def selector(queue: str) -> str:
-    return f"{jobs.LABEL_QUEUE}={queue}"
+    # A settled Job is never alive (its end is in status and no Pod of it runs): not listed.
+    return f"{jobs.LABEL_QUEUE}={queue},!{jobs.LABEL_SETTLED}"
 
 
 @dataclass(frozen=True)
@@ -95,13 +99,17 @@ def observe(namespace: str, queue: str) -> View:
     return View(body, spec, problem, members, running, frozenset(names))
 
 
-def _member(item: Mapping[str, Any], queue: str, running: Counter[str]) -> Member:
-    """A peer as its last recorded status tells its demand (its own pass refreshes it)."""
+def _member(
+    item: Mapping[str, Any], queue: str, running: Counter[str], declared: Mapping[str, int] | None = None
+) -> Member:
+    """A peer with the demand its last pass declared under the queue's lock (``declared``), or
+    failing that (not seen by this process yet) the demand its status records."""
     meta = item["metadata"]
     spec = item.get("spec") or {}
     item_status = item.get("status") or {}
     uid = meta.get("uid", "")
-    demand = queue_admission.recorded_demand(item_status, queue)
+    parallelism = _int(spec.get("parallelism"), 1)
+    demand = queue_admission.current_demand(item_status, queue, (declared or {}).get(uid), parallelism)
     if spec.get("suspend") is True or item_status.get("phase") in TERMINAL:
         demand = 0
     return Member(
@@ -128,15 +136,34 @@ def admit(
     if view.spec is None:
         problem = view.problem if view.body else None
         return queue_admission.missing_queue_verdict(queue, wanting, mine, problem), view, me
-    members = [m for item in view.members if (m := _member(item, queue, view.running)).uid != owner.uid] + [me]
+    demands = declare(namespace, queue, view, me)
+    peers = [m for item in view.members if (m := _member(item, queue, view.running, demands)).uid != owner.uid]
     total = sum(view.running.values()) + unlabelled
-    return queue_admission.verdict_for(queue, view.spec, members, me, total, now), view, me
+    return queue_admission.verdict_for(queue, view.spec, [*peers, me], me, total, now), view, me
 
 
-def _rows(view: View, queue: str, mine: tuple[str, Member, int] | None) -> list[queue_status.QueueRow]:
+def declare(namespace: str, queue: str, view: View, me: Member) -> dict[str, int]:
+    """Record ``me``'s current demand for the queue's later passes (call under :func:`hold`) and
+    return every member's declared demand; members that left the queue are forgotten."""
+    book = _declared.setdefault((namespace, queue), {})
+    listed = {str(item["metadata"].get("uid", "")) for item in view.members} | {me.uid}
+    for uid in [u for u in book if u not in listed]:
+        del book[uid]
+    book[me.uid] = me.running + me.wanting
+    return dict(book)
+
+
+def declared(namespace: str, queue: str) -> dict[str, int]:
+    """The members' declared demand (call under :func:`hold`)."""
+    return dict(_declared.get((namespace, queue), {}))
+
+
+def _rows(
+    view: View, queue: str, mine: tuple[str, Member, int] | None, demands: Mapping[str, int]
+) -> list[queue_status.QueueRow]:
     rows = []
     for item in view.members:
-        member = _member(item, queue, view.running)
+        member = _member(item, queue, view.running, demands)
         waiting = queue_admission.recorded_waiting(item.get("status"), queue)
         if mine is not None and member.uid == mine[0]:
             member, waiting = mine[1], mine[2]
@@ -156,7 +183,7 @@ def publish(namespace: str, queue: str, view: View, now: datetime, mine: tuple[s
         max_running_chunks=view.spec.max_running_chunks if view.spec else None,
         opened=queue_admission.gate(view.spec, now) if view.spec else None,
         problem=view.problem,
-        rows=_rows(view, queue, mine),
+        rows=_rows(view, queue, mine, declared(namespace, queue)),
         running=sum(view.running.values()) + max(0, extra),
         generation=view.body["metadata"].get("generation"),
         previous=previous,

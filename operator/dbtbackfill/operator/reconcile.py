@@ -46,6 +46,7 @@ class JobView:
     alive: bool = False  # a Pod of it may still run (active, terminating, or not yet settled)
     pod_started: bool = True  # some Pod of it got a container running (or finished)
     start_problem: str | None = None  # why no Pod started, when none did
+    refused: bool = False  # the runner refused the chunk for good (exit 3): a retry would be refused too
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _absorb(
             message = (job.message or "chunk Job failed").strip()[:MAX_MESSAGE_CHARS]
             recent = [*recent, Failure(job.chunk, window.label(), job.attempt, message, now, tenant_in(window))]
             recent = recent[-MAX_RECENT_FAILURES:]
-            if tries <= spec.retry_limit:
+            if tries <= spec.retry_limit and not job.refused:
                 delay = spec.backoff_for(tries)
                 retry_at[job.chunk] = now + timedelta(seconds=delay)
                 events.append(
@@ -239,7 +240,9 @@ def _absorb(
                     Event(
                         "Warning",
                         "ChunkFailed",
-                        f"chunk {job.chunk} ({describe(window)}) failed after {tries} attempt(s): {message[:200]}",
+                        f"chunk {job.chunk} ({describe(window)}) "
+                        + ("was refused, not retried" if job.refused else f"failed after {tries} attempt(s)")
+                        + f": {message[:200]}",
                     )
                 )
     new_state = ChunkState(
@@ -287,6 +290,32 @@ def vanished(state: ChunkState, jobs: Sequence[JobView]) -> list[tuple[int, int]
         and chunk not in state.retry_at
         and state.tries(chunk) > 0
     ]
+
+
+def settled(state: ChunkState, jobs: Sequence[JobView], chunks: int) -> tuple[str, ...]:
+    """Names of finished Jobs whose end ``state`` records, so that once ``state`` is written no
+    pass needs to see them again (they are labelled settled and listed no more).
+
+    A succeeded chunk's Jobs change nothing (:func:`_absorb` skips them). A failed attempt is
+    recorded when a newer attempt is, or when the chunk is failed, waiting for its retry, or
+    forgiven by retryFailed: :func:`vanished` and the lost-Job rule skip each of those. A failed
+    Job is settled only once no Pod of it may run: until then it keeps its chunk busy."""
+    out = []
+    for job in jobs:
+        c = job.chunk
+        if job.phase == "active" or job.deleting or c >= chunks:
+            continue
+        if c in state.succeeded:
+            out.append(job.name)
+            continue
+        if job.alive:
+            continue
+        latest = state.attempts.get(c, 0)
+        superseded = job.attempt < latest
+        ended = job.phase == "failed" and job.attempt == latest
+        if superseded or (ended and (c in state.failed or c in state.retry_at or state.tries(c) <= 0)):
+            out.append(job.name)
+    return tuple(out)
 
 
 def view_from_audit(

@@ -38,7 +38,7 @@ class WorkersConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PoolSizes:
-    reconcile_workers: int  # threads (and slots) for reconcile passes
+    reconcile_workers: int  # threads (and slots) for reconcile passes; each has one more for a read beside its own
     first_pass_slots: int  # of those, at most this many first passes of new backfills at once
     handler_workers: int  # kopf's ``settings.execution.max_workers``
     api_connections: int  # the kubernetes client's ``connection_pool_maxsize``
@@ -53,7 +53,7 @@ def pool_sizes(workers: int) -> PoolSizes:
         reconcile_workers=workers,
         first_pass_slots=max(1, workers // 4),
         handler_workers=HANDLER_WORKERS,
-        api_connections=callers,
+        api_connections=callers + workers,  # a pass lists its Pods on a second thread while it lists Jobs
         audit_pool_size=kept,
         audit_max_overflow=callers - kept,
     )
