@@ -45,7 +45,7 @@ from benchmarks.backfill_speed.variants import Unchunked, measure_cli, measure_i
 from benchmarks.recording import RESULTS_DIR, BenchmarkError, load_average, log, publish
 from dbtbackfill.demo.data import load_demo_data
 from dbtbackfill.demo.localpg import LocalPostgres
-from dbtbackfill.runner.session import RunnerError, dbt_env
+from dbtbackfill.runner.invocation import RunnerError, dbt_env
 
 DESCRIPTION: Final = "How fast is a chunked backfill compared with one big ``dbt run`` and with a per-day shell loop?"
 DEFAULT_OUT: Final = RESULTS_DIR / "backfill_speed.json"
