@@ -252,14 +252,15 @@ def test_rbac_of_deploy_grants_the_operator_what_it_uses_and_nothing_else(
 
     # get secrets: the policy reads the labels of the one Secret a backfill names (metadata only);
     # list pods: why a chunk's Pod never started, and whether an earlier attempt's Pod still runs;
-    # get configmaps: the one ConfigMap a matrix backfill's tenantIdsFrom names.
+    # get configmaps: the one ConfigMap a matrix backfill's tenantIdsFrom names;
+    # patch jobs: the settled label on a finished Job whose end the status records.
     granted = [("create", "jobs.batch"), ("delete", "jobs.batch"), ("watch", "dbtbackfills.dbt-backfill.io"),
                ("patch", "dbtbackfills.dbt-backfill.io/status"), ("create", "events"), ("get", "secrets"),
-               ("list", "pods"), ("get", "configmaps")]  # fmt: skip
+               ("list", "pods"), ("get", "configmaps"), ("patch", "jobs.batch")]  # fmt: skip
     for verb, resource in granted:
         assert can(verb, resource), f"deploy/ should grant {verb} {resource}"
     for verb, resource in [("list", "secrets"), ("watch", "secrets"), ("get", "pods/log"), ("delete", "pods"),
-                           ("patch", "jobs.batch"), ("delete", "dbtbackfills.dbt-backfill.io"),
+                           ("update", "jobs.batch"), ("delete", "dbtbackfills.dbt-backfill.io"),
                            ("create", "pods"), ("list", "configmaps"), ("watch", "configmaps"),
                            ("update", "configmaps")]:  # fmt: skip
         assert not can(verb, resource), f"deploy/ must not grant {verb} {resource}"

@@ -70,11 +70,13 @@ def start_operator(
     teardown, delete the backfills while it runs so its finalizer lets them go, as test_operator does."""
     started: list[OperatorProcess] = []
 
-    def start(image: str) -> OperatorProcess:
+    def start(image: str, unsettled_kept: int | None = None) -> OperatorProcess:
         proc = OperatorProcess(
             operator_kubeconfig, database_url, image, tmp_path, ["--namespace", ready_namespace], env=SHORT_WATCHES
         )
         proc.env["DBT_BACKFILL_WATCH_TIMEOUT_SECONDS"] = "3"  # watches end (and are audited) often
+        if unsettled_kept is not None:
+            proc.env["DBT_BACKFILL_UNSETTLED_JOBS"] = str(unsettled_kept)
         proc.start()
         started.append(proc)
         return proc
@@ -477,8 +479,9 @@ def test_finished_jobs_are_labelled_settled_once_recorded_and_later_passes_list_
         expression=f"!has(object.metadata.labels) || !('{SETTLED}' in object.metadata.labels)",
     )
     # Chunk 1's first attempt fails: a retried chunk, and a failed Job whose end is recorded.
-    image = shell_image(cluster, 'case " $* " in *" --chunk-index 1 --attempt 1 "*) exit 3;; esac; exit 0')
-    operator = start_operator(image)
+    # (exit 1: an ordinary failure; exit 3 is a refusal, never retried)
+    image = shell_image(cluster, 'case " $* " in *" --chunk-index 1 --attempt 1 "*) exit 1;; esac; exit 0')
+    operator = start_operator(image, unsettled_kept=0)  # label every settled Job at once
     retry = {"limit": 1, "backoffSeconds": 1, "maxBackoffSeconds": 1}
     create_backfill(kube_client, ns, backfill("settling", endDate="2024-01-04", parallelism=2, retry=retry))
     first = wait_phase(kube_client, ns, "settling", "Succeeded", operator)

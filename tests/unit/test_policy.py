@@ -143,9 +143,11 @@ def test_a_malformed_flag_makes_the_operator_exit_2_with_one_line(
 ) -> None:
     from dbtbackfill.operator.main import run_operator
 
-    # Registered with monkeypatch, so what run_operator writes into the environment is undone.
-    monkeypatch.delenv(policy.ALLOWED_IMAGES_ENV, raising=False)
-    monkeypatch.delenv(policy.ALLOWED_SERVICE_ACCOUNTS_ENV, raising=False)
+    # Registered with monkeypatch (setenv records the value before, even "unset"; a delenv of an
+    # unset variable records nothing), so what run_operator writes into the environment is undone.
+    for env in (policy.ALLOWED_IMAGES_ENV, policy.ALLOWED_SERVICE_ACCOUNTS_ENV):
+        monkeypatch.setenv(env, "")
+        monkeypatch.delenv(env)
     assert run_operator(operator_args("--allowed-images", "*")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -8,11 +8,16 @@ settles them again.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from dbtbackfill.operator.reconcile import ChunkState, JobView, decide, reset_failed, settled
+import pytest
+
+from dbtbackfill.operator.jobs import DEFAULT_UNSETTLED_KEPT, SettleConfigError, parse_unsettled_kept
+from dbtbackfill.operator.reconcile import ChunkState, JobView, decide, reset_failed, settled, to_label
 from tests.unit.test_reconcile_runtime import LAUNCHED_ONCE, T0, at, job, spec_of
 
 Trace = list[tuple[Any, ...]]
@@ -130,3 +135,30 @@ def test_a_pass_that_died_before_labelling_settles_the_same_jobs_next_time() -> 
         trace, hidden, _ = simulate(settle=True, skip_label_at=step)
         assert trace == listed_all
         assert hidden == every_time
+
+
+def test_only_settled_jobs_beyond_the_kept_number_are_labelled() -> None:
+    names = [f"j{i}" for i in range(7)]
+    assert to_label(names, 0) == tuple(names)
+    assert to_label(names, 5) == ("j0", "j1")  # two beyond the five a pass may keep listing
+    assert to_label(names, 7) == () and to_label(names, 50) == ()
+
+
+def test_the_kept_number_is_a_whole_number_in_range() -> None:
+    assert parse_unsettled_kept(None) == parse_unsettled_kept(" ") == DEFAULT_UNSETTLED_KEPT
+    assert parse_unsettled_kept("0") == 0 and parse_unsettled_kept(" 200 ") == 200
+    for bad in ("-1", "ten", "1.5", "10001"):
+        with pytest.raises(SettleConfigError, match="DBT_BACKFILL_UNSETTLED_JOBS"):
+            parse_unsettled_kept(bad)
+
+
+def test_a_bad_kept_number_stops_the_operator_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    for env in ("DBT_BACKFILL_ALLOWED_IMAGES", "DBT_BACKFILL_ALLOWED_SERVICE_ACCOUNTS", "DBT_BACKFILL_WORKERS"):
+        monkeypatch.delenv(env, raising=False)  # only this setting is wrong
+    monkeypatch.setenv("DBT_BACKFILL_UNSETTLED_JOBS", "many")
+    result = subprocess.run(
+        [sys.executable, "-m", "dbtbackfill.cli", "operator"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "DBT_BACKFILL_UNSETTLED_JOBS" in result.stderr and "Traceback" not in result.stderr

@@ -58,11 +58,13 @@ class OperatorConfig:
     database_url: str | None
     policy: JobPolicy
     pools: worker_pools.PoolSizes
+    unsettled_kept: int = jobs.DEFAULT_UNSETTLED_KEPT
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
         """Raises :class:`policy.PolicyConfigError` on a malformed policy setting and
-        :class:`worker_pools.WorkersConfigError` on a malformed worker count."""
+        :class:`worker_pools.WorkersConfigError` on a malformed worker count (and
+        :class:`jobs.SettleConfigError` on a malformed count of unsettled Jobs)."""
         defaults = JobDefaults(
             image=os.environ.get("DBT_BACKFILL_DEFAULT_IMAGE", "dbt-backfill-operator:0.1.0"),
             service_account_name=os.environ.get("DBT_BACKFILL_JOB_SERVICE_ACCOUNT", "dbt-backfill-job"),
@@ -76,7 +78,9 @@ class OperatorConfig:
             os.environ.get(policy.ALLOWED_SERVICE_ACCOUNTS_ENV),
         )
         workers = worker_pools.parse_workers(os.environ.get(worker_pools.WORKERS_ENV))
-        return cls(defaults, os.environ.get("DATABASE_URL") or None, job_policy, worker_pools.pool_sizes(workers))
+        kept = jobs.parse_unsettled_kept(os.environ.get(jobs.UNSETTLED_KEPT_ENV))
+        url = os.environ.get("DATABASE_URL") or None
+        return cls(defaults, url, job_policy, worker_pools.pool_sizes(workers), kept)
 
 
 @dataclass(frozen=True)
@@ -714,7 +718,8 @@ def _reconcile(
     new_failure = _patched_status(namespace, name, previous, new, failure, generation, now, events)
     if new_failure is failure and not observed.audit_unreadable:  # the status landed
         listed = {v.name for v in cluster.views}
-        _settle(namespace, [n for n in reconcile.settled(decision.state, observed.views, len(windows)) if n in listed])
+        recorded = [n for n in reconcile.settled(decision.state, observed.views, len(windows)) if n in listed]
+        _settle(namespace, reconcile.to_label(recorded, cfg.unsettled_kept))
     for chunk, attempt, message in decision.unstarted:
         auditlog.unstarted(owner, spec, windows[chunk], attempt, message)
     for job_name in decision.delete:

@@ -39,6 +39,33 @@ REFUSED_REASON: Final = "PodFailurePolicy"
 # nothing (Argo Workflows keeps finished Pods out of its informer the same way).
 LABEL_SETTLED: Final = f"{GROUP}/settled"
 SETTLED: Final = {LABEL_SETTLED: "true"}
+# Labelling costs a write per Job, which only pays once a backfill keeps many finished Jobs: a
+# pass leaves this many of them unlabelled (and lists them), and labels only the ones beyond.
+UNSETTLED_KEPT_ENV: Final = "DBT_BACKFILL_UNSETTLED_JOBS"
+DEFAULT_UNSETTLED_KEPT: Final = 50
+MAX_UNSETTLED_KEPT: Final = 10_000
+
+
+class SettleConfigError(ValueError):
+    """``DBT_BACKFILL_UNSETTLED_JOBS`` is not a whole number in range."""
+
+
+def parse_unsettled_kept(text: str | None) -> int:
+    """``DBT_BACKFILL_UNSETTLED_JOBS``: finished Jobs per backfill a pass may keep listing
+    (0 labels every settled Job at once)."""
+    if text is None or not text.strip():
+        return DEFAULT_UNSETTLED_KEPT
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_UNSETTLED_KEPT:
+        raise SettleConfigError(
+            f"{UNSETTLED_KEPT_ENV} must be a whole number from 0 to {MAX_UNSETTLED_KEPT}, got {text!r}"
+        )
+    return value
+
+
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "dbt-backfill-operator"}
 ANNOTATION_TENANT: Final = f"{GROUP}/tenant"
 ALL_TENANTS: Final = "all"

@@ -52,7 +52,7 @@ def apply_policy_flags(args: argparse.Namespace) -> str | None:
     """Let the CLI flags override the policy's and the worker count's environment variables
     (the handlers read the environment at import), and check the result. Returns the one-line
     error, if any."""
-    from dbtbackfill.operator import policy, worker_pools
+    from dbtbackfill.operator import jobs, policy, worker_pools
     from dbtbackfill.operator.controller import OperatorConfig
 
     for flag, env in (
@@ -64,7 +64,7 @@ def apply_policy_flags(args: argparse.Namespace) -> str | None:
             os.environ[env] = flag
     try:
         OperatorConfig.from_env()
-    except (policy.PolicyConfigError, worker_pools.WorkersConfigError) as exc:
+    except (policy.PolicyConfigError, worker_pools.WorkersConfigError, jobs.SettleConfigError) as exc:
         return str(exc)
     return None
 

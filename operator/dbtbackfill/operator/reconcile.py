@@ -318,6 +318,12 @@ def settled(state: ChunkState, jobs: Sequence[JobView], chunks: int) -> tuple[st
     return tuple(out)
 
 
+def to_label(settled_names: Sequence[str], keep: int) -> tuple[str, ...]:
+    """The settled Jobs to label now: all but ``keep`` of them, so a pass never lists more than
+    ``keep`` finished Jobs, and a backfill with fewer pays no label write at all."""
+    return tuple(settled_names[: max(0, len(settled_names) - keep)])
+
+
 def view_from_audit(
     chunk: int, attempt: int, status: str | None, records: int | None, error: str | None, name: str
 ) -> JobView:
