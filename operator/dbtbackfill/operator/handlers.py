@@ -117,8 +117,9 @@ async def backfill_daemon(
             wake.clear()
             try:
                 async with SLOTS.slot(first=first):
-                    # kopf replaces the live body on its loop; the pass gets a copy of it as of now.
-                    cached = copy.deepcopy(dict(body))
+                    # kopf replaces the live body on its loop; the pass gets a copy of it as of now
+                    # (only worth making when the pass may use it: see controller._current_body).
+                    cached = copy.deepcopy(dict(body)) if known_version is not None else None
                     outcome = await asyncio.get_running_loop().run_in_executor(
                         PASS_EXECUTOR,
                         controller.reconcile_backfill,

@@ -202,9 +202,11 @@ def list_jobs(namespace: str, label_selector: str) -> list[dict[str, Any]]:
     return items
 
 
-def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+def list_pods(namespace: str, label_selector: str, field_selector: str | None = None) -> list[dict[str, Any]]:
     with _calling("list", "pods"):
-        response = _core().list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+        response = _core().list_namespaced_pod(
+            namespace, label_selector=label_selector, field_selector=field_selector, _preload_content=False
+        )
     items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
     return items
 
@@ -215,12 +217,7 @@ LIVE_PODS: Final = "status.phase!=Succeeded,status.phase!=Failed"
 
 
 def list_live_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
-    with _calling("list", "pods"):
-        response = _core().list_namespaced_pod(
-            namespace, label_selector=label_selector, field_selector=LIVE_PODS, _preload_content=False
-        )
-    items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
-    return items
+    return list_pods(namespace, label_selector, LIVE_PODS)
 
 
 def label_job(namespace: str, name: str, labels: Mapping[str, str]) -> None:
